@@ -1,0 +1,143 @@
+"""Forward throughput (tokens/s) of cir's hand-written transformer vs transformers, same weights, one run.
+
+    python bench/forward.py                       # CPU: SmolLM2-135M (cir.model.default_model_path()), fp32
+    python bench/forward.py --model DIR --shapes 1x128,4x256 --reps 7
+    python bench/forward.py                       # on CUDA: also a random-weight Qwen2.5-1.5B-shaped model, bf16
+
+Both models run the plain causal forward over a (B, T) batch and return logits for every position
+(transformers with use_cache=False and SDPA attention), under inference_mode. Repetitions alternate
+between the two (the order flips every repetition) so that load from other work on the machine hits
+both alike; the ratio is the median of per-repetition time ratios. Warm-up passes are not timed.
+Throughput comes with achieved GFLOP/s (CPU) or MFU against the bf16 dense peak (CUDA), counting
+2 * (matmul parameters) per token plus causal attention (2 * 2 * T^2 / 2 * heads * head_dim per layer).
+Prints a table, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from cir.model import from_pretrained
+
+# SmolLM2-135M shapes, for when the converted checkpoint is not available
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                    tie_word_embeddings=True, max_position_embeddings=8192)
+QWEN25_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                   num_attention_heads=12, num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                   tie_word_embeddings=True, max_position_embeddings=32768)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def forward_flops(config, batch: int, length: int) -> float:
+    D, L = config.hidden_size, config.num_hidden_layers
+    Dh, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    per_layer = D * Dh * (2 * Hq + 2 * Hkv) + 3 * D * config.intermediate_size
+    matmul_params = L * per_layer + config.vocab_size * D
+    attention = L * 2 * 2 * (length * length / 2) * Hq * Dh
+    return batch * (2 * matmul_params * length + attention)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def compare(path: str, label: str, dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int]],
+            reps: int, warmup: int) -> list[dict]:
+    ours = from_pretrained(path, dtype=dtype, device=device)
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    rows = []
+    for batch, length in shapes:
+        ids = torch.randint(0, ours.config.vocab_size, (batch, length), device=device)
+        run_ours = lambda: ours(ids)  # noqa: E731
+        run_theirs = lambda: theirs(input_ids=ids, use_cache=False).logits  # noqa: E731
+        with torch.inference_mode():
+            diff = (run_ours().float() - run_theirs().float()).abs().max().item()
+            for _ in range(warmup):
+                run_ours(), run_theirs()
+            t_ours, t_theirs = [], []
+            for rep in range(reps):
+                pair = [(run_ours, t_ours), (run_theirs, t_theirs)]
+                for fn, times in (pair if rep % 2 == 0 else pair[::-1]):
+                    times.append(time_once(fn, device))
+        flops = forward_flops(ours.config, batch, length)
+        tokens = batch * length
+        row = dict(model=label, dtype=str(dtype).removeprefix("torch."), batch=batch, length=length,
+                   ours_tok_s=tokens / statistics.median(t_ours), hf_tok_s=tokens / statistics.median(t_theirs),
+                   ratio=statistics.median(b / a for a, b in zip(t_ours, t_theirs)),
+                   ours_gflop_s=flops / statistics.median(t_ours) / 1e9, max_abs_logit_diff=diff)
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+            row["ours_mfu"] = row["ours_gflop_s"] * 1e9 / peak if peak else None
+            row["hf_mfu"] = flops * row["hf_tok_s"] / tokens / peak if peak else None
+        rows.append(row)
+    del ours, theirs
+    return rows
+
+
+def random_checkpoint(config_kwargs: dict, family: str, dtype: torch.dtype, directory: str) -> str:
+    torch.manual_seed(0)
+    config = (LlamaConfig if family == "llama" else Qwen2Config)(**config_kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="HF checkpoint directory (default: the converted SmolLM2-135M)")
+    parser.add_argument("--shapes", default="1x128,4x128,1x512,8x256", help="comma-separated BxT")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    cpu = torch.device("cpu")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, label = args.model, args.model and os.path.basename(os.path.normpath(args.model))
+        if path is None:
+            try:
+                from cir.model import default_model_path
+                path, label = default_model_path(), "SmolLM2-135M-Instruct"
+            except ImportError as e:  # cir.model.gguf not there yet
+                print(f"# default model unavailable ({e}); using random SmolLM2-135M-shaped weights")
+                path, label = random_checkpoint(SMOLLM2_135M, "llama", torch.float32, os.path.join(tmp, "smol")), "SmolLM2-135M-shape(random)"
+        rows = compare(path, label, torch.float32, cpu, shapes, args.reps, args.warmup)
+        if torch.cuda.is_available():
+            gpu = torch.device("cuda")
+            qwen = random_checkpoint(QWEN25_1_5B, "qwen2", torch.bfloat16, os.path.join(tmp, "qwen"))
+            gpu_shapes = [(1, 2048), (8, 1024), (16, 2048)]
+            rows += compare(qwen, "Qwen2.5-1.5B-shape(random)", torch.bfloat16, gpu, gpu_shapes, args.reps, args.warmup)
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}"
+    print(f"# threads={torch.get_num_threads()} torch={torch.__version__} gpu={device if torch.cuda.is_available() else 'none'}")
+    print(f"{'model':<28} {'dtype':<9} {'BxT':>8} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'GFLOP/s':>8} {'mfu':>6} {'max|dlogit|':>11}")
+    for r in rows:
+        mfu = f"{r['ours_mfu']:.1%}" if r.get("ours_mfu") is not None else "-"
+        print(f"{r['model']:<28} {r['dtype']:<9} {r['batch']}x{r['length']:<6} {r['ours_tok_s']:>11.0f} {r['hf_tok_s']:>10.0f} "
+              f"{r['ratio']:>5.2f}x {r['ours_gflop_s']:>8.1f} {mfu:>6} {r['max_abs_logit_diff']:>11.2e}")
+    cpu_ratios = [r["ratio"] for r in rows if r["dtype"] == "float32"]
+    print(json.dumps({"bench": "forward", "threads": torch.get_num_threads(), "cpu_min_ratio": min(cpu_ratios),
+                      "cpu_geomean_ratio": statistics.geometric_mean(cpu_ratios), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Problem sets: load math problems with reference answers from JSONL, JSON or verl-style parquet.
+
+A record is read as
+- problem: `problem`, else `question`, else the last user message of `prompt` (verl: a list of
+  chat messages; the whole list is kept in `Problem.messages` so chat mode can use it as is);
+- answer: `answer`, else `reward_model.ground_truth` (verl), else `solution`: the content of its
+  last `\\boxed{}`; a solution without a box counts as a bare answer when it is one short line
+  (the AMC23 / OlymMATH files store answers that way), and is an error otherwise;
+- id: `id`, `unique_id`, `extra_info.index`, else `<file stem>-<line or row number>`.
+
+A malformed record raises ValueError naming the file, the line (JSONL) or row (parquet), and what
+is wrong with it.
+
+    problems = load_problems("data/train.jsonl")      # or .parquet
+"""
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cir.rewards.boxed import extract_boxed
+
+MAX_BARE_SOLUTION_CHARS = 100  # longest un-boxed `solution` taken as the answer itself
+
+
+@dataclass
+class Problem:
+    """A math problem and its reference answer (LaTeX, as written in the data set)."""
+
+    problem: str
+    answer: str
+    id: str = ""
+    source: str = ""
+    messages: list[dict[str, str]] | None = None  # the data set's own chat prompt (verl), if any
+
+
+def _problem_text(record: dict[str, Any]) -> tuple[str, list[dict[str, str]] | None]:
+    for key in ("problem", "question"):
+        if key in record and record[key] is not None:
+            if not isinstance(record[key], str) or not record[key].strip():
+                raise ValueError(f"`{key}` must be a non-empty string, got {record[key]!r:.80}")
+            return record[key], None
+    prompt = record.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        return prompt, None
+    if isinstance(prompt, list):
+        messages = []
+        for m in prompt:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+                raise ValueError(f"`prompt` must be a list of {{role, content}} messages, got {m!r:.80}")
+            messages.append({"role": str(m["role"]), "content": m["content"]})
+        user = [m["content"] for m in messages if m["role"] == "user"]
+        if not user:
+            raise ValueError("`prompt` has no user message")
+        return user[-1], messages
+    raise ValueError(f"no problem text: expected `problem`, `question` or `prompt`, found keys {sorted(record)}")
+
+
+def _as_answer(value: Any, key: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"`{key}` must be a string or a number, got {value!r:.80}")
+    text = str(value).strip()
+    if not text:
+        raise ValueError(f"`{key}` is empty")
+    return text
+
+
+def _answer(record: dict[str, Any]) -> str:
+    if record.get("answer") is not None:
+        return _as_answer(record["answer"], "answer")
+    reward_model = record.get("reward_model")
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return _as_answer(reward_model["ground_truth"], "reward_model.ground_truth")
+    if record.get("solution") is not None:
+        solution = _as_answer(record["solution"], "solution")
+        boxed = extract_boxed(solution)
+        if boxed is not None and boxed.strip():
+            return boxed.strip()
+        if "\n" not in solution and len(solution) <= MAX_BARE_SOLUTION_CHARS and "\\boxed" not in solution:
+            return solution
+        raise ValueError("`solution` has no (balanced, non-empty) \\boxed{} answer")
+    raise ValueError(f"no answer: expected `answer`, `solution` or `reward_model.ground_truth`, found keys {sorted(record)}")
+
+
+def _record_id(record: dict[str, Any], fallback: str) -> str:
+    for key in ("id", "unique_id"):
+        if record.get(key) is not None:
+            return str(record[key])
+    extra = record.get("extra_info")
+    if isinstance(extra, dict) and extra.get("index") is not None:
+        return str(extra["index"])
+    return fallback
+
+
+def parse_record(record: Any, source: str, fallback_id: str) -> Problem:
+    """One data-set record -> Problem; ValueError (without location) when it is malformed."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    problem, messages = _problem_text(record)
+    return Problem(problem=problem, answer=_answer(record), id=_record_id(record, fallback_id),
+                   source=str(record.get("data_source") or source), messages=messages)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield f"line {line_no}", record
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        yield f"record {i}", record
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield f"row {row}", record
+            row += 1
+
+
+_READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """All problems of a `.jsonl`, `.json` (a list of records) or `.parquet` file."""
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: unknown problem-set format {path.suffix!r}; expected one of {sorted(_READERS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"problem set not found: {path}")
+    problems = []
+    for where, record in reader(path):
+        try:
+            problems.append(parse_record(record, source=path.stem, fallback_id=f"{path.stem}-{where.split()[-1]}"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {where}: {e}") from None
+    if not problems:
+        raise ValueError(f"{path}: no problems in file")
+    return problems
+
+
+def default_problems_path() -> str:
+    """The problem set shipped with the project: 60 easy arithmetic / algebra word problems."""
+    return str(Path(__file__).with_name("arith.jsonl"))

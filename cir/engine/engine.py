@@ -1,0 +1,217 @@
+"""The generation engine: continuous batching on a paged KV cache, with code-integrated rollouts.
+
+    engine = Engine(model, tokenizer, EngineConfig())
+    trajs = engine.generate(prompt_ids, SamplingParams(temperature=1.0, max_tokens=4096), n=16,
+                            tools=ToolConfig(executor=sandbox, max_calls=2))
+
+It runs on the model's own parameters: an optimizer step on the model is seen by the next
+`generate` with no sync. The n samples of a prompt share its KV blocks (the prompt is prefilled
+once; each sample's first token is drawn from the same logits). A sequence that closes a
+```python block leaves the batch, its code goes to the sandbox (`executor.submit`), the others keep
+decoding; the feedback comes back as tokens with loss mask 0, prefilled as one chunk.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from cir.engine.block_manager import BlockManager
+from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
+from cir.engine.kv_cache import KVCache
+from cir.engine.model_runner import ModelRunner
+from cir.engine.scheduler import Scheduler
+from cir.engine.sequence import Sequence, SequenceStatus
+from cir.engine.tools import SegmentDecoder, feedback_text, find_closed_code, scan_start_hint
+from sandbox import format_feedback
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    loss_mask: list[int]  # per response token: 1 sampled, 0 interpreter feedback
+    logprobs: list[float]  # behaviour log-probs per response token; 0.0 where masked
+    num_tool_calls: int
+    num_tool_successes: int
+    finish_reason: str  # "eos" | "length" | "budget" | "error"
+    text: str  # the response decoded, for display only
+    prompt_index: int = 0
+    sample_index: int = 0
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        mc = model.config
+        param = next(model.parameters())
+        self.device = param.device
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.kv_cache = KVCache(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                                config.block_size, param.dtype, param.device)
+        self.runner = ModelRunner(model, self.kv_cache, seed=config.seed)
+        self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+        self.stats: dict[str, float] = {}
+
+    # 1) the KV pool --------------------------------------------------------------------------------
+    def _num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            self._warmup()
+            return self.kv_cache.blocks_for_free_gpu_memory(self.config.gpu_memory_utilization)
+        return self.kv_cache.blocks_for_memory(self.config.kv_cache_memory_gb * 2**30)
+
+    @torch.no_grad()
+    def _warmup(self) -> None:
+        """A forward at the step token budget, so free memory is measured after activations peak."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        cu = torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device)
+        self.model.compute_logits(self.model.forward_packed(ids, cu)[-256:])
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def release(self) -> None:
+        """Give the KV pool's memory back (e.g. to the training step); the next generate reallocates."""
+        self.kv_cache.release()
+
+    # 2) generation ---------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+                 tools: ToolConfig | None = None) -> list[Trajectory]:
+        """Trajectories in prompt-major order: prompt 0's n samples, then prompt 1's, ..."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            if len(prompt) >= self.max_model_len:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens; max_model_len is {self.max_model_len}")
+        if not self.kv_cache.is_allocated:
+            self.kv_cache.allocate(self._num_blocks())
+        block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
+                                     self.config.enable_prefix_caching)
+        scheduler = Scheduler(self.config, block_manager)
+        groups = []
+        for i, prompt in enumerate(prompts):
+            group = [Sequence(prompt, params, group_id=i, sample_idx=j) for j in range(n)]
+            group[0].followers = group[1:]
+            scheduler.add(group[0])
+            groups.append(group)
+        if tools is not None:
+            for seq in (s for group in groups for s in group):
+                seq.decoder = SegmentDecoder(self.tokenizer)
+        num_seqs = len(prompts) * n
+        bar = tqdm(total=num_seqs, desc="rollout", unit="seq", leave=False,
+                   disable=not self.config.show_progress or num_seqs < 8)
+        num_steps = num_generated = 0
+        self._seconds_waiting = 0.0
+        while scheduler.has_work:
+            self._collect_tool_results(scheduler, bar, block=False)
+            batch = scheduler.schedule()
+            if not batch.seqs:
+                if scheduler.paused:
+                    self._collect_tool_results(scheduler, bar, block=True)
+                    continue
+                raise RuntimeError("scheduler produced an empty step with no sequence waiting on a tool")
+            owners, tokens, logprobs = self.runner.run(batch)
+            num_steps += 1
+            for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+                block_manager.mark_computed(seq, num_tokens)
+            for seq in owners:
+                if seq.followers:  # a leader finished its prompt: its samples share the prompt blocks
+                    for follower in seq.followers:
+                        block_manager.share(seq, follower)
+                        follower.status = SequenceStatus.RUNNING
+                        scheduler.running.append(follower)
+                    seq.followers = []
+            for seq, token, logprob in zip(owners, tokens, logprobs):
+                self._on_sampled(seq, token, logprob, scheduler, tools, bar)
+            num_generated += len(tokens)
+        bar.close()
+        self.stats = dict(num_steps=num_steps, num_generated_tokens=num_generated,
+                          num_preemptions=scheduler.num_preemptions,
+                          num_prefix_cache_hit_tokens=block_manager.num_cache_hits,
+                          seconds_waiting_on_tools=self._seconds_waiting)
+        if self.config.release_after_generate:
+            self.release()
+        return [self._trajectory(seq) for group in groups for seq in group]
+
+    def _max_response_tokens(self, seq: Sequence) -> int:
+        return min(seq.params.max_tokens, self.max_model_len - seq.num_prompt_tokens)
+
+    def _on_sampled(self, seq: Sequence, token: int, logprob: float, scheduler: Scheduler,
+                    tools: ToolConfig | None, bar) -> None:
+        seq.append_sampled(token, logprob)
+        params = seq.params
+        if not params.ignore_eos and (token in self.eos_token_ids or token in params.stop_token_ids):
+            return self._finish(seq, "eos", scheduler, bar)
+        if seq.num_response_tokens >= self._max_response_tokens(seq):
+            return self._finish(seq, "length", scheduler, bar)
+        if tools is None:
+            return
+        decoder = seq.decoder
+        if not decoder.push(token):
+            return
+        found = find_closed_code(decoder.text, seq.scan_offset)
+        if found is None:
+            seq.scan_offset = scan_start_hint(decoder.text, seq.scan_offset)
+            return
+        code, end = found
+        if seq.num_tool_calls < tools.max_calls:
+            seq.num_tool_calls += 1
+            seq.pending_tool = tools.executor.submit(code)
+            scheduler.pause_for_tool(seq)
+        elif tools.on_budget_spent == "stop":
+            self._finish(seq, "budget", scheduler, bar)
+        else:
+            seq.scan_offset = end  # budget spent: the block stays as text, generation goes on
+
+    def _collect_tool_results(self, scheduler: Scheduler, bar, block: bool) -> None:
+        if not scheduler.paused:
+            return
+        if block:
+            start = time.perf_counter()
+            cf.wait([s.pending_tool for s in scheduler.paused], return_when=cf.FIRST_COMPLETED)
+            self._seconds_waiting += time.perf_counter() - start
+        for seq in [s for s in scheduler.paused if s.pending_tool.done()]:
+            future, seq.pending_tool = seq.pending_tool, None
+            try:
+                result = future.result()
+            except Exception:  # the executor itself failed: end this trajectory, not the rollout
+                self._finish(seq, "error", scheduler, bar)
+                continue
+            seq.num_tool_successes += result.status == "ok"
+            feedback = self.tokenizer.encode(feedback_text(format_feedback(result)))
+            room = self._max_response_tokens(seq) - seq.num_response_tokens
+            seq.append_feedback(feedback[:room])
+            scheduler.resume_from_tool(seq)
+            if len(feedback) >= room:
+                self._finish(seq, "length", scheduler, bar)
+            else:
+                seq.decoder = SegmentDecoder(self.tokenizer)
+
+    def _finish(self, seq: Sequence, reason: str, scheduler: Scheduler, bar) -> None:
+        if seq in scheduler.waiting:
+            scheduler.waiting.remove(seq)
+        scheduler.finish(seq, reason)
+        bar.update(1)
+
+    def _trajectory(self, seq: Sequence) -> Trajectory:
+        return Trajectory(
+            prompt_ids=seq.token_ids[: seq.num_prompt_tokens],
+            response_ids=seq.response_ids,
+            loss_mask=seq.loss_mask,
+            logprobs=seq.logprobs,
+            num_tool_calls=seq.num_tool_calls,
+            num_tool_successes=seq.num_tool_successes,
+            finish_reason=seq.finish_reason,
+            text=self.tokenizer.decode(seq.response_ids),
+            prompt_index=seq.group_id,
+            sample_index=seq.sample_idx,
+        )

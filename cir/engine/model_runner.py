@@ -1,0 +1,101 @@
+"""Model runner: turns a scheduled batch into tensors, runs the model on the paged cache, samples.
+
+It runs the training model's own parameters (no copy). Per step:
+1) input ids, positions, slot mapping, block tables, sequence lengths of the scheduled tokens;
+2) `model.forward_hidden(ids, positions, ctx)` on the packed tokens (mixed prefill + decode);
+3) logits only for the rows that sample (the last token of each sequence that reaches its end),
+   computed in float32; a group leader finishing its prompt gets one row per sample of its group;
+4) `kernels.sample` with each row's own temperature / top-p / top-k / min-p, no host sync until the
+   tokens are read back.
+"""
+from __future__ import annotations
+
+import torch
+
+from cir.engine.kv_cache import KVCache
+from cir.engine.scheduler import ScheduledBatch
+from cir.engine.sequence import Sequence
+from kernels import sample
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, seed: int = 0):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+        self.block_size = kv_cache.block_size
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        input_ids, positions, slots, cu_seqlens, seq_lens = [], [], [], [0], []
+        bs = self.block_size
+        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + num_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            cu_seqlens.append(cu_seqlens[-1] + num_tokens)
+            seq_lens.append(end)
+        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
+
+        def tensor(x: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, pin_memory=self.device.type == "cuda").to(
+                self.device, non_blocking=True)
+
+        metadata = dict(
+            slot_mapping=tensor(slots, torch.int64),
+            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
+            block_tables=tensor(tables, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            max_seqlen_q=max(batch.num_tokens),
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata
+
+    def _sampling_rows(self, batch: ScheduledBatch) -> tuple[list[int], list[Sequence]]:
+        """Packed-token index of each row to sample, and the sequence the row belongs to."""
+        rows, owners, end = [], [], 0
+        for i, (seq, num_tokens) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            end += num_tokens
+            if batch.samples(i):
+                for member in [seq, *seq.followers]:
+                    rows.append(end - 1)
+                    owners.append(member)
+        return rows, owners
+
+    @torch.no_grad()
+    def forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+        """One forward over the batch: the sequences that sample and their float32 logits (R, V)."""
+        self.kv_cache.copy_blocks(batch.copies)
+        input_ids, positions, metadata = self._prepare(batch)
+        ctx = self.kv_cache.context(**metadata)
+        hidden = self.model.forward_hidden(input_ids, positions, ctx)  # (T, D)
+        rows, owners = self._sampling_rows(batch)
+        row_index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return owners, self.model.compute_logits(hidden[row_index]).float()
+
+    @torch.no_grad()
+    def sample(self, owners: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        if not owners:
+            return [], []
+        params = [seq.params for seq in owners]
+
+        def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        tokens, logprobs = sample(
+            logits,
+            temperature=column([p.temperature for p in params]),
+            top_p=column([p.top_p for p in params]),
+            top_k=column([p.top_k for p in params], torch.int64),
+            min_p=column([p.min_p for p in params]),
+            generator=self.generator,
+        )
+        return tokens.tolist(), logprobs.tolist()
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[float]]:
+        """Forward, then sample: the sequences that sampled, their tokens and behaviour log-probs."""
+        owners, logits = self.forward(batch)
+        return owners, *self.sample(owners, logits)

@@ -1,0 +1,147 @@
+"""Scheduler: decides which tokens of which sequences one model step computes.
+
+One rule covers prefill, decode and feedback: a scheduled sequence computes its next
+`min(num_uncomputed_tokens, budget left)` tokens, and it samples when that reaches its end. A decode
+step is 1 token; a prompt, a recompute after preemption, or a fence token + interpreter feedback are
+chunks under the per-step token budget (chunked prefill). Running sequences go first, so decode is
+never starved by new prompts. When blocks run out, the most recently admitted running sequence is
+preempted: its blocks are freed and it is recomputed later (never a crash).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cir.engine.block_manager import BlockManager
+from cir.engine.config import EngineConfig
+from cir.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies (src, dst)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence i reaches its last token this step, so its logits are sampled."""
+        seq = self.seqs[i]
+        return seq.num_cached_tokens + self.num_tokens[i] == len(seq)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.paused: list[Sequence] = []  # waiting for the sandbox, blocks kept
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = SequenceStatus.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.paused)
+
+    def _num_seqs(self, seq: Sequence) -> int:
+        return 1 + len(seq.followers)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        self.running.remove(seq)
+        self.num_preemptions += 1
+        self.add(seq, front=True)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1) running sequences: decode tokens and the rest of chunked prefills
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted by an earlier one this step
+                continue
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_append(seq, num_tokens):
+                victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            batch.copies += bm.append_slots(seq, num_tokens)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(num_tokens)
+            scheduled.add(seq.seq_id)
+            budget -= num_tokens
+
+        # 2) waiting sequences: new prompts, returns from the sandbox, preempted ones
+        num_running = sum(self._num_seqs(s) for s in self.running)
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if num_running + self._num_seqs(seq) > self.config.max_num_seqs and self.running:
+                break
+            if not seq.block_table:
+                bm.match_prefix(seq)
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not bm.can_append(seq, num_tokens):
+                if batch.seqs or self.running:
+                    break  # blocks come back as running sequences finish
+                self._make_room(seq, num_tokens)
+            self.waiting.popleft()
+            batch.copies += bm.append_slots(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            num_running += self._num_seqs(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(num_tokens)
+            budget -= num_tokens
+        return batch
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> None:
+        """Nothing runs, yet `seq` does not fit: free the blocks that idle sequences hold."""
+        for other in list(self.waiting)[1:] + self.paused:
+            if self.block_manager.can_append(seq, num_tokens):
+                return
+            if other.block_table:
+                self.block_manager.free(other)
+        if not self.block_manager.can_append(seq, num_tokens):
+            needed = self.block_manager.num_blocks_needed(seq, num_tokens)
+            raise RuntimeError(
+                f"the KV pool ({len(self.block_manager.blocks)} blocks of {self.block_manager.block_size} "
+                f"tokens) cannot hold one sequence: {needed} blocks needed for {len(seq)} tokens, "
+                f"{self.block_manager.num_free_blocks} free; raise num_kv_blocks / kv_cache_memory_gb "
+                f"or lower max_tokens"
+            )
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        self.block_manager.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.paused:
+            self.paused.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def pause_for_tool(self, seq: Sequence) -> None:
+        """Leave the running batch (blocks kept) until the sandbox answers."""
+        self.running.remove(seq)
+        self.paused.append(seq)
+        seq.status = SequenceStatus.TOOL
+
+    def resume_from_tool(self, seq: Sequence) -> None:
+        """Back from the sandbox (feedback appended): compute the fence token and feedback next."""
+        self.paused.remove(seq)
+        self.add(seq, front=True)

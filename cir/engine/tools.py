@@ -1,0 +1,64 @@
+"""Tool interleaving: find a closed ```python block in what a sequence generated, build the feedback.
+
+The text is only ever *read* here, to find the code. The trajectory's tokens stay exactly as
+sampled; the feedback block is encoded once and appended (loss mask 0). Format, as in the paper's
+rollout: newline, ```output, the sandbox's formatted result, the closing fence, newline.
+"""
+from __future__ import annotations
+
+CODE_OPEN = "```python"
+CODE_CLOSE = "```"
+
+
+def feedback_text(formatted_result: str) -> str:
+    return f"\n```output\n{formatted_result}\n```\n"
+
+
+class SegmentDecoder:
+    """Incremental detokenisation of the tokens a sequence sampled since its last feedback block.
+
+    Decodes a short window (prefix_offset..end) and emits the text past the previously emitted
+    part, holding back a trailing U+FFFD (an incomplete UTF-8 character of byte-level BPE). Cost per
+    token is O(window), not O(sequence).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        new = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += new
+        return new
+
+
+def find_closed_code(text: str, start: int = 0) -> tuple[str, int] | None:
+    """The code of the first ```python block opened at or after `start` and closed, and the index
+    just past its closing fence; None while no block is closed."""
+    open_at = text.find(CODE_OPEN, start)
+    if open_at < 0:
+        return None
+    body = text.find("\n", open_at + len(CODE_OPEN))
+    if body < 0:
+        return None
+    close_at = text.find(CODE_CLOSE, body + 1)
+    if close_at < 0:
+        return None
+    return text[body + 1 : close_at], close_at + len(CODE_CLOSE)
+
+
+def scan_start_hint(text: str, start: int) -> int:
+    """Where the next scan can begin when no block closed: an unclosed opening, or near the end."""
+    open_at = text.find(CODE_OPEN, start)
+    if open_at >= 0:
+        return open_at
+    return max(start, len(text) - len(CODE_OPEN))

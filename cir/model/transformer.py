@@ -1,0 +1,156 @@
+"""The decoder-only transformer (Llama / SmolLM2, Qwen2 / Qwen2.5, Qwen3), written by hand in torch.
+
+Reads top to bottom: RMSNorm, Attention (GQA, optional q/k/v bias, optional Qwen3 q/k norm), MLP
+(SwiGLU), Block, Transformer. Internally every forward works on packed tokens, hidden (T, D), with
+one explicit position per token and an AttentionContext that says which tokens see which (see
+attention.py): the plain [B, T] forward, the packed training forward and the engine's paged forward
+share every line of the math. Module names follow Hugging Face's (minus the "model." prefix), so
+checkpoint.py maps names one to one.
+
+    model = Transformer(ModelConfig(...))
+    logits = model(input_ids)                                   # (B, T) -> (B, T, V)
+    hidden = model.forward_packed(input_ids, cu_seqlens)        # (T,) -> (T, D), after the final norm
+    logits = model.compute_logits(hidden)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from cir.model.attention import AttentionContext, VarlenContext
+from cir.model.config import ModelConfig
+from cir.model.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the statistics in float32 (as Llama / Qwen do), result in x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        D, Dh = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(D, self.num_heads * Dh, bias=config.attention_bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=config.attention_bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * Dh, D, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
+            self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # (T, Hq, Dh)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, Dh)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # (T, Hkv, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = ctx.attend(self.layer_idx, q, k, v)  # (T, Hq, Dh)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
+                                      config.max_position_embeddings)
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """(V, D): the output projection; the embedding matrix itself when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., D) -> logits (..., V)."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def forward_hidden(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
+        """Packed tokens (T,) at `positions` (T,) -> final-norm hidden states (T, D)."""
+        x = self.embed_tokens(input_ids)  # (T, D)
+        cos, sin = self.rotary(positions, x.dtype)  # (T, 1, Dh // 2) each
+        use_checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_checkpointing:
+                x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+    def forward_packed(self, input_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """Several sequences concatenated (T,), boundaries cu_seqlens (B + 1,) -> hidden (T, D).
+
+        Each sequence starts at position 0 and attends causally to itself only.
+        """
+        if input_ids.dim() != 1:
+            raise ValueError(f"forward_packed takes packed input_ids (T,), got shape {tuple(input_ids.shape)}")
+        ctx = VarlenContext.from_cu_seqlens(cu_seqlens.to(device=input_ids.device, dtype=torch.int32))
+        if sum(ctx.seq_lens) != input_ids.shape[0]:
+            raise ValueError(f"cu_seqlens ends at {sum(ctx.seq_lens)} but there are {input_ids.shape[0]} tokens")
+        starts = torch.repeat_interleave(ctx.cu_seqlens[:-1].long(),
+                                         torch.tensor(ctx.seq_lens, device=input_ids.device))
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
+        return self.forward_hidden(input_ids, positions, ctx)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Plain causal forward: (B, T) -> logits (B, T, V)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"forward takes input_ids (B, T), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).repeat(B)
+        ctx = VarlenContext.from_seq_lens([T] * B, device=input_ids.device)
+        hidden = self.forward_hidden(input_ids.reshape(B * T), positions, ctx)
+        return self.compute_logits(hidden).view(B, T, -1)

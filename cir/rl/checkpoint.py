@@ -1,0 +1,112 @@
+"""Training checkpoints: atomic, resumable, and a model directory transformers loads unchanged.
+
+    <output_dir>/checkpoints/step_000050/
+        model/            HF format (config.json, safetensors, tokenizer files) - rank 0
+        train_state/      model + optimizer state (torch.distributed.checkpoint: works sharded)
+        rank_<r>.pt       per rank: step, lr scheduler, data position, RNG states (torch, python,
+                          numpy, the engine's sampling generator)
+
+Written into `step_K.tmp` and renamed when complete, so a run killed mid-save never leaves a
+checkpoint that looks whole. The last `keep_last` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from cir.model import save_pretrained
+from cir.rl import distributed as dist_utils
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest(root: Path) -> Path | None:
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)))
+    return steps[-1][1] if steps else None
+
+
+def save(root: Path, step: int, policy: torch.nn.Module, model: torch.nn.Module, optimizer, extra: dict,
+         tokenizer=None, keep_last: int = 2) -> Path:
+    """Every rank calls this. `extra` is this rank's own state (scheduler, data, generator...)."""
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    rank = dist_utils.rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
+    dcp.save(state, checkpoint_id=str(tmp / "train_state"))
+    full = dist_utils.full_state_dict(model)  # collective under FSDP
+    if rank == 0:
+        save_pretrained(_with_state(model, full), tmp / "model", tokenizer=tokenizer)
+    torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        done = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name))
+        for old in done[: max(len(done) - keep_last, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, policy: torch.nn.Module, optimizer) -> dict:
+    """Restore model + optimizer in place; returns this rank's extra state (with "step")."""
+    rank_file = path / f"rank_{dist_utils.rank()}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no {rank_file.name} (was it written by another world size?)")
+    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
+    dcp.load(state, checkpoint_id=str(path / "train_state"))
+    set_model_state_dict(policy, state["model"])
+    set_optimizer_state_dict(policy, optimizer, state["optim"])
+    extra = torch.load(rank_file, weights_only=False)
+    set_rng_state(extra["rng"])
+    return extra
+
+
+class _with_state:
+    """A view of `model` whose state_dict() is the gathered full one (for save_pretrained)."""
+
+    def __init__(self, model: torch.nn.Module, full: dict):
+        self._model, self._full = model, full
+        self.config = model.config
+
+    def state_dict(self):
+        return self._full
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _barrier() -> None:
+    if dist_utils.is_distributed():
+        torch.distributed.barrier()

@@ -1,0 +1,80 @@
+"""Rank-0 observability: per-step JSONL metrics, TensorBoard when installed, rollout samples.
+
+    <output_dir>/metrics.jsonl   one JSON object per step ({"step": k, ...metrics})
+    <output_dir>/samples.jsonl   a few rollouts per step; interpreter feedback wrapped in
+                                 <<<feedback ... >>> so it is told apart from sampled text
+    <output_dir>/eval.jsonl      evaluation results, when evaluation runs
+    <output_dir>/tb/             TensorBoard events (if `tensorboard` is importable)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def marked_text(traj, tokenizer) -> str:
+    """The response with feedback segments marked, decoded span by span (display only)."""
+    out, span, span_mask = [], [], None
+    for token, m in zip(traj.response_ids + [None], traj.loss_mask + [None]):
+        if m != span_mask and span:
+            text = tokenizer.decode(span)
+            out.append(text if span_mask == 1 else f"<<<feedback{text}>>>")
+            span = []
+        span_mask = m
+        if token is not None:
+            span.append(token)
+    return "".join(out)
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, enabled: bool = True, resume: bool = False):
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.tb = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if resume else "w"
+        self.metrics = open(self.output_dir / "metrics.jsonl", mode)
+        self.samples = open(self.output_dir / "samples.jsonl", mode)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.output_dir / "tb"))
+        except ImportError:
+            pass
+
+    def log(self, step: int, metrics: dict, samples: list, tokenizer) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.metrics.flush()
+        for traj in samples:
+            self.samples.write(json.dumps({
+                "step": step, "text": marked_text(traj, tokenizer), "finish_reason": traj.finish_reason,
+                "num_tool_calls": traj.num_tool_calls, "num_response_tokens": len(traj.response_ids),
+            }) + "\n")
+        self.samples.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+        tqdm.write(
+            f"step {step}: reward {metrics['reward/mean']:+.3f} acc {metrics['accuracy']:.3f} "
+            f"tools/resp {metrics['tools/calls_per_response']:.2f} len {metrics['response/length_mean']:.0f} "
+            f"gen {metrics['time/generate']:.1f}s train {metrics['time/train']:.1f}s"
+        )
+
+    def log_eval(self, step: int, results: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.output_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **results}) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.metrics.close()
+            self.samples.close()
+            if self.tb is not None:
+                self.tb.close()

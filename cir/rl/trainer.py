@@ -1,0 +1,270 @@
+"""The RL trainer: rollouts -> rewards -> advantages -> clipped policy loss -> optimizer step, repeat.
+
+    torchrun --nproc_per_node=8 train.py --config configs/cir-qwen2.5-math-7b.yaml
+    python train.py                       # the embedded default: SmolLM2-135M, CPU, a few steps
+
+One set of weights: the engine generates with the very parameters the optimizer updates (under
+FSDP2 they are unsharded in place for the rollout). Each rank rolls out its own prompts; rewards
+are gathered so advantages use the whole batch; the loss is normalised by the global count of
+loss tokens so any split over ranks and micro-batches gives the same gradient.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from cir.config import Config, save_config
+from cir.data.loader import PromptLoader
+from cir.data.problems import default_problems_path, load_problems
+from cir.data.prompts import build_prompt
+from cir.engine import Engine, SamplingParams, ToolConfig, Trajectory
+from cir.model import default_model_path, from_pretrained
+from cir.rewards import score_many
+from cir.rl import checkpoint, distributed
+from cir.rl.advantages import advantages as compute_advantages
+from cir.rl.advantages import groups_with_signal
+from cir.rl.batching import pack
+from cir.rl.budget import ToolBudget
+from cir.rl.logger import MetricsLogger
+from cir.rl.loss import policy_loss
+from cir.rl.policy import PolicyForward
+from cir.tokenizer import load_tokenizer
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: bool = False, sandbox=None, model=None, tokenizer=None):
+        """`sandbox`, `model`, `tokenizer` may be given (tests, notebooks); else built from config."""
+        self.config = cfg = config
+        self.rank, self.world_size, self.device = distributed.init()
+        torch.manual_seed(cfg.train.seed + self.rank)
+        self.output_dir = Path(cfg.train.output_dir)
+        # 1) the sandbox server first: a small separate process, before any heavy torch work
+        self.budget = ToolBudget.parse(cfg.rollout.tool_budget or {0: 0})
+        self.sandbox = sandbox
+        if self.sandbox is None and self.budget.max_calls > 0:
+            from sandbox import Sandbox
+
+            self.sandbox = Sandbox(workers=cfg.rollout.sandbox_workers, timeout=cfg.rollout.sandbox_timeout,
+                                   memory_mb=cfg.rollout.sandbox_memory_mb)
+        # 2) model and tokenizer
+        path = cfg.model.path or (default_model_path() if model is None else None)
+        self.tokenizer = tokenizer or load_tokenizer(path)
+        dtype = getattr(torch, cfg.model.dtype)
+        self.model = model if model is not None else from_pretrained(path, dtype=dtype, device=self.device)
+        self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.policy = distributed.wrap(PolicyForward(self.model), list(self.model.layers), cfg.train.parallel,
+                                       self.device)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and self.device.type == "cuda")
+        # 3) engine on the model's own parameters
+        self.engine = Engine(self.model, self.tokenizer, cfg.engine)
+        self.engine.config.show_progress = self.rank == 0 and cfg.engine.show_progress
+        # 4) data
+        problems = load_problems(cfg.train.data or default_problems_path())
+        self.loader = PromptLoader(problems, cfg.train.prompts_per_step, seed=cfg.train.seed, rank=self.rank,
+                                   world_size=self.world_size)
+        self.step = 0
+        if resume:
+            self._resume()
+        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, resume=resume)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+
+    # 1) schedule ---------------------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        o, total = self.config.optim, self.config.train.steps
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    # 2) rollout ---------------------------------------------------------------------------------------
+    def rollout(self, problems: list) -> tuple[list[Trajectory], torch.Tensor, dict]:
+        """This rank's trajectories (prompt-major) and rewards [G, n]."""
+        cfg = self.config.rollout
+        prompts, kept = [], []
+        for p in problems:
+            ids = self.tokenizer.encode(build_prompt(p, self.tokenizer, mode=cfg.prompt_mode))
+            if len(ids) > cfg.max_prompt_tokens:
+                distributed.print0(f"skipping problem {p.id}: prompt of {len(ids)} tokens > {cfg.max_prompt_tokens}")
+                continue
+            prompts.append(ids)
+            kept.append(p)
+        max_calls = self.budget.at(self.step)
+        tools = ToolConfig(self.sandbox, max_calls=max_calls, on_budget_spent=cfg.on_budget_spent) \
+            if max_calls > 0 and self.sandbox is not None else None
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_tokens)
+        t0 = time.perf_counter()
+        self.model.eval()
+        with distributed.unsharded(self.policy), self._autocast():
+            trajs = self.engine.generate(prompts, params, n=cfg.n, tools=tools) if prompts else []
+        self.model.train()
+        t1 = time.perf_counter()
+        answers = [p.answer for p in kept for _ in range(cfg.n)]
+        rewards = score_many([t.text for t in trajs], answers)
+        t2 = time.perf_counter()
+        timing = {"time/generate": t1 - t0, "time/reward": t2 - t1,
+                  "time/sandbox_wait": self.engine.stats.get("seconds_waiting_on_tools", 0.0)}
+        return trajs, torch.tensor(rewards, dtype=torch.float32).view(len(kept), cfg.n), timing
+
+    # 3) update ----------------------------------------------------------------------------------------
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages from the rewards of all ranks (the batch std is the global one); this rank's rows."""
+        method = self.config.rl.advantage
+        gathered = distributed.all_gather_object(rewards)
+        full = torch.cat(gathered) if sum(r.numel() for r in gathered) else rewards
+        if full.numel() == 0:
+            return rewards
+        std = False if method == "grpo_no_std" else None
+        adv = compute_advantages(full, method="grpo" if method == "grpo_no_std" else method, std_normalize=std)
+        start = sum(r.shape[0] for r in gathered[: self.rank])
+        return adv[start : start + rewards.shape[0]]
+
+    def update(self, trajs: list[Trajectory], rewards: torch.Tensor) -> dict:
+        """Policy mini-batches over this rank's trajectories; returns step statistics (global)."""
+        rl, n = self.config.rl, max(self.config.rollout.n, 1)
+        adv = self.advantages(rewards)
+        keep = groups_with_signal(rewards) if rl.filter_groups and rewards.numel() else torch.ones(rewards.shape[0], dtype=torch.bool)
+        groups = [g for g in range(rewards.shape[0]) if keep[g]]
+        stats = {"grad_norm": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0}
+        num_trained = self._train_tokens = 0
+        for mb in range(rl.mini_batches):
+            mine = groups[mb::rl.mini_batches]
+            sel = [g * n + j for g in mine for j in range(n)]
+            micro = pack([trajs[i] for i in sel], [float(adv.view(-1)[i]) for i in sel],
+                         self.config.train.micro_batch_tokens)
+            local_tokens = sum(float(m.mask.sum()) for m in micro)
+            (global_tokens,) = distributed.all_reduce_sum([local_tokens], self.device)
+            sums = self._policy_step(micro, max(global_tokens, 1.0))
+            for k in ("clip_frac", "entropy", "approx_kl", "pg_loss"):
+                stats[k] += sums[k] / max(global_tokens, 1.0) / rl.mini_batches
+            stats["grad_norm"] += sums["grad_norm"] / rl.mini_batches
+            num_trained += global_tokens
+        stats["num_loss_tokens"] = num_trained
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return stats
+
+    def _policy_step(self, micro: list, global_tokens: float) -> dict:
+        rl, temperature = self.config.rl, self.config.rollout.temperature or 1.0
+        # every rank must run the same number of synced backwards: an empty rank runs one dummy
+        dummy = not micro
+        if dummy:
+            micro = pack([_DUMMY], [0.0], 1)
+        sums = {"clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0}
+        for i, mb in enumerate(micro):
+            mb = mb.to(self.device)
+            with distributed.gradient_sync(self.policy, enabled=i == len(micro) - 1), self._autocast():
+                logprobs, entropy = self.policy(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask,
+                                                temperature)
+                old = logprobs.detach() if rl.recompute_old_logprobs else mb.old_logprobs
+                loss, st = policy_loss(logprobs, old, mb.advantages, mb.mask, clip_low=rl.clip_low,
+                                       clip_high=rl.clip_high, dual_clip=rl.dual_clip, agg=rl.loss_agg,
+                                       seq_ids=mb.seq_ids, entropy=entropy, entropy_coef=rl.entropy_coef,
+                                       num_tokens=global_tokens)
+                loss = loss * self.world_size  # gradients are averaged over ranks
+                if dummy:
+                    loss = loss * 0.0
+                loss.backward()
+            count = float(mb.mask.sum())
+            for k in sums:
+                sums[k] += float(st[k]) * count if k in st else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values()), self.device)))
+        sums["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        return sums
+
+    # 4) the loop ----------------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.config.train
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            problems = next(self.loader)
+            trajs, rewards, timing = self.rollout(problems)
+            t1 = time.perf_counter()
+            stats = self.update(trajs, rewards)
+            t2 = time.perf_counter()
+            self.step += 1
+            metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
+            self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer)
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+                self.save()
+            if cfg.eval_every and cfg.eval_data and self.step % cfg.eval_every == 0:
+                self.evaluate()
+        self.logger.close()
+
+    def _metrics(self, trajs, rewards, stats, timing, rollout_s, train_s) -> dict:
+        n_resp = len(trajs)
+        local = [
+            n_resp, float(rewards.sum()), float((rewards > 0).sum()),
+            sum(t.num_tool_calls for t in trajs), sum(t.num_tool_successes for t in trajs),
+            sum(len(t.response_ids) for t in trajs), sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs),
+            sum(t.num_tool_calls > 0 for t in trajs),
+        ]
+        (n, r_sum, correct, calls, ok, resp_len, all_tokens, using) = distributed.all_reduce_sum(local, self.device)
+        n = max(n, 1.0)
+        return {
+            "reward/mean": r_sum / n, "accuracy": correct / n,
+            "tools/calls_per_response": calls / n, "tools/success_rate": ok / max(calls, 1.0),
+            "tools/responses_using_tool": using / n, "tools/budget": self.budget.at(self.step - 1),
+            "response/length_mean": resp_len / n,
+            **{f"train/{k}": v for k, v in stats.items()},
+            "time/rollout": rollout_s, "time/train": train_s, **timing,
+            "throughput/rollout_tokens_per_s": resp_len / max(timing["time/generate"], 1e-9),
+            "throughput/train_tokens_per_s": all_tokens / max(train_s, 1e-9),
+        }
+
+    # 5) checkpoints and evaluation --------------------------------------------------------------------
+    def save(self) -> Path:
+        extra = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "generator": self.engine.runner.generator.get_state()}
+        path = checkpoint.save(self.output_dir / "checkpoints", self.step, self.policy, self.model,
+                               self.optimizer, extra, tokenizer=self.tokenizer, keep_last=self.config.train.keep_last)
+        distributed.print0(f"saved {path}")
+        return path
+
+    def _resume(self) -> None:
+        path = checkpoint.latest(self.output_dir / "checkpoints")
+        if path is None:
+            distributed.print0(f"--resume: no checkpoint under {self.output_dir / 'checkpoints'}; starting fresh")
+            return
+        extra = checkpoint.load(path, self.policy, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.loader.load_state_dict(extra["loader"])
+        self.engine.runner.generator.set_state(extra["generator"])
+        self.step = extra["step"]
+        distributed.print0(f"resumed from {path} at step {self.step}")
+
+    def evaluate(self) -> dict:
+        from cir.evaluate import evaluate_problems
+
+        results = {}
+        for path in self.config.train.eval_data:
+            results[Path(path).stem] = evaluate_problems(self, load_problems(path))
+        self.logger.log_eval(self.step, results)
+        return results
+
+    def close(self) -> None:
+        if self.sandbox is not None and hasattr(self.sandbox, "close"):
+            self.sandbox.close()
+        distributed.finish()
+
+
+class _Dummy:
+    prompt_ids, response_ids, loss_mask, logprobs = [0], [0], [0], [0.0]
+
+
+_DUMMY = _Dummy()

@@ -1,0 +1,113 @@
+"""Plain-torch token sampling: the CPU path of `kernels.sample` and the yardstick of its Triton kernel.
+
+    tokens, logprobs = sample_reference(logits, temperature=0.7, top_p=0.95, generator=1234)
+
+Same signature and same filtering semantics as `kernels.sample` (see its docstring), written the
+obvious way: thresholds are read off a sorted copy of each row, the draw is an exponential race.
+Rows are processed in chunks of about 4M logits so temporaries stay small for any batch size.
+The random streams are torch's, not the Triton kernel's Philox: for the same seed the two paths
+pick different (identically distributed) tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._checks import FLOAT_DTYPES, check_tensor, per_row
+
+# Rows per chunk = _CHUNK_ELEMENTS // V: ~16 MiB per fp32 temporary (V = 152064 -> 27 rows).
+_CHUNK_ELEMENTS = 1 << 22
+_FLOAT_MAX = float(torch.finfo(torch.float32).max)
+
+Generator = torch.Generator | int | torch.Tensor | None
+
+
+def prepare_sampling(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_p: float | torch.Tensor,
+    top_k: int | torch.Tensor,
+    min_p: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check the arguments; return per-row (temperature, top_p, min_p) float32 and top_k int64, [B] each."""
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    num_rows, vocab_size = logits.shape
+    if vocab_size == 0:
+        raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
+    device = logits.device
+    temperature = per_row("temperature", temperature, num_rows, device, integer=False, low=0.0, high=_FLOAT_MAX)
+    top_p = per_row("top_p", top_p, num_rows, device, integer=False, low=0.0, high=1.0, low_open=True)
+    top_k = per_row("top_k", top_k, num_rows, device, integer=True, low=0, high=2**62)
+    min_p = per_row("min_p", min_p, num_rows, device, integer=False, low=0.0, high=1.0)
+    return temperature, top_p, top_k, min_p
+
+
+def keep_mask(
+    z: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Which tokens survive top-k, then top-p on the renormalised top-k set, then min-p. [R, V] bool.
+
+    z: (R, V) float32 logits / temperature; lse: (R,) their log-sum-exp. Ties at a threshold are kept.
+    """
+    vocab_size = z.shape[1]
+    sorted_z = z.sort(dim=1, descending=True).values  # (R, V)
+    # 1) top-k: keep z >= the k-th largest value
+    k = torch.where((top_k > 0) & (top_k < vocab_size), top_k, torch.full_like(top_k, vocab_size))
+    threshold_k = sorted_z.gather(1, (k - 1)[:, None])  # (R, 1)
+    # 2) top-p: shortest prefix of the sorted row holding top_p of the top-k mass
+    sorted_probs = torch.exp(sorted_z - lse[:, None])
+    mass_k = (sorted_probs * (sorted_z >= threshold_k)).sum(1)
+    cum = sorted_probs.cumsum(1)
+    last = (cum < (top_p * mass_k)[:, None]).sum(1).clamp(max=vocab_size - 1)
+    threshold_p = torch.where(top_p[:, None] < 1.0, sorted_z.gather(1, last[:, None]), threshold_k)
+    # 3) min-p: p >= min_p * p_max  <=>  z >= z_max + log(min_p)
+    threshold_min = sorted_z[:, :1] + torch.log(min_p)[:, None]
+    return (z >= threshold_k) & (z >= threshold_p) & (z >= threshold_min)
+
+
+def _exponential(shape: tuple[int, int], device: torch.device, generator: Generator, rows: slice) -> torch.Tensor:
+    noise = torch.empty(shape, dtype=torch.float32, device=device)
+    if isinstance(generator, torch.Tensor):  # one stream per row, seeded by its value
+        for i, seed in enumerate(generator[rows].tolist()):
+            noise[i].exponential_(generator=torch.Generator(device=device).manual_seed(int(seed)))
+        return noise
+    return noise.exponential_(generator=generator)
+
+
+def sample_reference(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_p: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    min_p: float | torch.Tensor = 0.0,
+    generator: Generator = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `kernels.sample`: same arguments, same distribution, returns (tokens, logprobs)."""
+    temperature, top_p, top_k, min_p = prepare_sampling(logits, temperature, top_p, top_k, min_p)
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        generator = torch.Generator(device=device).manual_seed(generator)
+    elif isinstance(generator, torch.Tensor):
+        check_tensor("generator", generator, ndim=1, integer=True, device=device)
+        if generator.shape[0] != num_rows:
+            raise ValueError(f"generator (per-row seeds) must have shape [{num_rows}], got {tuple(generator.shape)}")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, an int seed or a tensor of seeds, got {generator!r}")
+
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // vocab_size)
+    with torch.no_grad():
+        for start in range(0, num_rows, rows_per_chunk):
+            rows = slice(start, min(start + rows_per_chunk, num_rows))
+            x = logits[rows].float()  # (R, V)
+            is_greedy = temperature[rows] == 0
+            z = x / torch.where(is_greedy, 1.0, temperature[rows])[:, None]
+            lse = torch.logsumexp(z, dim=1)
+            keep = keep_mask(z, lse, top_p[rows], top_k[rows], min_p[rows])
+            noise = _exponential(tuple(z.shape), device, generator, rows)
+            race = torch.where(keep, z - torch.log(noise), float("-inf"))  # argmax p/E, in log space
+            chosen = torch.where(is_greedy, x.argmax(dim=1), race.argmax(dim=1))
+            tokens[rows] = chosen
+            logprobs[rows] = z.gather(1, chosen[:, None]).squeeze(1) - lse
+    return tokens, logprobs
