@@ -44,10 +44,12 @@ def generate(
     if seed is not None:
         generator.manual_seed(seed)
     stop = set(stop_token_ids or ())
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # (T,)
     new_ids: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(ids)[0, -1].float()  # (V,)
+        cu_seqlens = torch.tensor([0, ids.shape[0]], dtype=torch.int32, device=device)
+        hidden = model.forward_packed(ids, cu_seqlens)  # (T, D): the whole sequence, every step
+        logits = model.compute_logits(hidden[-1]).float()  # (V,): the LM head on the last position only
         if temperature == 0:
             token = int(logits.argmax())
         else:
@@ -58,7 +60,7 @@ def generate(
             on_token(new_ids)
         if token in stop:
             break
-        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        ids = torch.cat([ids, ids.new_tensor([token])])
     return new_ids
 
 

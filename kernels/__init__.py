@@ -1,0 +1,30 @@
+"""kernels: standalone Triton kernels with a plain-torch reference each (imports torch and triton only).
+
+    from kernels import sample, linear_logprobs, logprobs_from_logits, paged_attention
+
+CUDA tensors go to the Triton kernels, CPU tensors to the torch references (same math); the
+`backend="triton" | "torch"` keyword forces one (Triton on CPU needs TRITON_INTERPRET=1).
+- sampling.py / sampling_reference.py: per-row temperature / top-k / top-p / min-p sampling
+- logprobs.py: online log-sum-exp row kernels, `logprobs_from_logits`
+- linear_logprobs.py: LM head + log-softmax + gather fused over vocabulary chunks
+- paged_attention.py: attention of varlen queries over a paged KV cache
+"""
+from kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
+from kernels.logprobs import logprobs_from_logits
+from kernels.sampling import sample
+from kernels.sampling_reference import sample_reference
+
+try:
+    from kernels.paged_attention import paged_attention, paged_attention_reference
+except ImportError:  # built separately; absent in a partial checkout
+    pass
+
+__all__ = [
+    "linear_logprobs",
+    "linear_logprobs_reference",
+    "logprobs_from_logits",
+    "paged_attention",
+    "paged_attention_reference",
+    "sample",
+    "sample_reference",
+]

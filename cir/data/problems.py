@@ -21,7 +21,7 @@ from typing import Any
 
 from cir.rewards.boxed import extract_boxed
 
-MAX_BARE_SOLUTION_CHARS = 100  # longest un-boxed `solution` taken as the answer itself
+MAX_BARE_SOLUTION_CHARS = 100  # longest un-boxed `solution` taken as the answer (OlymMATH's longest: 49)
 
 
 @dataclass

@@ -189,22 +189,26 @@ class Trainer:
 
     # 4) the loop ----------------------------------------------------------------------------------------
     def train(self) -> None:
-        cfg = self.config.train
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            problems = next(self.loader)
-            trajs, rewards, timing = self.rollout(problems)
-            t1 = time.perf_counter()
-            stats = self.update(trajs, rewards)
-            t2 = time.perf_counter()
-            self.step += 1
-            metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
-            self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer)
-            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
-                self.save()
-            if cfg.eval_every and cfg.eval_data and self.step % cfg.eval_every == 0:
-                self.evaluate()
+        while self.step < self.config.train.steps:
+            self.train_step()
         self.logger.close()
+
+    def train_step(self) -> dict:
+        """One RL step: rollout, rewards, update; then metrics, checkpoint and evaluation as due."""
+        cfg = self.config.train
+        t0 = time.perf_counter()
+        trajs, rewards, timing = self.rollout(next(self.loader))
+        t1 = time.perf_counter()
+        stats = self.update(trajs, rewards)
+        t2 = time.perf_counter()
+        self.step += 1
+        metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
+        self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer)
+        if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
+            self.save()
+        if cfg.eval_every and cfg.eval_data and self.step % cfg.eval_every == 0:
+            self.evaluate()
+        return metrics
 
     def _metrics(self, trajs, rewards, stats, timing, rollout_s, train_s) -> dict:
         n_resp = len(trajs)

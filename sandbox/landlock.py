@@ -1,0 +1,105 @@
+"""Landlock (Linux >= 5.13): confine a child's file access to a few trees, through ctypes.
+
+A confined child may read (and map executable) files beneath the read paths -- the Python install,
+system libraries, a few files of /etc, its own /proc/<pid> -- and do anything beneath its private
+temp dir; every other open, create, rename or unlink fails with EACCES, even where file permissions
+would allow it (/tmp, /dev/shm). With ABI >= 4 TCP bind/connect are refused too (seccomp already
+refuses sockets), and with ABI >= 6 the child cannot signal or reach abstract Unix sockets of
+processes outside its own domain (which includes the other children).
+
+Landlock does not govern path walks or stat(): a confined process can still see that a file
+exists, its size and its mode. Where the kernel has no Landlock (abi_version() == 0) the child runs
+without it; file access is then bounded only by the unprivileged uid and file permissions.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# Same numbers on every architecture that has Landlock (new syscalls share one table since 5.x).
+_SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+TRUNCATE = 1 << 14
+_FILE_ONLY = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | (1 << 15)     # rights valid on non-dirs
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1, 2
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1, 2
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def abi_version() -> int:
+    """Landlock ABI the running kernel offers; 0 when it has none (or it is disabled)."""
+    version = _libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), _CREATE_RULESET_VERSION)
+    return max(int(version), 0)
+
+
+def _handled_fs(abi: int) -> int:
+    mask = (1 << 13) - 1                        # ABI 1: EXECUTE .. MAKE_SYM
+    if abi >= 2:
+        mask |= 1 << 13                         # REFER
+    if abi >= 3:
+        mask |= TRUNCATE
+    if abi >= 5:
+        mask |= 1 << 15                         # IOCTL_DEV
+    return mask
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"landlock {what}: {os.strerror(err)}")
+    return ret
+
+
+def _add_rule(ruleset_fd: int, path: str, access: int) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            access &= _FILE_ONLY
+        attr = _PathBeneathAttr(access, fd)
+        _check(_libc.syscall(_SYS_ADD_RULE, ruleset_fd, _RULE_PATH_BENEATH, ctypes.byref(attr), 0),
+               f"add_rule({path})")
+    finally:
+        os.close(fd)
+
+
+def confine(read_paths: list[str], write_paths: list[str], abi: int) -> None:
+    """Restrict the calling process (no_new_privs must be set): read-only beneath read_paths,
+    full access beneath write_paths (files there, e.g. /dev/null, get read + write)."""
+    handled = _handled_fs(abi)
+    attr = _RulesetAttr(handled, 0, 0)
+    size = 8
+    if abi >= 4:
+        attr.handled_access_net = _NET_BIND_TCP | _NET_CONNECT_TCP
+        size = 16
+    if abi >= 6:
+        attr.scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL
+        size = 24
+    ruleset_fd = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), 0),
+                        "create_ruleset")
+    try:
+        for path in read_paths:
+            _add_rule(ruleset_fd, path, (EXECUTE | READ_FILE | READ_DIR) & handled)
+        for path in write_paths:
+            _add_rule(ruleset_fd, path, handled)
+        _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset_fd, 0), "restrict_self")
+    finally:
+        os.close(ruleset_fd)
