@@ -2,6 +2,7 @@
 
     python bench/forward.py                       # CPU: SmolLM2-135M (cir.model.default_model_path()), fp32
     python bench/forward.py --model DIR --shapes 1x128,4x256 --reps 7
+    OMP_NUM_THREADS=1 python bench/forward.py          # steadier on a shared machine
     python bench/forward.py                       # on CUDA: also a random-weight Qwen2.5-1.5B-shaped model, bf16
 
 Both models run the plain causal forward over a (B, T) batch and return logits for every position
@@ -104,9 +105,9 @@ def random_checkpoint(config_kwargs: dict, family: str, dtype: torch.dtype, dire
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF checkpoint directory (default: the converted SmolLM2-135M)")
-    parser.add_argument("--shapes", default="1x128,4x128,1x512,8x256", help="comma-separated BxT")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--shapes", default="1x32,1x128,4x128,1x512", help="comma-separated BxT (CPU)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     cpu = torch.device("cpu")
@@ -122,13 +123,13 @@ def main() -> None:
                 path, label = random_checkpoint(SMOLLM2_135M, "llama", torch.float32, os.path.join(tmp, "smol")), "SmolLM2-135M-shape(random)"
         rows = compare(path, label, torch.float32, cpu, shapes, args.reps, args.warmup)
         if torch.cuda.is_available():
-            gpu = torch.device("cuda")
             qwen = random_checkpoint(QWEN25_1_5B, "qwen2", torch.bfloat16, os.path.join(tmp, "qwen"))
             gpu_shapes = [(1, 2048), (8, 1024), (16, 2048)]
-            rows += compare(qwen, "Qwen2.5-1.5B-shape(random)", torch.bfloat16, gpu, gpu_shapes, args.reps, args.warmup)
+            rows += compare(qwen, "Qwen2.5-1.5B-shape(random)", torch.bfloat16, torch.device("cuda"), gpu_shapes,
+                            args.reps, args.warmup)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or 'cpu'}"
-    print(f"# threads={torch.get_num_threads()} torch={torch.__version__} gpu={device if torch.cuda.is_available() else 'none'}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"# cpu={platform.machine()} threads={torch.get_num_threads()} torch={torch.__version__} gpu={gpu}")
     print(f"{'model':<28} {'dtype':<9} {'BxT':>8} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'GFLOP/s':>8} {'mfu':>6} {'max|dlogit|':>11}")
     for r in rows:
         mfu = f"{r['ours_mfu']:.1%}" if r.get("ours_mfu") is not None else "-"

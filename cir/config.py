@@ -55,8 +55,8 @@ class RolloutSection:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.n}")
-        if self.prompt_mode not in ("raw", "chat"):
-            raise ValueError(f"rollout.prompt_mode must be 'raw' or 'chat', got {self.prompt_mode!r}")
+        if self.prompt_mode not in ("raw", "chat", "plain"):
+            raise ValueError(f"rollout.prompt_mode must be 'raw', 'chat' or 'plain', got {self.prompt_mode!r}")
         if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
             raise ValueError("rollout.max_prompt_tokens and rollout.max_response_tokens must be >= 1")
 

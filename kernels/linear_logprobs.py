@@ -45,13 +45,25 @@ def _chunk_columns(num_rows: int, vocab_size: int, device: torch.device, chunk_s
     return min(columns, vocab_size)
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as float32 for float32 / bf16 / fp16 operands (fp32 accumulation, one rounding)."""
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b as float32 for float32 / bf16 / fp16 operands (fp32 accumulation, one rounding).
+
+    out: a float32 buffer to reuse (honoured for float32 operands).
+    """
     if a.dtype == torch.float32:
-        return a @ b
+        return torch.mm(a, b, out=out) if out is not None else a @ b
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()  # CPU has no mixed-dtype GEMM: upcast (test-only path)
+
+
+def _chunk_buffer(h: torch.Tensor, chunk: int) -> torch.Tensor | None:
+    """One float32 buffer reused by every chunk (float32 only; elsewhere the allocator caches)."""
+    return torch.empty(h.shape[0] * chunk, dtype=torch.float32, device=h.device) if h.dtype == torch.float32 else None
+
+
+def _view(buffer: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor | None:
+    return None if buffer is None else buffer[: rows * cols].view(rows, cols)
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -61,10 +73,13 @@ class LinearLogprobs(torch.autograd.Function):
         h = hidden if rows is None else hidden.index_select(0, rows)  # (M, D)
         t = targets if rows is None else targets.index_select(0, rows)  # (M,)
         state = new_state(h.shape[0], hidden.device)  # (4, M)
+        buffer = _chunk_buffer(h, chunk)
         for col in range(0, vocab_size, chunk):
-            z = _mm_f32(h, weight[col:col + chunk].t())  # (M, C) fp32
+            w_c = weight[col:col + chunk]  # (C, D)
+            z = _mm_f32(h, w_c.t(), _view(buffer, h.shape[0], w_c.shape[0]))  # (M, C) fp32
             lse_update(z, col, t, inv_t, state, backend)
             del z
+        del buffer
         logp, entropy, lse, mean_z = finish_state(state)
         if rows is not None:
             logp = torch.zeros(num_rows, device=hidden.device).index_copy_(0, rows, logp)
@@ -94,9 +109,10 @@ class LinearLogprobs(torch.autograd.Function):
         # float32 hidden without a mask: accumulate straight into the output
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if needs_hidden else None
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs_weight else None
+        buffer = _chunk_buffer(h, chunk)
         for col in range(0, vocab_size, chunk):
             w_c = weight[col:col + chunk]  # (C, D)
-            z = _mm_f32(h, w_c.t())  # (M, C) fp32, recomputed
+            z = _mm_f32(h, w_c.t(), _view(buffer, h.shape[0], w_c.shape[0]))  # (M, C) fp32, recomputed
             dz = z if h.dtype == torch.float32 else torch.empty(z.shape, dtype=h.dtype, device=z.device)
             logits_grad(z, col, t, ctx.inv_t, lse, mean_z, g_logp, g_entropy, dz, ctx.backend)
             del z
@@ -108,6 +124,7 @@ class LinearLogprobs(torch.autograd.Function):
                 else:
                     grad_h += _mm_f32(dz, w_c)
             del dz
+        del buffer
         if needs_hidden:
             if rows is not None:
                 grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=h.device).index_copy_(0, rows, grad_h)

@@ -109,14 +109,17 @@ def lse_update(z: torch.Tensor, col_start: int, targets: torch.Tensor, inv_t: fl
     for r0 in range(0, num_rows, group):
         rows = slice(r0, min(r0 + group, num_rows))
         m, s, w, z_target = state[0, rows], state[1, rows], state[2, rows], state[3, rows]
-        zz = z[rows].float() * inv_t  # (r, C)
-        m_new = torch.maximum(m, zz.max(dim=1).values)
+        zz = z[rows].float()  # (r, C), a view for float32 input
+        if inv_t != 1.0:
+            zz = zz * inv_t
+        m_new = torch.maximum(m, zz.amax(dim=1))
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
         a = torch.exp(m - m_safe)
-        e = torch.exp(zz - m_safe[:, None])
-        e_dz = torch.where(e > 0, e * (zz - m_safe[:, None]), 0.0).sum(1)
-        w.copy_(a * torch.where(s > 0, w + (m - m_safe) * s, 0.0) + e_dz)
-        s.copy_(a * s + e.sum(1))
+        dev = zz - m_safe[:, None]  # z - m'
+        e = dev.exp()
+        w_chunk = dev.mul_(e).nansum(dim=1)  # 0 * -inf = NaN only where e = 0
+        w.copy_(a * torch.where(s > 0, w + (m - m_safe) * s, 0.0) + w_chunk)
+        s.copy_(a * s + e.sum(dim=1))
         m.copy_(m_new)
         local = targets[rows] - col_start
         inside = (local >= 0) & (local < num_cols)
@@ -152,16 +155,22 @@ def logits_grad(
             HAS_GRAD_ENTROPY=has_entropy, BLOCK_V=block_v, num_warps=_NUM_WARPS,
         )
         return
-    cols = torch.arange(col_start, col_start + num_cols, device=z.device)
     group = max(1, _TORCH_GROUP_ELEMENTS // num_cols)
     for r0 in range(0, num_rows, group):
         rows = slice(r0, min(r0 + group, num_rows))
-        zz = z[rows].float() * inv_t
-        p = torch.exp(zz - lse[rows, None])
-        dz = grad_logp[rows, None] * ((cols[None, :] == targets[rows, None]).float() - p)
-        if grad_entropy is not None:
-            dz -= grad_entropy[rows, None] * torch.where(p > 0, p * (zz - mean_z[rows, None]), 0.0)
-        out[rows] = dz * inv_t
+        zz = z[rows].float()
+        if inv_t != 1.0:
+            zz = zz * inv_t
+        p = (zz - lse[rows, None]).exp_()
+        g = grad_logp[rows, None]
+        if grad_entropy is None:
+            dz = p.mul_(g * -inv_t)  # -g p / T
+        else:  # -(g + h (z - E_p[z])) p / T; 0 where p = 0 and z = -inf
+            dz = (zz - mean_z[rows, None]).mul_(grad_entropy[rows, None]).add_(g).mul_(p).mul_(-inv_t).nan_to_num_(nan=0.0)
+        local = targets[rows] - col_start
+        hit = ((local >= 0) & (local < num_cols)).nonzero().squeeze(1)
+        dz[hit, local[hit]] += grad_logp[rows][hit] * inv_t  # + g [v = t] / T
+        out[rows] = dz
 
 
 class LogprobsFromLogits(torch.autograd.Function):

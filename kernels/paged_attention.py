@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS = ("triton", "torch")
+from kernels._checks import FLOAT_DTYPES, pick_backend
+
 # Tile sizes. Untuned: no GPU was available when this was written; bench/paged_attention.py is the
 # tool to tune them. BLOCK_N = KV tokens per inner step (independent of the cache's block size).
 _BLOCK_N = 64
@@ -195,8 +195,8 @@ def _validate(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seq
         raise ValueError(f"k_cache must be (num_blocks, block_size, Hkv, D), got {tuple(k_cache.shape)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q dtype must be one of {_FLOAT_DTYPES}, got {q.dtype}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.dtype != q.dtype:
             raise ValueError(f"{name} dtype {cache.dtype} != q dtype {q.dtype}")
@@ -227,14 +227,6 @@ def _validate(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seq
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows, want B = {num_seqs}")
     if max_seqlen_q is not None and max_seqlen_q < 0:
         raise ValueError(f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
-
-
-def _pick_backend(backend: str | None, device: torch.device) -> str:
-    if backend is None:
-        return "triton" if device.type == "cuda" else "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
-    return backend
 
 
 def _num_sms(device: torch.device) -> int:
@@ -404,7 +396,7 @@ def paged_attention(
     """
     _validate(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _pick_backend(backend, q.device) == "torch":
+    if pick_backend(backend, q) == "torch":
         return paged_attention_reference(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens,
                                          scale, max_seqlen_q)
     return _paged_attention_triton(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens,
@@ -432,7 +424,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                          f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
     if k.shape[0] == 0:
         return
-    if _pick_backend(backend, k.device) == "torch":
+    if pick_backend(backend, k) == "torch":
         valid = slot_mapping >= 0
         slots = slot_mapping[valid]
         k_cache.view(-1, *k.shape[1:])[slots] = k[valid]

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from sandbox import landlock, policy
 from sandbox.protocol import HEADER, frame, read_exact_fd, write_all_fd
+from sandbox.records import EXIT_NO_CONTROL, EXIT_SETUP_FAILED
 
 CTRL_FD = 3
 MAX_ERROR_LINE = 4000
@@ -67,7 +68,7 @@ def run_child(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: i
             message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             write_all_fd(CTRL_FD, frame(json.dumps({"setup_error": message}).encode()))
         finally:
-            os._exit(70)
+            os._exit(EXIT_SETUP_FAILED)
     try:
         _serve(plan)
     finally:
@@ -148,14 +149,18 @@ def _serve(plan: ChildPlan) -> None:
             soft = math.ceil(used.ru_utime + used.ru_stime) + plan.cpu_seconds
             resource.setrlimit(resource.RLIMIT_CPU, (min(soft, plan.cpu_hard_seconds), plan.cpu_hard_seconds))
         sys.stdout, sys.stderr, sys.stdin = stdout, stderr, stdin
-        status, error_line, cpu_ms = execute(code, session_globals if keep else _fresh_globals(), not keep)
+        status, error_line, cpu_ms = execute(code, session_globals if keep else _fresh_globals(),
+                                             not keep, stderr)
         for stream in (stdout, stderr):
             try:
                 stream.flush()
             except Exception:
                 pass
         report = {"seq": seq, "status": status, "error_line": error_line, "cpu_ms": cpu_ms}
-        write_all_fd(CTRL_FD, frame(json.dumps(report).encode()))
+        try:
+            write_all_fd(CTRL_FD, frame(json.dumps(report).encode()))
+        except OSError:
+            os._exit(EXIT_NO_CONTROL)
         if not keep:
             return
 
@@ -164,7 +169,7 @@ def _fresh_globals() -> dict:
     return {"__name__": "__main__", "__builtins__": builtins}
 
 
-def execute(code: str, globals_: dict, discard_globals: bool) -> tuple[str, str, float]:
+def execute(code: str, globals_: dict, discard_globals: bool, stderr: io.TextIOBase) -> tuple[str, str, float]:
     """Run code like `python -c`; return (status, last traceback line, CPU ms)."""
     t0 = time.process_time()
     status, error_line = "ok", ""
@@ -179,12 +184,14 @@ def execute(code: str, globals_: dict, discard_globals: bool) -> tuple[str, str,
         status = "memory" if isinstance(exc, MemoryError) else (
             "denied" if isinstance(exc, PermissionError) else "error")
         try:
-            lines = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next)
-            text = "".join(lines)
-            sys.stderr.write(text)
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
             error_line = text.rstrip("\n").rsplit("\n", 1)[-1]
         except BaseException:
-            error_line = type(exc).__name__
+            text = error_line = type(exc).__name__
+        try:
+            stderr.write(text)
+        except BaseException:
+            pass
     if len(error_line) > MAX_ERROR_LINE:
         error_line = error_line[:MAX_ERROR_LINE // 2] + "..." + error_line[-MAX_ERROR_LINE // 2:]
     return status, error_line, (time.process_time() - t0) * 1e3

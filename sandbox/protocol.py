@@ -30,6 +30,14 @@ def encode(obj: dict) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
+def decode(payload: bytes) -> dict:
+    """One JSON object; ValueError for anything else (the sender may be hostile)."""
+    obj = json.loads(payload)
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def frame(payload: bytes) -> bytes:
     return HEADER.pack(len(payload)) + payload
 

@@ -142,3 +142,20 @@ def test_bad_requests_are_clear_errors():
         SamplingParams(top_p=0.0)
     with pytest.raises(RuntimeError, match="cannot hold one sequence"):
         make_engine(tiny_model(), num_kv_blocks=2).generate(prompts_of([20]), SamplingParams(max_tokens=4))
+
+
+def test_smollm2_engine_greedy_equals_transformers(smollm2_dir):
+    transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
+    from cir.model import from_pretrained
+    from cir.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    model = from_pretrained(smollm2_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 * 7? Use python."}])
+    prompt = tok.encode(text)
+    engine = Engine(model, tok, EngineConfig(num_kv_blocks=64, show_progress=False))
+    ours = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))[0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert ours.response_ids == out[0, len(prompt):].tolist()

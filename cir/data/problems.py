@@ -80,7 +80,8 @@ def _answer(record: dict[str, Any]) -> str:
         if "\n" not in solution and len(solution) <= MAX_BARE_SOLUTION_CHARS and "\\boxed" not in solution:
             return solution
         raise ValueError("`solution` has no (balanced, non-empty) \\boxed{} answer")
-    raise ValueError(f"no answer: expected `answer`, `solution` or `reward_model.ground_truth`, found keys {sorted(record)}")
+    raise ValueError("no answer: expected `answer`, `solution` or `reward_model.ground_truth`, "
+                     f"found keys {sorted(record)}")
 
 
 def _record_id(record: dict[str, Any], fallback: str) -> str:

@@ -3,6 +3,7 @@
 Two modes:
 - "raw" (the paper's setting, for base models such as Qwen2.5-Math-7B): instruction, problem and a
   "Solution:" cue as plain text, no chat template.
+- "plain": the problem text and a newline, nothing else (synthetic tasks, custom formats).
 - "chat" (for instruct models): the instruction and the problem as one user message, rendered by
   the tokenizer's chat template with the generation prompt appended.
 
@@ -22,7 +23,7 @@ INSTRUCTION = (
     "code printed in an ```output block, which you can use in the rest of your reasoning. "
     "Put the final answer in \\boxed{}."
 )
-MODES = ("raw", "chat")
+MODES = ("raw", "chat", "plain")
 
 
 class ChatTemplate(Protocol):
@@ -62,6 +63,8 @@ def build_prompt(problem: Problem | str, tokenizer: ChatTemplate | None = None, 
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template must return the prompt text (str), got {type(text).__name__}")
         return text
+    if mode == "plain":  # the problem text alone: synthetic tasks, models trained on their own format
+        return (problem.problem if isinstance(problem, Problem) else problem) + "\n"
     if isinstance(problem, Problem) and problem.messages is not None:
         return "\n\n".join(m["content"] for m in chat_messages(problem, system) if m["role"] in ("system", "user"))
     body = raw_prompt(problem.problem if isinstance(problem, Problem) else problem)

@@ -140,8 +140,8 @@ class Transformer(nn.Module):
         ctx = VarlenContext.from_cu_seqlens(cu_seqlens.to(device=input_ids.device, dtype=torch.int32))
         if sum(ctx.seq_lens) != input_ids.shape[0]:
             raise ValueError(f"cu_seqlens ends at {sum(ctx.seq_lens)} but there are {input_ids.shape[0]} tokens")
-        starts = torch.repeat_interleave(ctx.cu_seqlens[:-1].long(),
-                                         torch.tensor(ctx.seq_lens, device=input_ids.device))
+        starts = torch.repeat_interleave(ctx.cu_seqlens[:-1].long(), torch.tensor(ctx.seq_lens, device=input_ids.device),
+                                         output_size=input_ids.shape[0])  # (T,): each token's sequence start
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
         return self.forward_hidden(input_ids, positions, ctx)
 

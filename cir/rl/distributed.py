@@ -125,10 +125,10 @@ def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU (gathered from shards under FSDP); every rank must call."""
+    """The whole model's state dict on CPU; under FSDP gathered to rank 0 (others get {}): all ranks call."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not is_distributed():
+    if not is_distributed() or not fsdp_modules(module):  # replicated: every rank has it all
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(module, options=options)

@@ -48,8 +48,9 @@ def _aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, seq_ids: torc
         denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
         return masked.sum() / denom
     num_ids = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
-    seq_sum = torch.zeros(num_ids, dtype=values.dtype, device=values.device).index_add(0, seq_ids, masked)
-    seq_len = torch.zeros(num_ids, dtype=values.dtype, device=values.device).index_add(0, seq_ids, mask.to(values.dtype))
+    zeros = torch.zeros(num_ids, dtype=values.dtype, device=values.device)
+    seq_sum = zeros.index_add(0, seq_ids, masked)  # (S,)
+    seq_len = zeros.index_add(0, seq_ids, mask.to(values.dtype))  # (S,)
     per_seq = seq_sum if agg == "seq_mean_token_sum" else seq_sum / seq_len.clamp(min=1)
     denom = num_seqs if num_seqs is not None else (seq_len > 0).sum().clamp(min=1)
     return per_seq.sum() / denom

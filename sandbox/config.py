@@ -1,0 +1,65 @@
+"""Limits and sizes of one sandbox server (shared by the client, which passes them on the
+server's command line, and the server)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_WARM_MODULES = (
+    "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections", "statistics",
+    "random", "re", "string", "heapq", "bisect", "json", "numpy", "sympy",
+)
+
+
+@dataclass
+class ServerConfig:
+    socket_path: str
+    workers: int = 4
+    """Calls running at once; more are queued in the server."""
+    prefork: int | None = None
+    """Children kept forked and confined, waiting for a call (default: workers)."""
+    timeout: float = 10.0
+    """Wall seconds per call; the server SIGKILLs the child's process group at the deadline."""
+    cpu_seconds: int | None = None
+    """CPU seconds per call (RLIMIT_CPU; default ceil(timeout)). Matters for multi-threaded code."""
+    memory_mb: int = 1024
+    """Address space a call may add on top of the warm interpreter it was forked from."""
+    output_limit: int = 1 << 20
+    """Bytes of stdout + stderr per call; one more and the child is killed (status output_limit)."""
+    file_size_mb: int = 16
+    """Largest file a call may write (RLIMIT_FSIZE)."""
+    open_files: int = 256
+    warm_modules: tuple[str, ...] = DEFAULT_WARM_MODULES
+    watch_stdin: bool = False
+    """Exit when stdin reaches EOF (the client that started the server holds the other end)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.prefork is None:
+            self.prefork = self.workers
+        if self.prefork < 1:
+            raise ValueError(f"prefork must be >= 1, got {self.prefork}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.cpu_seconds is None:
+            self.cpu_seconds = max(1, math.ceil(self.timeout))
+        if self.cpu_seconds < 1:
+            raise ValueError(f"cpu_seconds must be >= 1, got {self.cpu_seconds}")
+        if self.memory_mb < 16:
+            raise ValueError(f"memory_mb must be >= 16, got {self.memory_mb}")
+        if self.output_limit < 1:
+            raise ValueError(f"output_limit must be >= 1 byte, got {self.output_limit}")
+        if self.file_size_mb < 0 or self.open_files < 16:
+            raise ValueError(f"need file_size_mb >= 0 and open_files >= 16, got "
+                             f"{self.file_size_mb}, {self.open_files}")
+        self.warm_modules = tuple(self.warm_modules)
+
+    def to_args(self) -> list[str]:
+        """Command-line arguments of `python -m sandbox.server` for this configuration."""
+        args = ["--socket", self.socket_path, "--workers", str(self.workers),
+                "--prefork", str(self.prefork), "--timeout", repr(self.timeout),
+                "--cpu-seconds", str(self.cpu_seconds), "--memory-mb", str(self.memory_mb),
+                "--output-limit", str(self.output_limit), "--file-size-mb", str(self.file_size_mb),
+                "--open-files", str(self.open_files), "--warm", ",".join(self.warm_modules)]
+        return args + (["--watch-stdin"] if self.watch_stdin else [])

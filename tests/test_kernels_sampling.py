@@ -1,0 +1,167 @@
+"""kernels.sample (Triton through TRITON_INTERPRET=1) and kernels.sample_reference: statistical
+correctness of temperature / top-k / top-p / min-p (chi-square against the exact filtered,
+renormalised distribution), greedy, log-probs, determinism, per-row streams, bad input.
+
+    pytest tests/test_kernels_sampling.py
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from kernels import sample, sample_reference
+from kernels import sampling
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log(0) in masked lanes
+
+# A fixed small distribution, deliberately not sorted.
+PROBS = [0.07, 0.30, 0.02, 0.15, 0.10, 0.20, 0.04, 0.12]
+LOGITS = torch.log(torch.tensor(PROBS))
+# (temperature, top_k, top_p, min_p): each filter alone, then all together
+CONFIGS = [(0.7, 0, 1.0, 0.0), (1.0, 3, 1.0, 0.0), (1.0, 0, 0.6, 0.0), (1.0, 0, 1.0, 0.3), (1.3, 5, 0.8, 0.2)]
+NUM_DRAWS = {"torch": 20000, "triton": 60}  # the interpreter runs ~20-130 ms per row
+
+
+def filtered_distribution(temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Exact target distribution, written out with Python sorting: top-k, top-p on the renormalised
+    top-k set, min-p, renormalise."""
+    p = np.exp(np.log(np.array(PROBS, dtype=np.float64)) / temperature)
+    p /= p.sum()
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    kept = order[:top_k] if 0 < top_k < len(p) else order
+    target, cum, prefix = top_p * p[kept].sum(), 0.0, []
+    for i in kept:
+        prefix.append(i)
+        cum += p[i]
+        if cum >= target:
+            break
+    kept = [i for i in prefix if p[i] >= min_p * p.max()]
+    q = np.zeros_like(p)
+    q[kept] = p[kept]
+    return q / q.sum()
+
+
+def assert_matches_distribution(tokens: torch.Tensor, expected: np.ndarray) -> None:
+    counts = np.bincount(tokens.numpy(), minlength=len(expected)).astype(np.float64)
+    assert counts[expected == 0].sum() == 0, f"drew filtered-out tokens: counts {counts}, expected {expected}"
+    exp_counts = expected * counts.sum()
+    likely = exp_counts >= 10  # missed with probability < e^-10 each
+    assert bool((counts[likely] > 0).all()), f"a kept token never drawn: counts {counts}, expected {exp_counts}"
+    support = expected > 0
+    obs, exp = counts[support], exp_counts[support]
+    small = exp < 5  # pool sparse bins so the chi-square approximation holds
+    if small.any():
+        obs = np.append(obs[~small], obs[small].sum())
+        exp = np.append(exp[~small], exp[small].sum())
+    if len(obs) > 1:
+        p_value = chisquare(obs, exp).pvalue
+        assert p_value > 1e-3, f"chi-square p = {p_value:.2g}: counts {counts}, expected {exp_counts}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", CONFIGS)
+def test_frequencies_match_filtered_distribution(backend, temperature, top_k, top_p, min_p):
+    num_draws = NUM_DRAWS[backend]
+    if backend == "triton" and (temperature, top_k, top_p, min_p) == CONFIGS[-1]:
+        num_draws = 40  # the combined case costs two radix selects per row
+    logits = LOGITS.expand(num_draws, -1).contiguous()
+    tokens, logprobs = sample(logits, temperature, top_p, top_k, min_p, generator=12345, backend=backend)
+    assert_matches_distribution(tokens, filtered_distribution(temperature, top_k, top_p, min_p))
+    # log-prob over the full vocabulary, before filtering
+    full = torch.log_softmax(LOGITS / temperature, dim=0)[tokens]
+    torch.testing.assert_close(logprobs, full, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_and_mixed_rows(backend, dtype):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 301, generator=gen) * 2).to(dtype)
+    logits[2, 17] = logits[2, 250] = logits[2].max() + 1  # a tie: the lower index wins
+    temperature = torch.tensor([0.0, 1.0, 0.0, 0.5, 2.0, 0.0])
+    top_p = torch.tensor([0.5, 0.9, 1.0, 1.0, 0.7, 0.3])
+    tokens, logprobs = sample(logits, temperature, top_p=top_p, top_k=20, generator=3, backend=backend)
+    greedy = temperature == 0
+    x = logits.float()
+    assert torch.equal(tokens[greedy], x[greedy].argmax(dim=1)) and tokens[2] == 17
+    t_eff = torch.where(greedy, 1.0, temperature)
+    expected = torch.log_softmax(x / t_eff[:, None], dim=1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
+    # sampled rows stay inside their top-20
+    for row in (~greedy).nonzero().squeeze(1).tolist():
+        assert x[row, tokens[row]] >= x[row].topk(20).values[-1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_same_seed_same_tokens_and_rows_independent(backend):
+    logits = torch.zeros(16, 50)  # uniform rows: identical inputs, so only the streams differ
+    first, _ = sample(logits, 1.0, generator=99, backend=backend)
+    again, _ = sample(logits, 1.0, generator=99, backend=backend)
+    other, _ = sample(logits, 1.0, generator=100, backend=backend)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert len(set(first.tolist())) > 8  # rows do not share a stream
+    seeds = torch.arange(16) * 7919
+    by_row, _ = sample(logits, 1.0, generator=seeds, backend=backend)
+    assert torch.equal(by_row, sample(logits, 1.0, generator=seeds, backend=backend)[0])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(sample(logits, 1.0, generator=g1, backend=backend)[0],
+                       sample(logits, 1.0, generator=g2, backend=backend)[0])
+
+
+def test_triton_draw_does_not_depend_on_block_size(monkeypatch):
+    """Philox counter = vocabulary index: tiny blocks (multi-block radix passes, cross-block argmax)
+    must pick exactly the tokens of the single-block launch."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 300, generator=gen) * 3
+    logits[4, 100:] = float("-inf")  # a masked vocabulary tail is never drawn
+    args = dict(temperature=torch.tensor([0.0, 1.0, 0.8, 1.2, 1.0]), top_p=torch.tensor([1.0, 0.9, 1.0, 0.5, 0.95]),
+                top_k=torch.tensor([0, 0, 30, 40, 0]), min_p=torch.tensor([0.0, 0.0, 0.0, 0.05, 0.0]), generator=7)
+    big = sample(logits, backend="triton", **args)
+    monkeypatch.setattr(sampling, "_BLOCK_V", 64)
+    monkeypatch.setattr(sampling, "_RADIX_BLOCK_V", 16)
+    small = sample(logits, backend="triton", **args)
+    assert torch.equal(big[0], small[0])
+    torch.testing.assert_close(big[1], small[1], atol=1e-5, rtol=1e-5)
+    assert big[0][4] < 100 and big[0][0] == logits[0].argmax()
+
+
+def test_cpu_default_is_the_reference():
+    logits = torch.randn(4, 40)
+    assert torch.equal(sample(logits, 1.0, top_p=0.9, generator=11)[0],
+                       sample_reference(logits, 1.0, top_p=0.9, generator=11)[0])
+
+
+BAD = [
+    ("logits", dict(logits=torch.randint(0, 5, (2, 8)))),
+    ("logits", dict(logits=torch.randn(8))),
+    ("logits", dict(logits=torch.randn(8, 2).t())),  # last dim not contiguous
+    ("temperature", dict(temperature=-0.5)),
+    ("temperature", dict(temperature=torch.tensor([1.0, -1.0]))),
+    ("temperature", dict(temperature=torch.ones(3))),
+    ("top_p", dict(top_p=0.0)),
+    ("top_p", dict(top_p=1.5)),
+    ("top_p", dict(top_p=torch.tensor([0.5, 0.0]))),
+    ("top_k", dict(top_k=-1)),
+    ("top_k", dict(top_k=2.5)),
+    ("min_p", dict(min_p=1.5)),
+    ("generator", dict(generator="seed")),
+    ("generator", dict(generator=torch.arange(3))),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name,bad", BAD, ids=[f"{n}{i}" for i, (n, _) in enumerate(BAD)])
+def test_bad_input_names_argument(backend, name, bad):
+    args = {"logits": torch.randn(2, 8), "temperature": 1.0, **bad}
+    with pytest.raises(ValueError, match=name):
+        sample(**args, backend=backend)
+
+
+def test_top_k_at_least_vocab_and_top_p_one_are_no_ops():
+    logits = LOGITS.expand(20000, -1).contiguous()
+    tokens, _ = sample_reference(logits, 1.0, top_p=1.0, top_k=100, generator=0)
+    assert_matches_distribution(tokens, filtered_distribution(1.0, 0, 1.0, 0.0))
+    assert math.isclose(sum(PROBS), 1.0)
