@@ -29,8 +29,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__" and not __package__:
     # As `python bench/kernels.py` this file would shadow the `kernels` package it measures (the
     # script's folder comes first on sys.path): run it again as the module bench.kernels.
-    os.chdir(REPO_ROOT)
-    os.execv(sys.executable, [sys.executable, "-m", "bench.kernels", *sys.argv[1:]])
+    _path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.kernels", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
 
 import torch  # noqa: E402
 

@@ -9,6 +9,16 @@ shared, and the minimum is what survives other people's load). The achieved band
 = KV bytes read / time (the kernel's expected traffic, see kernels/paged_attention.py) and, on
 CUDA, its fraction of the HBM peak. Prints a table, then one JSON line.
 """
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # As `python bench/paged_attention.py` the script's folder comes first on sys.path, where bench/kernels.py
+    # would shadow the `kernels` package: run again as the module bench.paged_attention, repo root on the path.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.paged_attention", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+
 import argparse
 import json
 import time

@@ -14,14 +14,15 @@ So the backward costs one extra GEMM (the recompute): 2 N V D flops forward, 6 N
 
 Memory beyond inputs and outputs, M = kept rows, D = hidden size, b = itemsize of hidden:
   forward   4 M C (one fp32 chunk) + 16 M (state) [+ M D b for the gathered rows when masked]
-  backward  4 M C + b M C (the dz chunk, when b != 4) + 4 M D (fp32 grad_h accumulator when b != 4,
-            plus one more 4 M D per-chunk product on CUDA) [+ M D b gathered rows when masked]
+  backward  4 M C + b M C (the dz chunk, when b != 4) + 4 M D (fp32 grad_h accumulator when b != 4
+            or masked, plus a 4 x 4096 x D product block) [+ M D b gathered rows when masked]
   kept for the backward: 8 M bytes (lse and E_p[z]); inputs are saved, nothing else.
 C = chunk_size or, by default, as many columns as fit 256 MiB (CUDA) / 32 MiB (CPU) of fp32 logits,
-a multiple of 256, at least 256. Memory traffic besides the GEMMs: the chunk logits are written by
-the GEMM and read once (forward), read once and the gradient written once (backward): 4 N V (+4 N V)
-bytes forward, ~(8 + b) N V backward, against a naive path that keeps [N, V] logits, their log-softmax
-and their gradient alive.
+a multiple of 256, at least 256. Memory traffic through the [M, C] chunks (weights and hidden
+states aside): forward 8 M V bytes (the GEMM writes each fp32 chunk, the row kernel reads it once);
+backward (8 + 3 b) M V (recompute written and read, dz written once and read by the two GEMMs). The
+naive path (logits, float copy, log-softmax, their gradients) moves >= (4 b + 16) N V bytes and holds
+several [N, V] tensors at once.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from kernels._checks import FLOAT_DTYPES, check_temperature, check_tensor, pick_
 from kernels.logprobs import finish_state, logits_grad, lse_update, new_state
 
 # Default chunk budget of fp32 logits. CUDA: owed a measurement; 256 MiB keeps the chunk GEMM large
-# (N = 32768 -> C = 2048 columns). CPU: 32 MiB measured within 5% of the fastest chunk size at
-# N = 8192, V = 49152, D = 576 (bench/kernels.py), and a small fraction of the naive footprint.
+# (N = 32768 -> C = 2048 columns). CPU, N = 8192, V = 49152, D = 576, fp32, 1 thread (bench/kernels.py):
+# C = 256 / 1024 / 4096 took 31.6 / 35.5 / 29.5 s fwd+bwd (noise ~10% on the shared machine; naive
+# 32.6 s) for 153 / 214 / 409 MiB peak extra (naive 4619): 32 MiB (C = 1024 there) is the middle.
 _CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
 _MIN_CHUNK = 256
 
@@ -52,9 +54,21 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     """
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out) if out is not None else a @ b
-    if a.is_cuda:
+    if not a.is_cuda:
+        return a.float() @ b.float()  # CPU has no mixed-dtype GEMM: upcast (test-only path)
+    try:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()  # CPU has no mixed-dtype GEMM: upcast (test-only path)
+    except (TypeError, RuntimeError):  # torch without mm(out_dtype=): round to a.dtype first
+        return (a @ b).float()
+
+
+def _add_mm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows_per_step: int = 4096) -> None:
+    """acc (float32) += a @ b, in row blocks so the float32 product of bf16 operands stays small."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    for r0 in range(0, a.shape[0], rows_per_step):
+        acc[r0:r0 + rows_per_step] += _mm_f32(a[r0:r0 + rows_per_step], b)
 
 
 def _chunk_buffer(h: torch.Tensor, chunk: int) -> torch.Tensor | None:
@@ -119,10 +133,7 @@ class LinearLogprobs(torch.autograd.Function):
             if needs_weight:
                 torch.mm(dz.t(), h, out=grad_w[col:col + chunk])
             if needs_hidden:
-                if dz.dtype == torch.float32:
-                    grad_h.addmm_(dz, w_c)
-                else:
-                    grad_h += _mm_f32(dz, w_c)
+                _add_mm_f32_(grad_h, dz, w_c)
             del dz
         del buffer
         if needs_hidden:

@@ -211,8 +211,8 @@ def logprobs_from_logits(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log_softmax(logits / temperature)[i, targets[i]] as float32 (N,), differentiable w.r.t. logits.
 
-    logits: (N, V) fp32 / bf16 / fp16, last dim contiguous; targets: (N,) int in [0, V) (a target out
-    of range gives NaN; values in CUDA tensors are not checked). return_entropy=True also returns
+    logits: (N, V) fp32 / bf16 / fp16, last dim contiguous; targets: (N,) int in [0, V) (checked on
+    CPU; on CUDA, where checking would synchronise, a target out of range gives NaN). return_entropy=True also returns
     the entropy of softmax(logits / temperature) per row. Saves only 2 floats per row for the
     backward (plus the logits themselves). backend: None (Triton on CUDA, torch on CPU), "triton", "torch".
     """
@@ -224,5 +224,9 @@ def logprobs_from_logits(
     if logits.shape[1] == 0:
         raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
     inv_t = 1.0 / check_temperature(temperature)
+    if not targets.is_cuda and targets.numel() > 0:
+        bad = (targets < 0) | (targets >= logits.shape[1])
+        if bool(bad.any()):
+            raise ValueError(f"targets must lie in [0, {logits.shape[1]}), got {int(targets[bad][0])}")
     logp, entropy = LogprobsFromLogits.apply(logits, targets.to(torch.int64).contiguous(), inv_t, backend)
     return (logp, entropy) if return_entropy else logp

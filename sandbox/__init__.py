@@ -1,0 +1,55 @@
+"""sandbox: run untrusted Python snippets in about a millisecond, each in a confined fork.
+
+    from sandbox import Sandbox, format_feedback
+    with Sandbox(workers=8, timeout=10, memory_mb=1024) as sb:
+        result = sb.run("import sympy as sp; x = sp.Symbol('x'); print(sp.solve(x**2 - 4, x))")
+        result.status, result.stdout, format_feedback(result)   # 'ok', '[-2, 2]\\n', '[-2, 2]'
+
+    python -m sandbox.run snippet.py          # debug one snippet (or pipe it on stdin)
+
+Standalone: imports the standard library and `pyseccomp` only (the server also imports its warm
+modules, numpy and sympy by default, when installed); nothing from `cir`.
+
+Files: client.py (Sandbox, Session -- the caller's side), server.py (the fork-server loop),
+child.py (what a forked child does to itself, then runs), policy.py (seccomp, rlimits, privilege
+drop), landlock.py (file confinement), warm.py (warm modules, readable paths), records.py (the
+server's bookkeeping), protocol.py (framing), config.py, environment.py, result.py (Result,
+format_feedback), run.py (CLI).
+
+What each call gets: a fresh process forked from a warm server, in its own session / process
+group; no_new_privs; rlimits on CPU, address space, file size, open files, no core dumps; a
+private temp dir as cwd (removed afterwards); a scrubbed environment; stdin at EOF; stdout/stderr
+captured with a byte cap; single-threaded BLAS; a seccomp allowlist (no sockets, no exec, no fork
+-- threads only --, no ptrace, no signals to other processes, no mount/unshare/setns/bpf/
+perf_event_open/keyctl/io_uring, ...); when the server runs as root, the uid `nobody` and no
+capabilities; Landlock file confinement where the kernel has it (read the Python install and
+system libraries, write only the temp dir). The server enforces the wall time with SIGKILL to the
+process group.
+
+What is NOT covered -- do not rely on this sandbox for these:
+- Kernel exploits. seccomp narrows the syscall surface but the allowed calls (read, mmap, futex,
+  ...) still reach the kernel; this is not a VM or gVisor.
+- Reading: the code can read everything under the Python install, /usr, /lib*, a few /etc files
+  (passwd, group, ld.so.cache, ...) and /sys/devices/system/cpu, and stat() any path (Landlock
+  does not govern path walks). Without Landlock (kernel < 5.13 or disabled) it can read whatever
+  file permissions let `nobody` read, including /tmp, and write where `nobody` may write.
+- Capabilities: when the Python install is not readable by `nobody` (e.g. pyenv under a 0700
+  /root) and Landlock is available, children keep ONE capability, CAP_DAC_READ_SEARCH, so they can
+  import; Landlock then is what limits their reads. Without Landlock they keep none and can import
+  only the warm modules.
+- Disk: RLIMIT_FSIZE caps each file, not the number of files; code can fill the temp dir's file
+  system (usually /tmp) until its time runs out. No cgroup limits (memory is an address-space
+  rlimit, so memory that is mapped but never touched also counts; there is no pids/io limit).
+- Children share one uid (`nobody`): without Landlock, one child could read another's temp dir.
+- Side channels and timing; CPU contention between children; resource use of the server itself.
+- Threads in a snippet are allowed (clone with CLONE_THREAD); they die with the process, but a
+  session's leftover threads keep running (and printing) between its calls.
+- A snippet can forge its own result (it can write to the control socket on fd 3): only its own
+  call's status / error line, never another call's.
+- Not root: without root there is no uid drop; the other layers still apply.
+- Non-Linux systems: not supported (seccomp, Landlock, pidfd are Linux-only; Linux >= 5.3).
+"""
+from sandbox.client import Sandbox, Session, session
+from sandbox.result import STATUSES, Result, format_feedback, truncate
+
+__all__ = ["Sandbox", "Session", "session", "Result", "STATUSES", "format_feedback", "truncate"]

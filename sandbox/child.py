@@ -44,25 +44,37 @@ MAX_ERROR_LINE = 4000
 @dataclass
 class ChildPlan:
     """Everything the server works out once and every child applies."""
-    filter_bpf: bytes
+    filter_bpf: bytes                   # the seccomp allowlist, compiled
+    pid_filter_template: bytes          # policy.pid_filter_bpf(0)
     cpu_seconds: int
     cpu_hard_seconds: int
-    memory_bytes: int
+    memory_bytes: int                   # on top of the address space at fork time
     file_size_bytes: int
     open_files: int
     uid: int | None                     # None: not root, keep the uid
     gid: int
     keep_dac_read_search: bool
     landlock_abi: int
-    read_paths: list[str]
+    read_rules: list[tuple[int, int]]   # Landlock (O_PATH fd, access), opened by the server
     env: dict[str, str] = field(default_factory=dict)
+    stdio: tuple = ()                   # (stdin, stdout, stderr) text files on fds 0-2, built once
+
+
+def build_stdio() -> tuple:
+    """Text files over fds 0, 1, 2 (built in the server, installed by each child)."""
+    stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False), 1 << 16),
+                              encoding="utf-8", errors="backslashreplace")
+    stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                              encoding="utf-8", errors="backslashreplace", write_through=True)
+    return stdin, stdout, stderr
 
 
 def run_child(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: int,
-              server_pid: int) -> None:
+              server_pid: int, address_space: int) -> None:
     """Entry point right after os.fork(); never returns."""
     try:
-        _prepare(plan, tmpdir, ctrl_fd, out_fd, err_fd, server_pid)
+        _prepare(plan, tmpdir, ctrl_fd, out_fd, err_fd, server_pid, address_space)
     except BaseException as exc:                    # report, then die: the server logs it
         try:
             message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -76,30 +88,31 @@ def run_child(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: i
 
 
 def _prepare(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: int,
-             server_pid: int) -> None:
-    # 1) + 2)
+             server_pid: int, address_space: int) -> None:
+    # 1)
     os.setsid()
     policy.prctl(policy.PR_SET_NO_NEW_PRIVS, 1)
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (devnull, out_fd, err_fd, ctrl_fd)]
-    for target, source in enumerate(sources):
-        os.dup2(source, target)
-    os.closerange(CTRL_FD + 1, 1 << 20)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
-    # 3)
+    # 3) (before 2: the Landlock rules use inherited descriptors)
     os.mkdir(tmpdir, 0o700)
     if plan.uid is not None:
         os.chown(tmpdir, plan.uid, plan.gid)
     os.chdir(tmpdir)
     policy.set_rlimits(cpu_seconds=plan.cpu_seconds, cpu_hard_seconds=plan.cpu_hard_seconds,
-                       address_space_bytes=policy.address_space_bytes() + plan.memory_bytes,
+                       address_space_bytes=address_space + plan.memory_bytes,
                        file_size_bytes=plan.file_size_bytes, open_files=plan.open_files)
-    # 4)
-    pid = os.getpid()
     if plan.landlock_abi:
-        landlock.confine(plan.read_paths + [f"/proc/{pid}"], [tmpdir, "/dev/null"], plan.landlock_abi)
+        own = [landlock.path_rule(tmpdir, True, plan.landlock_abi),
+               landlock.path_rule(f"/proc/{os.getpid()}", False, plan.landlock_abi)]
+        landlock.confine(plan.read_rules + [r for r in own if r], plan.landlock_abi)
+    # 2)
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (devnull, out_fd, err_fd, ctrl_fd)]
+    for target, source in enumerate(sources):
+        os.dup2(source, target)
+    os.closerange(CTRL_FD + 1, 1 << 20)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    # 4)
     if plan.uid is not None:
         policy.drop_privileges(plan.uid, plan.gid, plan.keep_dac_read_search)
     policy.prctl(policy.PR_SET_DUMPABLE, 0)
@@ -114,21 +127,11 @@ def _prepare(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: in
         sys.modules["tempfile"].tempdir = tmpdir
     if "numpy.random" in sys.modules:
         sys.modules["numpy.random"].seed()
-    _install_stdio()
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = plan.stdio
     # 6) + 7)
-    policy.load_bpf(policy.pid_filter_bpf(pid))
+    policy.load_bpf(policy.with_pid(plan.pid_filter_template, os.getpid()))
     policy.load_bpf(plan.filter_bpf)
     write_all_fd(CTRL_FD, frame(b'{"ready":true}'))
-
-
-def _install_stdio() -> None:
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False), 1 << 16),
-        encoding="utf-8", errors="backslashreplace")
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-        encoding="utf-8", errors="backslashreplace", write_through=True)
 
 
 def _serve(plan: ChildPlan) -> None:
@@ -169,7 +172,8 @@ def _fresh_globals() -> dict:
     return {"__name__": "__main__", "__builtins__": builtins}
 
 
-def execute(code: str, globals_: dict, discard_globals: bool, stderr: io.TextIOBase) -> tuple[str, str, float]:
+def execute(code: str, globals_: dict, discard_globals: bool,
+            stderr: io.TextIOBase) -> tuple[str, str, float]:
     """Run code like `python -c`; return (status, last traceback line, CPU ms)."""
     t0 = time.process_time()
     status, error_line = "ok", ""

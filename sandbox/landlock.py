@@ -66,26 +66,23 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def _add_rule(ruleset_fd: int, path: str, access: int) -> None:
+def path_rule(path: str, writable: bool, abi: int) -> tuple[int, int] | None:
+    """(O_PATH fd, allowed access) for one path, or None when it does not exist. Read-only rules
+    are opened once in the server and inherited by every child."""
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
-    try:
-        if not stat.S_ISDIR(os.fstat(fd).st_mode):
-            access &= _FILE_ONLY
-        attr = _PathBeneathAttr(access, fd)
-        _check(_libc.syscall(_SYS_ADD_RULE, ruleset_fd, _RULE_PATH_BENEATH, ctypes.byref(attr), 0),
-               f"add_rule({path})")
-    finally:
-        os.close(fd)
+        return None
+    access = _handled_fs(abi) if writable else EXECUTE | READ_FILE | READ_DIR
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        access &= _FILE_ONLY
+    return fd, access & _handled_fs(abi)
 
 
-def confine(read_paths: list[str], write_paths: list[str], abi: int) -> None:
-    """Restrict the calling process (no_new_privs must be set): read-only beneath read_paths,
-    full access beneath write_paths (files there, e.g. /dev/null, get read + write)."""
-    handled = _handled_fs(abi)
-    attr = _RulesetAttr(handled, 0, 0)
+def confine(rules: list[tuple[int, int]], abi: int) -> None:
+    """Restrict the calling process (no_new_privs must be set) to the given path rules; every
+    other file access Landlock handles is refused."""
+    attr = _RulesetAttr(_handled_fs(abi), 0, 0)
     size = 8
     if abi >= 4:
         attr.handled_access_net = _NET_BIND_TCP | _NET_CONNECT_TCP
@@ -96,10 +93,10 @@ def confine(read_paths: list[str], write_paths: list[str], abi: int) -> None:
     ruleset_fd = _check(_libc.syscall(_SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), 0),
                         "create_ruleset")
     try:
-        for path in read_paths:
-            _add_rule(ruleset_fd, path, (EXECUTE | READ_FILE | READ_DIR) & handled)
-        for path in write_paths:
-            _add_rule(ruleset_fd, path, handled)
+        for fd, access in rules:
+            rule = _PathBeneathAttr(access, fd)
+            _check(_libc.syscall(_SYS_ADD_RULE, ruleset_fd, _RULE_PATH_BENEATH, ctypes.byref(rule), 0),
+                   f"add_rule(fd {fd})")
         _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset_fd, 0), "restrict_self")
     finally:
         os.close(ruleset_fd)

@@ -143,6 +143,17 @@ def pid_filter_bpf(pid: int) -> bytes:
     return b"".join(prog)
 
 
+_PID_SLOTS = (8, 13)             # instructions of pid_filter_bpf that compare against the pid
+
+
+def with_pid(template: bytes, pid: int) -> bytes:
+    """pid_filter_bpf(pid) from a template built once (pid_filter_bpf(0)): cheap in a child."""
+    program = bytearray(template)
+    for i in _PID_SLOTS:
+        program[8 * i + 4:8 * i + 8] = pid.to_bytes(4, sys.byteorder)
+    return bytes(program)
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 

@@ -32,7 +32,7 @@ import time
 from collections import deque
 
 from sandbox import landlock, policy
-from sandbox.child import ChildPlan, run_child
+from sandbox.child import ChildPlan, build_stdio, run_child
 from sandbox.config import ServerConfig
 from sandbox.environment import CHILD_ENV, is_scrubbed, server_environment
 from sandbox.protocol import MAX_CLIENT_FRAME, FrameBuffer, decode, encode, frame
@@ -59,32 +59,14 @@ class Server:
         self._last_setup_error = ""
         self._fork_after = 0.0
         self._stopping = False
+        self.plan: ChildPlan | None = None
+        self.base_dir: str | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
         self.warm_modules = warm_up(cfg.warm_modules)
-        abi = landlock.abi_version()
-        paths, python_paths = read_paths(self.warm_modules)
-        uid = gid = None
-        keep_cap = False
-        if os.geteuid() == 0:
-            try:
-                entry = pwd.getpwnam("nobody")
-                uid, gid = entry.pw_uid, entry.pw_gid
-            except KeyError:
-                uid = gid = 65534
-            readable = all(_world_readable(p) for p in python_paths)
-            keep_cap = not readable and abi > 0
-            if not readable and abi == 0:
-                log.warning("the Python install is not readable by uid %d and the kernel has no "
-                            "Landlock: snippets can import only the warm modules", uid)
-        self.plan = ChildPlan(
-            filter_bpf=policy.build_filter_bpf(), cpu_seconds=cfg.cpu_seconds,
-            cpu_hard_seconds=max(cfg.cpu_seconds + 1, 64 * cfg.cpu_seconds),
-            memory_bytes=cfg.memory_mb << 20, file_size_bytes=cfg.file_size_mb << 20,
-            open_files=cfg.open_files, uid=uid, gid=gid if gid is not None else -1,
-            keep_dac_read_search=keep_cap, landlock_abi=abi, read_paths=paths, env=dict(CHILD_ENV))
+        self.plan = self._make_plan()
         self.base_dir = tempfile.mkdtemp(prefix="sandbox-")
         os.chmod(self.base_dir, 0o711)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -102,10 +84,38 @@ class Server:
                 raise RuntimeError(f"sandbox child set-up failed: {self._last_setup_error}")
             self._step()
 
+    def _make_plan(self) -> ChildPlan:
+        cfg = self.config
+        abi = landlock.abi_version()
+        paths, python_paths = read_paths(self.warm_modules)
+        rules = [landlock.path_rule(p, False, abi) for p in paths] if abi else []
+        rules.append(landlock.path_rule("/dev/null", True, abi) if abi else None)
+        uid = gid = None
+        keep_cap = False
+        if os.geteuid() == 0:
+            try:
+                entry = pwd.getpwnam("nobody")
+                uid, gid = entry.pw_uid, entry.pw_gid
+            except KeyError:
+                uid = gid = 65534
+            readable = all(_world_readable(p) for p in python_paths)
+            keep_cap = not readable and abi > 0
+            if not readable and abi == 0:
+                log.warning("the Python install is not readable by uid %d and the kernel has no "
+                            "Landlock: snippets can import only the warm modules", uid)
+        self.read_paths = paths
+        return ChildPlan(
+            filter_bpf=policy.build_filter_bpf(), pid_filter_template=policy.pid_filter_bpf(0),
+            cpu_seconds=cfg.cpu_seconds, cpu_hard_seconds=max(cfg.cpu_seconds + 1, 64 * cfg.cpu_seconds),
+            memory_bytes=cfg.memory_mb << 20, file_size_bytes=cfg.file_size_mb << 20,
+            open_files=cfg.open_files, uid=uid, gid=gid if gid is not None else -1,
+            keep_dac_read_search=keep_cap, landlock_abi=abi, read_rules=[r for r in rules if r],
+            env=dict(CHILD_ENV), stdio=build_stdio())
+
     def info(self) -> dict:
         return {"pid": os.getpid(), "uid": self.plan.uid, "landlock_abi": self.plan.landlock_abi,
                 "keep_dac_read_search": self.plan.keep_dac_read_search,
-                "warm_modules": self.warm_modules, "read_paths": self.plan.read_paths,
+                "warm_modules": self.warm_modules, "read_paths": self.read_paths,
                 "workers": self.config.workers, "timeout": self.config.timeout,
                 "memory_mb": self.config.memory_mb, "base_dir": self.base_dir}
 
@@ -144,11 +154,15 @@ class Server:
             except ChildProcessError:
                 pass
             self._cleanup(child)
-        _rmtree(self.base_dir)
-        try:
-            os.unlink(self.config.socket_path)
-        except FileNotFoundError:
-            pass
+        if self.base_dir:
+            _rmtree(self.base_dir)
+        for fd, _ in self.plan.read_rules if self.plan else ():
+            os.close(fd)
+        if self.base_dir:                           # we bound the socket only after mkdtemp
+            try:
+                os.unlink(self.config.socket_path)
+            except FileNotFoundError:
+                pass
 
     # ---- children ---------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -158,10 +172,11 @@ class Server:
         self._next_dir += 1
         tmpdir = os.path.join(self.base_dir, f"c{self._next_dir}")
         server_pid = os.getpid()
+        address_space = policy.address_space_bytes()
         pid = os.fork()
         if pid == 0:
             try:
-                run_child(self.plan, tmpdir, ctrl_child.fileno(), out_w, err_w, server_pid)
+                run_child(self.plan, tmpdir, ctrl_child.fileno(), out_w, err_w, server_pid, address_space)
             finally:
                 os._exit(EXIT_SETUP_FAILED)
         ctrl_child.close()

@@ -70,6 +70,15 @@ def read_paths(warm_modules: list[str]) -> tuple[list[str], list[str]]:
         file = getattr(top, "__file__", None)
         if file:
             python.add(os.path.dirname(file) if file.endswith("__init__.py") else file)
-    python_paths = sorted({os.path.realpath(p) for p in python if os.path.exists(p)})
-    system = sorted({os.path.realpath(p) for p in SYSTEM_READ_PATHS if os.path.exists(p)})
-    return sorted(set(python_paths) | set(system)), python_paths
+    python_paths = _outermost({os.path.realpath(p) for p in python if os.path.exists(p)})
+    system = {os.path.realpath(p) for p in SYSTEM_READ_PATHS if os.path.exists(p)}
+    return _outermost(set(python_paths) | system), python_paths
+
+
+def _outermost(paths: set[str]) -> list[str]:
+    """Drop paths that lie beneath another one of the set (a Landlock rule covers its subtree)."""
+    kept: list[str] = []
+    for path in sorted(paths):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept

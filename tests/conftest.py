@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# One intra-op thread: tiny test shapes gain nothing from more, and on a loaded 2-core machine
+# OpenMP threads spinning against each other made the engine tests 15x slower (measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

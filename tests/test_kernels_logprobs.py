@@ -154,5 +154,7 @@ def test_logprobs_from_logits_bad_input_names_argument():
         logprobs_from_logits(logits.long(), targets)
     with pytest.raises(ValueError, match="targets"):
         logprobs_from_logits(logits, targets[:2])
+    with pytest.raises(ValueError, match="targets"):
+        logprobs_from_logits(logits, targets - 1)
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(logits, targets, temperature=float("nan"))

@@ -42,7 +42,7 @@ class VarlenContext:
 
     def __post_init__(self):
         if self.seq_lens is None:
-            bounds = self.cu_seqlens.tolist()
+            bounds = self.cu_seqlens.tolist()  # one host sync, once per forward
             self.seq_lens = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
 
     @classmethod
@@ -53,9 +53,9 @@ class VarlenContext:
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Tensor) -> VarlenContext:
-        bounds = cu_seqlens.tolist()
-        seq_lens = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        return cls(cu_seqlens, max(seq_lens, default=0), seq_lens)
+        ctx = cls(cu_seqlens, max_seqlen=0)
+        ctx.max_seqlen = max(ctx.seq_lens, default=0)
+        return ctx
 
     @property
     def is_uniform(self) -> bool:

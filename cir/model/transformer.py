@@ -98,6 +98,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Embedding -> blocks -> final norm; the LM head is applied by compute_logits (tied or not)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -1,0 +1,227 @@
+"""Rollout throughput: our engine vs transformers' `generate`, side by side in one run.
+
+    python bench/generate.py                          # CPU: SmolLM2-135M (the embedded default)
+    python bench/generate.py --prompts 16 --n 1 --max-tokens 128
+    python bench/generate.py --config qwen2-1.5b      # CUDA: random-weight Qwen2 in bf16
+    python bench/generate.py --config qwen2-7b
+
+Reports (1) generated tokens/s of both, same prompts and sampling settings, repetitions interleaved,
+and their ratio; (2) with tools on (the real sandbox), tool calls/s and tokens/s; (3) the fraction of
+generated tokens the paper's reference rollout would have thrown away: it generates each round to
+EOS / the length limit and cuts after the first closed python block, so every token sampled past
+that fence is wasted (measured here by generating without stopping on the same prompts);
+(4) on CUDA, decode-step time against the HBM roofline: (weight bytes + KV bytes read) / bandwidth.
+Useful tokens only: tokens after a row's EOS (transformers pads finished rows) are not counted.
+The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # As `python bench/generate.py` the script's folder comes first on sys.path, where bench/kernels.py
+    # would shadow the `kernels` package: run again as the module bench.generate, repo root on the path.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.generate", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
+from cir.engine.tools import find_closed_code
+
+QUESTIONS = [
+    "What is {a} * {b}? Use python to compute it.", "Compute the sum of the integers from {a} to {b} with python.",
+    "Is {b}{a} a prime number? Check it with python code.", "What is the gcd of {a}{b} and {b}{a}? Write python.",
+]
+GPU_CONFIGS = {  # random weights; shapes of the published checkpoints
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(args) -> tuple:
+    from cir.model import default_model_path, from_pretrained
+    from cir.tokenizer import load_tokenizer
+
+    tok_path = default_model_path()
+    tokenizer = load_tokenizer(tok_path)
+    if args.config == "smollm2":
+        return from_pretrained(tok_path), tokenizer, tok_path
+    from cir.model.config import ModelConfig
+    from cir.model.transformer import Transformer
+
+    fields = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                  attention_bias=True, eos_token_id=tokenizer.eos_token_ids, **GPU_CONFIGS[args.config])
+    fields["vocab_size"] = max(fields["vocab_size"], tokenizer.vocab_size)
+    with torch.device("cuda"):
+        model = Transformer(ModelConfig(**fields)).to(torch.bfloat16)
+    return model, tokenizer, None
+
+
+def prompts_for(tokenizer, count: int) -> list[list[int]]:
+    out = []
+    for i in range(count):
+        text = QUESTIONS[i % len(QUESTIONS)].format(a=12 + 7 * i, b=31 + 3 * i)
+        out.append(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}])))
+    return out
+
+
+def useful_tokens(row: list[int], eos: set[int]) -> int:
+    for i, t in enumerate(row):
+        if t in eos:
+            return i + 1
+    return len(row)
+
+
+def run_ours(engine, prompts, params, n, tools=None) -> tuple[float, int, list]:
+    sync(engine.device)
+    start = time.perf_counter()
+    trajs = engine.generate(prompts, params, n=n, tools=tools)
+    sync(engine.device)
+    return time.perf_counter() - start, sum(len(t.response_ids) for t in trajs), trajs
+
+
+def run_hf(ref, tokenizer, prompts, args, eos) -> tuple[float, int]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = [p for p in prompts for _ in range(args.n)]
+    width = max(map(len, batch))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=ref.device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=ref.device)
+    sync(ref.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=attention, max_new_tokens=args.max_tokens, do_sample=True,
+                           temperature=args.temperature, top_p=1.0, top_k=0, pad_token_id=pad,
+                           eos_token_id=sorted(eos))
+    sync(ref.device)
+    return time.perf_counter() - start, sum(useful_tokens(r, eos) for r in out[:, width:].tolist())
+
+
+def wasted_fraction(trajs, tokenizer) -> tuple[float, int]:
+    """Tokens generated past the first closed python block (what the reference rollout discards)."""
+    wasted = total = 0
+    for traj in trajs:
+        total += len(traj.response_ids)
+        found = find_closed_code(traj.text)
+        if found is None:
+            continue
+        kept_text = traj.text[: found[1]]
+        kept = 0
+        while kept < len(traj.response_ids) and len(tokenizer.decode(traj.response_ids[:kept])) < len(kept_text):
+            kept += 1
+        wasted += len(traj.response_ids) - kept
+    return wasted / max(total, 1), wasted
+
+
+def decode_roofline(engine, model, batch: int, context: int) -> dict:
+    """One decode step of `batch` sequences at `context` tokens vs the bytes it must read."""
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    prompts = [[1 + (i % 100)] * context for i in range(batch)]
+    engine.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    t_long, _, _ = run_ours(engine, prompts, params, 1)
+    t_short, _, _ = run_ours(engine, prompts, SamplingParams(temperature=1.0, max_tokens=1), 1)
+    step_s = (t_long - t_short) / 7  # the prefill cancels out
+    mc = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = batch * context * mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 2
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+    achieved = (weight_bytes + kv_bytes) / step_s
+    return {"batch": batch, "context": context, "step_ms": step_s * 1e3, "GB_per_s": achieved / 1e9,
+            "roofline_fraction": achieved / peak if peak else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="smollm2", choices=["smollm2", *GPU_CONFIGS])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=2, help="samples per prompt (prompts x n concurrent sequences)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-hf", action="store_true", help="ours only (no transformers installed)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer, hf_path = build(args)
+    device = next(model.parameters()).device
+    engine = Engine(model, tokenizer, EngineConfig(kv_cache_memory_gb=1.0, show_progress=False))
+    prompts = prompts_for(tokenizer, args.prompts)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    eos = set(tokenizer.eos_token_ids)
+    ref = None
+    if not args.skip_hf:
+        import transformers
+
+        if hf_path is not None:
+            ref = transformers.AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
+        else:
+            from cir.model import save_pretrained
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                save_pretrained(model, tmp)
+                ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device)
+        ref.eval()
+
+    # 1) ours vs transformers, repetitions interleaved
+    run_ours(engine, prompts[:1], SamplingParams(max_tokens=4), 1)
+    ours, hf = [], []
+    for _ in range(args.repeats):
+        seconds, tokens, trajs = run_ours(engine, prompts, params, args.n)
+        ours.append(tokens / seconds)
+        if ref is not None:
+            seconds, tokens = run_hf(ref, tokenizer, prompts, args, eos)
+            hf.append(tokens / seconds)
+    waste, num_wasted = wasted_fraction(trajs, tokenizer)
+    rows = [("ours", statistics.median(ours))] + ([("transformers", statistics.median(hf))] if hf else [])
+
+    # 2) with the sandbox in the loop
+    from sandbox import Sandbox
+
+    with Sandbox(workers=4, timeout=10.0) as box:
+        seconds, tokens, tool_trajs = run_ours(engine, prompts, params, args.n, ToolConfig(box, max_calls=2))
+    calls = sum(t.num_tool_calls for t in tool_trajs)
+    rows.append(("ours + tools", tokens / seconds))
+
+    # 3) decode roofline (CUDA)
+    roofline = [decode_roofline(engine, model, b, 1024) for b in (1, 32, 128)] if device.type == "cuda" else []
+
+    seqs = args.prompts * args.n
+    print(f"{args.config} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
+          f"{args.prompts} prompts x {args.n} samples = {seqs} sequences, <= {args.max_tokens} new tokens")
+    print(f"{'engine':<16}{'tokens/s':>12}")
+    for name, rate in rows:
+        print(f"{name:<16}{rate:>12.1f}")
+    ratio = rows[0][1] / rows[1][1] if hf else None
+    if ratio:
+        print(f"ours / transformers: {ratio:.2f}x")
+    print(f"tool calls: {calls} in {seconds:.1f}s = {calls / seconds:.1f}/s")
+    print(f"paper-style rollout would discard {waste:.1%} of generated tokens ({num_wasted})")
+    for r in roofline:
+        print(f"decode b={r['batch']} ctx={r['context']}: {r['step_ms']:.2f} ms/step, {r['GB_per_s']:.0f} GB/s, "
+              f"{(r['roofline_fraction'] or 0):.0%} of HBM roofline")
+    print(json.dumps({
+        "config": args.config, "sequences": seqs, "ours_tokens_per_s": rows[0][1],
+        "transformers_tokens_per_s": rows[1][1] if hf else None, "ratio": ratio,
+        "tools_tokens_per_s": rows[-1][1], "tool_calls_per_s": calls / seconds,
+        "paper_rollout_waste_fraction": waste, "roofline": roofline,
+    }))
+
+
+if __name__ == "__main__":
+    main()
