@@ -15,9 +15,18 @@ Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # As `python bench/forward.py` the script's folder comes first on sys.path, where bench/kernels.py
+    # would shadow the `kernels` package: run again as the module bench.forward, repo root on the path.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.forward", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile

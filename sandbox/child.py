@@ -31,33 +31,14 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 
 from sandbox import landlock, policy
+from sandbox.plan import ChildPlan
 from sandbox.protocol import HEADER, frame, read_exact_fd, write_all_fd
 from sandbox.records import EXIT_NO_CONTROL, EXIT_SETUP_FAILED
 
 CTRL_FD = 3
 MAX_ERROR_LINE = 4000
-
-
-@dataclass
-class ChildPlan:
-    """Everything the server works out once and every child applies."""
-    filter_bpf: bytes                   # the seccomp allowlist, compiled
-    pid_filter_template: bytes          # policy.pid_filter_bpf(0)
-    cpu_seconds: int
-    cpu_hard_seconds: int
-    memory_bytes: int                   # on top of the address space at fork time
-    file_size_bytes: int
-    open_files: int
-    uid: int | None                     # None: not root, keep the uid
-    gid: int
-    keep_dac_read_search: bool
-    landlock_abi: int
-    read_rules: list[tuple[int, int]]   # Landlock (O_PATH fd, access), opened by the server
-    env: dict[str, str] = field(default_factory=dict)
-    stdio: tuple = ()                   # (stdin, stdout, stderr) text files on fds 0-2, built once
 
 
 def build_stdio() -> tuple:
@@ -110,7 +91,7 @@ def _prepare(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: in
     for target, source in enumerate(sources):
         os.dup2(source, target)
     os.closerange(CTRL_FD + 1, 1 << 20)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     # 4)
     if plan.uid is not None:
@@ -164,7 +145,8 @@ def _serve(plan: ChildPlan) -> None:
             write_all_fd(CTRL_FD, frame(json.dumps(report).encode()))
         except OSError:
             os._exit(EXIT_NO_CONTROL)
-        if not keep:
+        if not keep:                             # the server SIGKILLs us once it has answered:
+            read_exact_fd(CTRL_FD, 1)            # exiting now would compete with it for the CPU
             return
 
 

@@ -81,6 +81,7 @@ class Child(_Outbox):
         self.ctrl_frames = FrameBuffer(MAX_CHILD_FRAME)
         self.ctrl_open = True
         self.ready = False
+        self.gone = False                         # reaped and its descriptors closed
         self.job: Job | None = None
         self.session: int | None = None
         self.kill_reason: str | None = None       # timeout | output_limit | protocol | done

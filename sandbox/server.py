@@ -9,12 +9,14 @@ on SIGTERM / SIGINT (or, with --watch-stdin, when its stdin closes: the client h
 
 Start-up: import the warm modules (a missing one is skipped with a warning), exercise the heavy
 ones once (a sympy solve, a numpy solve) so children do not pay lazy initialisation, compile the
-seccomp filter, then gc.freeze() so forked children do not touch the whole heap.
+seccomp filter (plan.py), gc.freeze() so forked children do not touch the whole heap, then fork the
+zygote (zygote.py), which does all further forking off this process's loop.
 
-Loop (one thread, epoll): keep `prefork` children forked, confined and waiting (see child.py), so a
+Loop (one thread, epoll): keep `prefork` children forked, confined and waiting (child.py), so a
 request only costs a write to a waiting child; run at most `workers` calls at once, queue the
 rest; read each running child's stdout/stderr as it writes (the byte cap kills it); SIGKILL the
-child's process group at the wall-time deadline; reap exits through pidfds; remove temp dirs.
+child at the wall-time deadline (through a pidfd: it cannot have made other processes); answer
+when the child reports, or when the zygote reports its death.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import argparse
 import gc
 import logging
 import os
-import pwd
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -31,14 +33,15 @@ import tempfile
 import time
 from collections import deque
 
-from sandbox import landlock, policy
-from sandbox.child import ChildPlan, build_stdio, run_child
+from sandbox.child import build_stdio
 from sandbox.config import ServerConfig
-from sandbox.environment import CHILD_ENV, is_scrubbed, server_environment
+from sandbox.environment import is_scrubbed, server_environment
+from sandbox.plan import ChildPlan, make_plan
 from sandbox.protocol import MAX_CLIENT_FRAME, FrameBuffer, decode, encode, frame
-from sandbox.records import EXIT_SETUP_FAILED, Child, Client, Job, classify_exit
+from sandbox.records import Child, Client, Job, classify_exit
 from sandbox.result import STATUSES, Result
-from sandbox.warm import read_paths, warm_up
+from sandbox.warm import warm_up
+from sandbox.zygote import Zygote
 
 log = logging.getLogger("sandbox.server")
 
@@ -54,21 +57,26 @@ class Server:
         self._pending: deque[Job] = deque()
         self._sessions: dict[int, Child | None] = {}
         self._session_owner: dict[int, Client] = {}
-        self._next_session = self._next_seq = self._next_dir = 0
+        self._next_session = self._next_seq = 0
         self._setup_failures = 0
         self._last_setup_error = ""
         self._fork_after = 0.0
         self._stopping = False
         self.plan: ChildPlan | None = None
         self.base_dir: str | None = None
+        self.zygote: Zygote | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
         self.warm_modules = warm_up(cfg.warm_modules)
-        self.plan = self._make_plan()
+        self.plan = make_plan(cfg, self.warm_modules, build_stdio())
         self.base_dir = tempfile.mkdtemp(prefix="sandbox-")
         os.chmod(self.base_dir, 0o711)
+        gc.collect()
+        gc.freeze()
+        self.zygote = Zygote(self.plan, self.base_dir)
+        self._sel.register(self.zygote.sock, selectors.EVENT_READ, self._on_zygote)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(cfg.socket_path)
         os.chmod(cfg.socket_path, 0o600)
@@ -77,45 +85,15 @@ class Server:
         self._sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
         if cfg.watch_stdin:
             self._sel.register(0, selectors.EVENT_READ, self._on_stdin)
-        gc.collect()
-        gc.freeze()
         while not self._idle:                       # the first child proves the set-up works
             if self._setup_failures:
                 raise RuntimeError(f"sandbox child set-up failed: {self._last_setup_error}")
             self._step()
 
-    def _make_plan(self) -> ChildPlan:
-        cfg = self.config
-        abi = landlock.abi_version()
-        paths, python_paths = read_paths(self.warm_modules)
-        rules = [landlock.path_rule(p, False, abi) for p in paths] if abi else []
-        rules.append(landlock.path_rule("/dev/null", True, abi) if abi else None)
-        uid = gid = None
-        keep_cap = False
-        if os.geteuid() == 0:
-            try:
-                entry = pwd.getpwnam("nobody")
-                uid, gid = entry.pw_uid, entry.pw_gid
-            except KeyError:
-                uid = gid = 65534
-            readable = all(_world_readable(p) for p in python_paths)
-            keep_cap = not readable and abi > 0
-            if not readable and abi == 0:
-                log.warning("the Python install is not readable by uid %d and the kernel has no "
-                            "Landlock: snippets can import only the warm modules", uid)
-        self.read_paths = paths
-        return ChildPlan(
-            filter_bpf=policy.build_filter_bpf(), pid_filter_template=policy.pid_filter_bpf(0),
-            cpu_seconds=cfg.cpu_seconds, cpu_hard_seconds=max(cfg.cpu_seconds + 1, 64 * cfg.cpu_seconds),
-            memory_bytes=cfg.memory_mb << 20, file_size_bytes=cfg.file_size_mb << 20,
-            open_files=cfg.open_files, uid=uid, gid=gid if gid is not None else -1,
-            keep_dac_read_search=keep_cap, landlock_abi=abi, read_rules=[r for r in rules if r],
-            env=dict(CHILD_ENV), stdio=build_stdio())
-
     def info(self) -> dict:
         return {"pid": os.getpid(), "uid": self.plan.uid, "landlock_abi": self.plan.landlock_abi,
                 "keep_dac_read_search": self.plan.keep_dac_read_search,
-                "warm_modules": self.warm_modules, "read_paths": self.read_paths,
+                "warm_modules": self.warm_modules, "read_paths": self.plan.read_paths,
                 "workers": self.config.workers, "timeout": self.config.timeout,
                 "memory_mb": self.config.memory_mb, "base_dir": self.base_dir}
 
@@ -126,75 +104,71 @@ class Server:
 
     def _step(self) -> None:
         self._dispatch()
-        now = time.monotonic()
-        want_fork = self._wants_child(now)
-        timeout = 0.0 if want_fork else self._next_deadline(now)
-        for key, mask in self._sel.select(timeout):
+        self._request_children(time.monotonic())
+        for key, mask in self._sel.select(self._next_deadline(time.monotonic())):
             key.data(mask)
         self._expire(time.monotonic())
-        self._dispatch()
-        if self._wants_child(time.monotonic()):
-            self._spawn()
 
-    def _wants_child(self, now: float) -> bool:
-        return len(self._idle) + self._num_starting < self.config.prefork and now >= self._fork_after
+    def _request_children(self, now: float) -> None:
+        missing = self.config.prefork - len(self._idle) - self._num_starting
+        if missing > 0 and now >= self._fork_after:
+            self.zygote.request(missing)
+            self._num_starting += missing
 
     def _next_deadline(self, now: float) -> float | None:
         deadlines = [c.job.deadline for c in self._children.values() if c.job and not c.kill_reason]
-        if not self._wants_child(now) and len(self._idle) + self._num_starting < self.config.prefork:
+        if len(self._idle) + self._num_starting < self.config.prefork:
             deadlines.append(self._fork_after)
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def close(self) -> None:
         for child in list(self._children.values()):
-            _killpg(child.pid)
-        for child in list(self._children.values()):
-            try:
-                os.waitpid(child.pid, 0)
-            except ChildProcessError:
-                pass
+            self._kill(child, "done")
             self._cleanup(child)
+        if self.zygote is not None:
+            self.zygote.close()
         if self.base_dir:
-            _rmtree(self.base_dir)
-        for fd, _ in self.plan.read_rules if self.plan else ():
-            os.close(fd)
-        if self.base_dir:                           # we bound the socket only after mkdtemp
+            shutil.rmtree(self.base_dir, ignore_errors=True)
             try:
                 os.unlink(self.config.socket_path)
             except FileNotFoundError:
                 pass
+        for fd, _ in self.plan.read_rules if self.plan else ():
+            os.close(fd)
 
     # ---- children ---------------------------------------------------------------------------
-    def _spawn(self) -> None:
-        ctrl, ctrl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        self._next_dir += 1
-        tmpdir = os.path.join(self.base_dir, f"c{self._next_dir}")
-        server_pid = os.getpid()
-        address_space = policy.address_space_bytes()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                run_child(self.plan, tmpdir, ctrl_child.fileno(), out_w, err_w, server_pid, address_space)
-            finally:
-                os._exit(EXIT_SETUP_FAILED)
-        ctrl_child.close()
-        os.close(out_w)
-        os.close(err_w)
-        ctrl.setblocking(False)
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
-        child = Child(pid, os.pidfd_open(pid), ctrl, out_r, err_r, tmpdir)
-        child.on_event = lambda mask: self._on_ctrl(child, mask)
-        self._children[pid] = child
-        self._num_starting += 1
-        self._sel.register(ctrl, selectors.EVENT_READ, child.on_event)
-        self._sel.register(out_r, selectors.EVENT_READ, lambda mask: self._on_output(child, out_r))
-        self._sel.register(err_r, selectors.EVENT_READ, lambda mask: self._on_output(child, err_r))
-        self._sel.register(child.pidfd, selectors.EVENT_READ, lambda mask: self._on_exit(child))
+    def _on_zygote(self, mask: int) -> None:
+        messages = self.zygote.receive()
+        if messages is None:
+            log.error("the zygote died; stopping")
+            raise SystemExit(1)
+        for msg, fds in messages:
+            if "spawned" in msg and len(fds) == 4:
+                ctrl = socket.socket(fileno=fds[0])
+                ctrl.setblocking(False)
+                child = Child(msg["spawned"], fds[3], ctrl, fds[1], fds[2], msg["tmpdir"])
+                child.on_event = lambda mask, child=child: self._on_ctrl(child, mask)
+                self._children[child.pid] = child
+                self._sel.register(ctrl, selectors.EVENT_READ, child.on_event)
+                for fd in (child.out_fd, child.err_fd):
+                    os.set_blocking(fd, False)
+                    self._sel.register(fd, selectors.EVENT_READ,
+                                       lambda mask, child=child, fd=fd: self._on_output(child, fd))
+            elif "exited" in msg and msg["exited"] in self._children:
+                self._on_exit(self._children[msg["exited"]], msg["status"], msg["cpu_ms"])
+            elif "failed" in msg:
+                self._num_starting -= 1
+                self._child_failed(str(msg["failed"]))
+
+    def _child_failed(self, error: str) -> None:
+        self._setup_failures += 1
+        self._last_setup_error = error
+        log.warning("sandbox child failed to start: %s", error)
+        self._fork_after = time.monotonic() + min(0.05 * 2 ** self._setup_failures, 5.0)
 
     def _on_ctrl(self, child: Child, mask: int) -> None:
+        if child.gone:                              # cleaned up earlier in this batch of events
+            return
         if mask & selectors.EVENT_WRITE:
             child.flush(self._sel)
         if not mask & selectors.EVENT_READ:
@@ -226,6 +200,8 @@ class Server:
                 self._finish(child, msg)
 
     def _on_output(self, child: Child, fd: int) -> None:
+        if child.gone:
+            return
         try:
             data = os.read(fd, 1 << 16)
         except BlockingIOError:
@@ -273,27 +249,17 @@ class Server:
         if job.session is None or child.kill_reason:
             self._kill(child, child.kill_reason or "done")
 
-    def _on_exit(self, child: Child) -> None:
-        try:
-            pid, wait_status, rusage = os.wait4(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, wait_status, rusage = child.pid, 0, None
-        if pid == 0:
-            return
+    def _on_exit(self, child: Child, wait_status: int, cpu_ms: float) -> None:
         if not child.ready:
             self._num_starting -= 1
-            if child.ctrl_open:                     # read a set-up error still in the socket
+            if child.ctrl_open:                     # a set-up error may still be in the socket
                 self._on_ctrl(child, selectors.EVENT_READ)
             if not child.ready and child.kill_reason is None:
-                self._setup_failures += 1
-                self._last_setup_error = self._last_setup_error or f"exit status {wait_status}"
-                log.warning("sandbox child failed to start: %s", self._last_setup_error)
-                self._fork_after = time.monotonic() + min(0.05 * 2 ** self._setup_failures, 5.0)
+                self._child_failed(self._last_setup_error or f"exit status {wait_status}")
         if child.job is not None:
             self._drain(child)
             job, child.job = child.job, None
             self._num_running -= 1
-            cpu_ms = (rusage.ru_utime + rusage.ru_stime) * 1e3 if rusage else 0.0
             status, error_line = classify_exit(child.kill_reason, wait_status, cpu_ms, self.config,
                                                self.plan.cpu_hard_seconds)
             self._answer(job, Result(status, decode_text(child.out), decode_text(child.err), error_line,
@@ -301,12 +267,13 @@ class Server:
         self._cleanup(child)
 
     def _cleanup(self, child: Child) -> None:
+        child.gone = True
         self._children.pop(child.pid, None)
         if child in self._idle:
             self._idle.remove(child)
         if child.session is not None and self._sessions.get(child.session) is child:
             self._sessions[child.session] = None
-        for f in (child.ctrl, child.out_fd, child.err_fd, child.pidfd):
+        for f in (child.ctrl, child.out_fd, child.err_fd):
             try:
                 self._sel.unregister(f)
             except (KeyError, ValueError):
@@ -314,12 +281,14 @@ class Server:
         child.ctrl.close()
         for fd in (child.out_fd, child.err_fd, child.pidfd):
             os.close(fd)
-        _rmtree(child.tmpdir)
 
     def _kill(self, child: Child, reason: str) -> None:
         if child.kill_reason is None:
             child.kill_reason = reason
-        _killpg(child.pid)
+        try:
+            signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _expire(self, now: float) -> None:
         for child in list(self._children.values()):
@@ -385,6 +354,8 @@ class Server:
         self._sel.register(sock, selectors.EVENT_READ, client.on_event)
 
     def _on_client(self, client: Client, mask: int) -> None:
+        if client.closed:
+            return
         if mask & selectors.EVENT_WRITE:
             client.flush(self._sel)
         if not mask & selectors.EVENT_READ:
@@ -451,40 +422,6 @@ class Server:
 
 def decode_text(data: bytearray) -> str:
     return data.decode("utf-8", "replace")
-
-
-def _world_readable(path: str) -> bool:
-    """Whether any uid could read `path` (every ancestor searchable by others, path readable)."""
-    import stat
-    current = os.path.realpath(path)
-    try:
-        mode = os.stat(current).st_mode
-        if not mode & stat.S_IROTH or (stat.S_ISDIR(mode) and not mode & stat.S_IXOTH):
-            return False
-        while current != "/":
-            current = os.path.dirname(current)
-            if not os.stat(current).st_mode & stat.S_IXOTH:
-                return False
-    except OSError:
-        return False
-    return True
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _rmtree(path: str) -> None:
-    import shutil
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -134,7 +134,8 @@ def test_slow_code_does_not_hold_back_other_sequences(box):
 
 
 def test_find_closed_code():
-    assert find_closed_code("text ```python\nx = 1\nprint(x)\n```") == ("x = 1\nprint(x)\n", 32)
+    text = "text ```python\nx = 1\nprint(x)\n```"
+    assert find_closed_code(text) == ("x = 1\nprint(x)\n", len(text))
     assert find_closed_code("```python\nx = 1\n") is None
     assert find_closed_code("```py") is None
     assert find_closed_code("a ```python\nprint(1)\n``` b ```python\nprint(2)\n```", 24)[0] == "print(2)\n"

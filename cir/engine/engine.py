@@ -26,7 +26,7 @@ from cir.engine.model_runner import ModelRunner
 from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
 from cir.engine.tools import SegmentDecoder, feedback_text, find_closed_code, scan_start_hint
-from sandbox.result import format_feedback
+from sandbox import format_feedback
 
 
 @dataclass

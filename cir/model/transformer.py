@@ -107,7 +107,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                       config.max_position_embeddings)
 
@@ -142,7 +143,8 @@ class Transformer(nn.Module):
         ctx = VarlenContext.from_cu_seqlens(cu_seqlens.to(device=input_ids.device, dtype=torch.int32))
         if sum(ctx.seq_lens) != input_ids.shape[0]:
             raise ValueError(f"cu_seqlens ends at {sum(ctx.seq_lens)} but there are {input_ids.shape[0]} tokens")
-        starts = torch.repeat_interleave(ctx.cu_seqlens[:-1].long(), torch.tensor(ctx.seq_lens, device=input_ids.device),
+        seq_lens = torch.tensor(ctx.seq_lens, device=input_ids.device)
+        starts = torch.repeat_interleave(ctx.cu_seqlens[:-1].long(), seq_lens,
                                          output_size=input_ids.shape[0])  # (T,): each token's sequence start
         positions = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
         return self.forward_hidden(input_ids, positions, ctx)
