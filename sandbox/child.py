@@ -1,27 +1,30 @@
-"""One sandbox child: confine itself right after the fork, then run the code it is sent.
+"""One sandbox child: the last steps of its confinement, then the code it is sent.
 
-The server forks children ahead of time; each one runs `run_child`, which
+The zygote (zygote.py) prepares what children inherit: no_new_privs, default signal handlers, the
+scrubbed environment (HOME and TMPDIR are ".", the call's private temp dir), stdin on /dev/null,
+stdout/stderr on the server's pipes, the control socket on fd 3, rlimits on file size, core dumps,
+locked memory and message queues, and a Landlock ruleset for the child's temp dir. It forks; the
+child, in `run_child`:
 
-  1) makes itself a session leader (so the server can SIGKILL its whole process group),
-  2) sets no_new_privs, puts /dev/null on stdin, the server's pipes on stdout/stderr, its control
-     socket on fd 3, and closes every other inherited descriptor,
-  3) creates its private temp dir and moves into it, sets rlimits (CPU, address space = current
-     size + memory limit, file size, open files, no core dumps, no locked memory),
-  4) confines file access with Landlock (when the kernel has it), drops root (when it is root),
-     becomes non-dumpable (its /proc entries turn root-owned) and asks for SIGKILL if the server
+  1) becomes a session leader and moves into its temp dir,
+  2) sets its rlimits on CPU seconds, address space (its size at fork + the memory limit) and
+     open files,
+  3) enters its Landlock domain, closes every inherited descriptor above fd 3,
+  4) drops root (uid nobody, no groups, no capabilities -- but see plan.keep_dac_read_search),
+     becomes non-dumpable (its /proc entries turn root-owned) and asks for SIGKILL if the zygote
      dies,
-  5) scrubs the environment, reseeds numpy's global RNG (Python's `random` reseeds itself at fork),
-  6) loads the seccomp filters: the per-child "signal only yourself" filter, then the allowlist,
-  7) reports {"ready": true} and blocks reading its control socket.
+  5) reseeds numpy's global RNG (Python's `random` reseeds itself after a fork),
+  6) loads the seccomp filters: "signal only yourself", then the allowlist,
 
-All of that happens before any request arrives, so a call only pays for its own code. Stateless
-calls run in fresh globals and the child exits after reporting; a session child keeps its globals
-and waits for the next call.
+and only then reads its control socket, so code never runs unconfined. Forking the warm
+interpreter and tearing it down cost milliseconds here, so every step that can be done once in
+the zygote is, and the child runs as little Python as possible (each page it writes is a
+copy-on-write fault). A stateless call runs in fresh globals, reports, and is killed by the
+server; a session child keeps its globals and waits for the next call.
 """
 from __future__ import annotations
 
 import builtins
-import fcntl
 import io
 import json
 import math
@@ -42,7 +45,7 @@ MAX_ERROR_LINE = 4000
 
 
 def build_stdio() -> tuple:
-    """Text files over fds 0, 1, 2 (built in the server, installed by each child)."""
+    """Text files over fds 0, 1, 2 (built in the server, installed by the zygote)."""
     stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False), 1 << 16),
                               encoding="utf-8", errors="backslashreplace")
@@ -51,11 +54,11 @@ def build_stdio() -> tuple:
     return stdin, stdout, stderr
 
 
-def run_child(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: int,
-              server_pid: int, address_space: int) -> None:
-    """Entry point right after os.fork(); never returns."""
+def run_child(plan: ChildPlan, rundir: str, ruleset_fd: int, zygote_pid: int,
+              address_space: int) -> None:
+    """Entry point right after the zygote's fork (fds 0-3 already in place); never returns."""
     try:
-        _prepare(plan, tmpdir, ctrl_fd, out_fd, err_fd, server_pid, address_space)
+        _prepare(plan, rundir, ruleset_fd, zygote_pid, address_space)
     except BaseException as exc:                    # report, then die: the server logs it
         try:
             message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -68,51 +71,33 @@ def run_child(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: i
         os._exit(0)
 
 
-def _prepare(plan: ChildPlan, tmpdir: str, ctrl_fd: int, out_fd: int, err_fd: int,
-             server_pid: int, address_space: int) -> None:
-    # 1)
+def _prepare(plan: ChildPlan, rundir: str, ruleset_fd: int, zygote_pid: int,
+             address_space: int) -> None:
+    # 1) + 2)
     os.setsid()
-    policy.prctl(policy.PR_SET_NO_NEW_PRIVS, 1)
-    # 3) (before 2: the Landlock rules use inherited descriptors)
-    os.mkdir(tmpdir, 0o700)
-    if plan.uid is not None:
-        os.chown(tmpdir, plan.uid, plan.gid)
-    os.chdir(tmpdir)
-    policy.set_rlimits(cpu_seconds=plan.cpu_seconds, cpu_hard_seconds=plan.cpu_hard_seconds,
-                       address_space_bytes=address_space + plan.memory_bytes,
-                       file_size_bytes=plan.file_size_bytes, open_files=plan.open_files)
-    if plan.landlock_abi:
-        own = [landlock.path_rule(tmpdir, True, plan.landlock_abi),
-               landlock.path_rule(f"/proc/{os.getpid()}", False, plan.landlock_abi)]
-        landlock.confine(plan.read_rules + [r for r in own if r], plan.landlock_abi)
-    # 2)
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    sources = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (devnull, out_fd, err_fd, ctrl_fd)]
-    for target, source in enumerate(sources):
-        os.dup2(source, target)
+    os.chdir(rundir)
+    resource.setrlimit(resource.RLIMIT_CPU, (plan.cpu_seconds, plan.cpu_hard_seconds))
+    limit = address_space + plan.memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (plan.open_files, plan.open_files))
+    # 3)
+    if ruleset_fd >= 0:
+        landlock.restrict_self(ruleset_fd)
     os.closerange(CTRL_FD + 1, 1 << 20)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
     # 4)
     if plan.uid is not None:
         policy.drop_privileges(plan.uid, plan.gid, plan.keep_dac_read_search)
     policy.prctl(policy.PR_SET_DUMPABLE, 0)
     policy.prctl(policy.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != server_pid:
+    if os.getppid() != zygote_pid:
         os._exit(0)
     # 5)
-    os.environ.clear()
-    os.environ.update(plan.env, HOME=tmpdir, TMPDIR=tmpdir, PWD=tmpdir)
-    sys.argv[:] = [""]
-    if "tempfile" in sys.modules:
-        sys.modules["tempfile"].tempdir = tmpdir
-    if "numpy.random" in sys.modules:
-        sys.modules["numpy.random"].seed()
-    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = plan.stdio
-    # 6) + 7)
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed(int.from_bytes(os.urandom(4), "little"))
+    # 6)
     policy.load_bpf(policy.with_pid(plan.pid_filter_template, os.getpid()))
     policy.load_bpf(plan.filter_bpf)
-    write_all_fd(CTRL_FD, frame(b'{"ready":true}'))
 
 
 def _serve(plan: ChildPlan) -> None:

@@ -79,9 +79,9 @@ def path_rule(path: str, writable: bool, abi: int) -> tuple[int, int] | None:
     return fd, access & _handled_fs(abi)
 
 
-def confine(rules: list[tuple[int, int]], abi: int) -> None:
-    """Restrict the calling process (no_new_privs must be set) to the given path rules; every
-    other file access Landlock handles is refused."""
+def make_ruleset(rules: list[tuple[int, int]], abi: int) -> int:
+    """A ruleset fd allowing exactly `rules`; every other file access Landlock handles is refused
+    once a process restricts itself with it (see restrict_self)."""
     attr = _RulesetAttr(_handled_fs(abi), 0, 0)
     size = 8
     if abi >= 4:
@@ -97,6 +97,12 @@ def confine(rules: list[tuple[int, int]], abi: int) -> None:
             rule = _PathBeneathAttr(access, fd)
             _check(_libc.syscall(_SYS_ADD_RULE, ruleset_fd, _RULE_PATH_BENEATH, ctypes.byref(rule), 0),
                    f"add_rule(fd {fd})")
-        _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset_fd, 0), "restrict_self")
-    finally:
+    except BaseException:
         os.close(ruleset_fd)
+        raise
+    return ruleset_fd
+
+
+def restrict_self(ruleset_fd: int) -> None:
+    """Enter the ruleset's domain (no_new_privs must be set); irreversible, inherited by forks."""
+    _check(_libc.syscall(_SYS_RESTRICT_SELF, ruleset_fd, 0), "restrict_self")

@@ -173,18 +173,13 @@ def prctl(option: int, arg: int) -> None:
         raise OSError(err, f"prctl({option}, {arg}): {os.strerror(err)}")
 
 
-def set_rlimits(*, cpu_seconds: int, cpu_hard_seconds: int, address_space_bytes: int,
-                file_size_bytes: int, open_files: int) -> None:
-    for limit, soft, hard in (
-        (resource.RLIMIT_CPU, cpu_seconds, cpu_hard_seconds),
-        (resource.RLIMIT_AS, address_space_bytes, address_space_bytes),
-        (resource.RLIMIT_FSIZE, file_size_bytes, file_size_bytes),
-        (resource.RLIMIT_NOFILE, open_files, open_files),
-        (resource.RLIMIT_CORE, 0, 0),
-        (resource.RLIMIT_MEMLOCK, 0, 0),
-        (resource.RLIMIT_MSGQUEUE, 0, 0),
-    ):
-        resource.setrlimit(limit, (soft, hard))
+def set_inherited_rlimits(file_size_bytes: int) -> None:
+    """The limits the zygote sets once for all its children: largest file written, no core
+    dumps, no locked memory, no POSIX message queues. (CPU, address space and open files are set
+    by each child: they would bind the zygote too.)"""
+    for limit, value in ((resource.RLIMIT_FSIZE, file_size_bytes), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_MEMLOCK, 0), (resource.RLIMIT_MSGQUEUE, 0)):
+        resource.setrlimit(limit, (value, value))
 
 
 def address_space_bytes() -> int:

@@ -1,16 +1,23 @@
-"""The zygote: a copy of the warm server whose only job is to fork children and reap them.
+"""The zygote: a copy of the warm server that forks the children, and reaps them.
 
-Forking the warm interpreter costs ~1.5 ms here (page tables of ~70 MB of heap), so the server
-does not fork on its own loop: it forks this zygote once, after warm-up and gc.freeze(), and asks
-it for children. For each child the zygote makes the control socket and the stdout/stderr pipes,
-forks, and hands the server its ends (plus a pidfd to kill the child with) over a SOCK_SEQPACKET
-socket with SCM_RIGHTS. When a child exits the zygote reaps it, reports the wait status and CPU
-time to the server, and removes the child's temp dir.
+Forking the warm interpreter and tearing a child down cost milliseconds of CPU on small VMs (page
+tables of ~70 MB of heap, copy-on-write faults), so the server does not fork on its own loop: it
+forks this zygote once, after warm-up and gc.freeze(), and asks it for children. The zygote does
+once what every child would otherwise repeat (no_new_privs, signal handlers, environment, stdio
+objects, inherited rlimits) and, per child, what is cheaper before the fork than after it: the
+temp dir, the descriptors (put straight at fds 0-3), the Landlock ruleset. It hands the server its
+ends of each child's control socket and stdout/stderr pipes, plus a pidfd to kill the child with,
+over a SOCK_SEQPACKET socket with SCM_RIGHTS. When a child exits it reaps it, reports the wait
+status and CPU time, and removes the child's temp dir.
 
     server -> zygote: {"spawn": n}
     zygote -> server: {"spawned": pid, "tmpdir": path} + fds [ctrl, stdout, stderr, pidfd]
                       {"exited": pid, "status": wait_status, "cpu_ms": float}
-                      {"failed": "fork: ..."}
+                      {"failed": "..."}
+
+Temp dirs live in slots: base/s<k>/run, where the Landlock ruleset of slot k (the read paths plus
+full access beneath base/s<k>) is built once and reused by every child the slot hosts, one at a
+time; "run" is created for each child and removed after it.
 """
 from __future__ import annotations
 
@@ -20,9 +27,11 @@ import select
 import shutil
 import signal
 import socket
+import sys
 
-from sandbox import policy
-from sandbox.child import ChildPlan, run_child
+from sandbox import landlock, policy
+from sandbox.child import CTRL_FD, run_child
+from sandbox.plan import ChildPlan
 
 
 class Zygote:
@@ -35,7 +44,7 @@ class Zygote:
         if self.pid == 0:
             try:
                 self.sock.close()
-                _zygote_main(theirs, plan, base_dir, server_pid)
+                _Forker(theirs, plan, base_dir, server_pid).serve()
             finally:
                 os._exit(0)
         theirs.close()
@@ -55,7 +64,7 @@ class Zygote:
             except OSError:
                 data, fds = b"", []
             if not data:
-                return None if not messages else messages
+                return messages or None
             messages.append((json.loads(data), fds))
 
     def close(self) -> None:
@@ -67,77 +76,124 @@ class Zygote:
         self.sock.close()
 
 
-def _zygote_main(sock: socket.socket, plan: ChildPlan, base_dir: str, server_pid: int) -> None:
-    policy.prctl(policy.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != server_pid:
-        return
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)
-    zygote_pid = os.getpid()
-    children: dict[int, tuple[int, str]] = {}           # pidfd -> (pid, tmpdir)
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    num_spawned = 0
-    while True:
-        for fd, _ in poller.poll():
-            if fd == sock.fileno():
-                data = sock.recv(4096)
-                if not data:                                # the server is gone
-                    for pid, _ in children.values():
-                        os.kill(pid, signal.SIGKILL)
-                    return
-                for _ in range(int(json.loads(data).get("spawn", 0))):
-                    num_spawned += 1
-                    spawned = _spawn(sock, plan, os.path.join(base_dir, f"c{num_spawned}"), zygote_pid)
-                    if spawned is not None:
-                        children[spawned[0]] = spawned[1:]
-                        poller.register(spawned[0], select.POLLIN)
-            elif fd in children:                            # a child exited
-                pid, tmpdir = children.pop(fd)
-                poller.unregister(fd)
-                os.close(fd)
-                _, status, usage = os.wait4(pid, 0)
-                sock.send(json.dumps({"exited": pid, "status": status,
-                                      "cpu_ms": (usage.ru_utime + usage.ru_stime) * 1e3}).encode())
-                _remove(tmpdir)
+class _Slot:
+    def __init__(self, path: str, ruleset_fd: int) -> None:
+        self.path, self.ruleset_fd = path, ruleset_fd
+        self.rundir = os.path.join(path, "run")
 
 
-def _spawn(sock: socket.socket, plan: ChildPlan, tmpdir: str, zygote_pid: int) -> tuple[int, int, str] | None:
-    """Fork one child; send the server its fds; return (pidfd, pid, tmpdir) for our own reaping."""
-    ctrl, ctrl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    address_space = policy.address_space_bytes()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        sock.send(json.dumps({"failed": f"fork: {exc}"}).encode())
-        for fd in (out_r, out_w, err_r, err_w):
-            os.close(fd)
-        ctrl.close()
-        ctrl_child.close()
-        return None
-    if pid == 0:
+class _Forker:
+    """The zygote process's own state and loop."""
+
+    def __init__(self, sock: socket.socket, plan: ChildPlan, base_dir: str, server_pid: int) -> None:
+        policy.prctl(policy.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server_pid:
+            os._exit(0)
+        self.plan, self.base_dir, self.pid = plan, base_dir, os.getpid()
+        # keep only our socket and the Landlock read rules, all above fd 9 (0-3 are the children's)
+        keep = {sock.fileno(): None, **{fd: None for fd, _ in plan.read_rules}}
+        moved = {fd: os.dup2(fd, 100 + i) for i, fd in enumerate(sorted(keep))}
+        self.sock = socket.socket(fileno=moved[sock.fileno()])
+        sock.detach()
+        self.read_rules = [(moved[fd], access) for fd, access in plan.read_rules]
+        os.closerange(0, 100)
+        os.closerange(100 + len(moved), 1 << 20)
+        self.devnull = os.open("/dev/null", os.O_RDONLY)        # fd 0
+        # what every child inherits
+        policy.prctl(policy.PR_SET_NO_NEW_PRIVS, 1)
+        policy.set_inherited_rlimits(plan.file_size_bytes)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(plan.env, HOME=".", TMPDIR=".")
+        sys.argv[:] = [""]
+        if "tempfile" in sys.modules:
+            sys.modules["tempfile"].tempdir = None
+        sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = plan.stdio
+        self.free_slots: list[_Slot] = []
+        self.num_slots = 0
+        self.children: dict[int, tuple[int, _Slot]] = {}         # pidfd -> (pid, slot)
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
+
+    def serve(self) -> None:
+        while True:
+            for fd, _ in self.poller.poll():
+                if fd == self.sock.fileno():
+                    data = self.sock.recv(4096)
+                    if not data:                                # the server is gone
+                        for pid, _ in self.children.values():
+                            os.kill(pid, signal.SIGKILL)
+                        return
+                    for _ in range(int(json.loads(data).get("spawn", 0))):
+                        self._spawn()
+                elif fd in self.children:
+                    self._reap(fd)
+
+    def _slot(self) -> _Slot:
+        if self.free_slots:
+            return self.free_slots.pop()
+        self.num_slots += 1
+        path = os.path.join(self.base_dir, f"s{self.num_slots}")
+        os.mkdir(path, 0o711)
+        abi = self.plan.landlock_abi
+        ruleset_fd = -1
+        if abi:
+            rule = landlock.path_rule(path, True, abi)
+            try:
+                ruleset_fd = landlock.make_ruleset(self.read_rules + [rule], abi)
+            finally:
+                os.close(rule[0])
+            ruleset_fd = os.dup2(ruleset_fd, 1000 + self.num_slots) if ruleset_fd < 1000 else ruleset_fd
+        return _Slot(path, ruleset_fd)
+
+    def _spawn(self) -> None:
         try:
-            run_child(plan, tmpdir, ctrl_child.fileno(), out_w, err_w, zygote_pid, address_space)
-        finally:
-            os._exit(70)
-    ctrl_child.close()
-    os.close(out_w)
-    os.close(err_w)
-    pidfd = os.pidfd_open(pid)
-    socket.send_fds(sock, [json.dumps({"spawned": pid, "tmpdir": tmpdir}).encode()],
-                    [ctrl.fileno(), out_r, err_r, pidfd])
-    ctrl.close()
-    os.close(out_r)
-    os.close(err_r)
-    return pidfd, pid, tmpdir
+            slot = self._slot()
+            os.mkdir(slot.rundir, 0o700)
+            if self.plan.uid is not None:
+                os.chown(slot.rundir, self.plan.uid, self.plan.gid)
+            ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            for target, fd in ((1, out_w), (2, err_w), (CTRL_FD, theirs.fileno())):
+                os.dup2(fd, target)
+            for fd in (out_w, err_w):
+                os.close(fd)
+            theirs.close()
+            address_space = policy.address_space_bytes()
+            pid = os.fork()
+        except OSError as exc:
+            self.sock.send(json.dumps({"failed": f"spawning a child: {exc}"}).encode())
+            return
+        if pid == 0:
+            try:
+                run_child(self.plan, slot.rundir, slot.ruleset_fd, self.pid, address_space)
+            finally:
+                os._exit(70)
+        os.closerange(1, CTRL_FD + 1)
+        pidfd = os.pidfd_open(pid)
+        socket.send_fds(self.sock, [json.dumps({"spawned": pid, "tmpdir": slot.rundir}).encode()],
+                        [ctrl.fileno(), out_r, err_r, pidfd])
+        ctrl.close()
+        os.close(out_r)
+        os.close(err_r)
+        self.children[pidfd] = (pid, slot)
+        self.poller.register(pidfd, select.POLLIN)
 
-
-def _remove(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
+    def _reap(self, pidfd: int) -> None:
+        pid, slot = self.children.pop(pidfd)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        _, status, usage = os.wait4(pid, 0)
+        self.sock.send(json.dumps({"exited": pid, "status": status,
+                                   "cpu_ms": (usage.ru_utime + usage.ru_stime) * 1e3}).encode())
+        try:
+            os.rmdir(slot.rundir)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(slot.rundir, ignore_errors=True)
+        if os.path.exists(slot.rundir):                 # could not clean it: retire the slot
+            return
+        self.free_slots.append(slot)
