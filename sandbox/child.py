@@ -98,41 +98,59 @@ def _prepare(plan: ChildPlan, rundir: str, ruleset_fd: int, zygote_pid: int,
     # 6)
     policy.load_bpf(policy.with_pid(plan.pid_filter_template, os.getpid()))
     policy.load_bpf(plan.filter_bpf)
+    # 7) one dry-run call through a pipe: the pages a call touches (this module's code, the
+    #    compiler, json, the stdio buffers) get copied now rather than on the first call's time
+    dry_r, dry_w = os.pipe()
+    os.write(dry_w, frame(b"S" + bytes(4) + b"pass"))
+    _call(plan, dry_r, dry_w, {})
+    os.close(dry_r)
+    os.close(dry_w)
 
 
 def _serve(plan: ChildPlan) -> None:
-    stdout, stderr, stdin = sys.stdout, sys.stderr, sys.stdin
     session_globals = _fresh_globals()
-    while True:
-        header = read_exact_fd(CTRL_FD, HEADER.size)
-        if header is None:
-            return
-        payload = read_exact_fd(CTRL_FD, HEADER.unpack(header)[0])
-        if payload is None:
-            return
-        keep = payload[:1] == b"K"
-        seq = int.from_bytes(payload[1:5], "big")
-        code = payload[5:].decode("utf-8", "surrogateescape")
-        if keep:                                 # sessions: a fresh CPU allowance per call
-            used = resource.getrusage(resource.RUSAGE_SELF)
-            soft = math.ceil(used.ru_utime + used.ru_stime) + plan.cpu_seconds
-            resource.setrlimit(resource.RLIMIT_CPU, (min(soft, plan.cpu_hard_seconds), plan.cpu_hard_seconds))
-        sys.stdout, sys.stderr, sys.stdin = stdout, stderr, stdin
-        status, error_line, cpu_ms = execute(code, session_globals if keep else _fresh_globals(),
-                                             not keep, stderr)
-        for stream in (stdout, stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        report = {"seq": seq, "status": status, "error_line": error_line, "cpu_ms": cpu_ms}
+    while _call(plan, CTRL_FD, CTRL_FD, session_globals):
+        pass
+    read_exact_fd(CTRL_FD, 1)       # stateless: the server SIGKILLs us once it has answered
+                                    # (exiting now would compete with it for the CPU)
+
+
+def _call(plan: ChildPlan, in_fd: int, out_fd: int, session_globals: dict) -> bool:
+    """Read one request from in_fd, run it, report on out_fd; True when the session goes on."""
+    header = read_exact_fd(in_fd, HEADER.size)
+    payload = read_exact_fd(in_fd, HEADER.unpack(header)[0]) if header else None
+    if payload is None:
+        os._exit(0)                                 # the server closed the channel
+    keep = payload[:1] == b"K"
+    seq = int.from_bytes(payload[1:5], "big")
+    code = payload[5:].decode("utf-8", "surrogateescape")
+    if keep:                                        # sessions: a fresh CPU allowance per call
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = math.ceil(used.ru_utime + used.ru_stime) + plan.cpu_seconds
+        resource.setrlimit(resource.RLIMIT_CPU, (min(soft, plan.cpu_hard_seconds), plan.cpu_hard_seconds))
+    stdin, stdout, stderr = plan.stdio
+    sys.stdin, sys.stdout, sys.stderr = plan.stdio
+    status, error_line, cpu_ms = execute(code, session_globals if keep else _fresh_globals(),
+                                         not keep, stderr)
+    for stream in (stdout, stderr):
         try:
-            write_all_fd(CTRL_FD, frame(json.dumps(report).encode()))
-        except OSError:
-            os._exit(EXIT_NO_CONTROL)
-        if not keep:                             # the server SIGKILLs us once it has answered:
-            read_exact_fd(CTRL_FD, 1)            # exiting now would compete with it for the CPU
-            return
+            stream.flush()
+        except Exception:
+            pass
+    report = {"seq": seq, "status": status, "error_line": error_line, "cpu_ms": cpu_ms}
+    try:
+        write_all_fd(out_fd, frame(json.dumps(report).encode()))
+    except OSError:
+        os._exit(EXIT_NO_CONTROL)
+    return keep
+
+
+def _join_threads() -> None:
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
 
 
 def _fresh_globals() -> dict:
@@ -146,6 +164,8 @@ def execute(code: str, globals_: dict, discard_globals: bool,
     status, error_line = "ok", ""
     try:
         exec(compile(code, "<string>", "exec", dont_inherit=True), globals_)
+        if discard_globals:                     # like `python -c`: wait for non-daemon threads
+            _join_threads()
     except SystemExit as exc:
         if exc.code not in (None, 0):
             status, error_line = "error", f"SystemExit: {exc.code}"

@@ -70,7 +70,7 @@ class Job:
     started: float = 0.0
     deadline: float = 0.0
     note: str = ""
-    session_started: bool = False
+    retried: bool = False
 
 
 class Child(_Outbox):
@@ -80,7 +80,8 @@ class Child(_Outbox):
         self.out_fd, self.err_fd, self.tmpdir = out_fd, err_fd, tmpdir
         self.ctrl_frames = FrameBuffer(MAX_CHILD_FRAME)
         self.ctrl_open = True
-        self.ready = False
+        self.reported = False                     # sent at least one status: set-up succeeded
+        self.setup_error = ""
         self.gone = False                         # reaped and its descriptors closed
         self.job: Job | None = None
         self.session: int | None = None

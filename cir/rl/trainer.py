@@ -10,6 +10,7 @@ loss tokens so any split over ranks and micro-batches gives the same gradient.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -55,6 +56,10 @@ class Trainer:
         dtype = getattr(torch, cfg.model.dtype)
         self.model = model if model is not None else from_pretrained(path, dtype=dtype, device=self.device)
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        # the KL reference: a frozen copy of the starting weights, only when the KL term is on
+        self.reference = None
+        if cfg.rl.kl_coef:
+            self.reference = PolicyForward(copy.deepcopy(self.model).requires_grad_(False).eval())
         self.policy = distributed.wrap(PolicyForward(self.model), list(self.model.layers), cfg.train.parallel,
                                        self.device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -137,7 +142,7 @@ class Trainer:
         adv = self.advantages(rewards)
         keep = groups_with_signal(rewards) if rl.filter_groups and rewards.numel() else torch.ones(rewards.shape[0], dtype=torch.bool)
         groups = [g for g in range(rewards.shape[0]) if keep[g]]
-        stats = {"grad_norm": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0}
+        stats = {"grad_norm": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
         num_trained = self._train_tokens = 0
         for mb in range(rl.mini_batches):
             mine = groups[mb::rl.mini_batches]
@@ -147,7 +152,7 @@ class Trainer:
             local_tokens = sum(float(m.mask.sum()) for m in micro)
             (global_tokens,) = distributed.all_reduce_sum([local_tokens], self.device)
             sums = self._policy_step(micro, max(global_tokens, 1.0))
-            for k in ("clip_frac", "entropy", "approx_kl", "pg_loss"):
+            for k in ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl"):
                 stats[k] += sums[k] / max(global_tokens, 1.0) / rl.mini_batches
             stats["grad_norm"] += sums["grad_norm"] / rl.mini_batches
             num_trained += global_tokens
@@ -162,24 +167,29 @@ class Trainer:
         dummy = not micro
         if dummy:
             micro = pack([_DUMMY], [0.0], 1)
-        sums = {"clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0}
+        sums = {"clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
         for i, mb in enumerate(micro):
             mb = mb.to(self.device)
             with distributed.gradient_sync(self.policy, enabled=i == len(micro) - 1), self._autocast():
                 logprobs, entropy = self.policy(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask,
                                                 temperature)
                 old = logprobs.detach() if rl.recompute_old_logprobs else mb.old_logprobs
+                ref = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = self.reference(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask,
+                                             temperature)[0]
                 loss, st = policy_loss(logprobs, old, mb.advantages, mb.mask, clip_low=rl.clip_low,
                                        clip_high=rl.clip_high, dual_clip=rl.dual_clip, agg=rl.loss_agg,
-                                       seq_ids=mb.seq_ids, entropy=entropy, entropy_coef=rl.entropy_coef,
-                                       num_tokens=global_tokens)
+                                       seq_ids=mb.seq_ids, ref_logprobs=ref, kl_coef=rl.kl_coef,
+                                       entropy=entropy, entropy_coef=rl.entropy_coef, num_tokens=global_tokens)
                 loss = loss * self.world_size  # gradients are averaged over ranks
                 if dummy:
                     loss = loss * 0.0
                 loss.backward()
             count = float(mb.mask.sum())
             for k in sums:
-                sums[k] += float(st[k]) * count if k in st else 0.0
+                sums[k] += float(st[k]) * count if st.get(k) is not None else 0.0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
