@@ -426,9 +426,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         return
     if pick_backend(backend, k) == "torch":
         valid = slot_mapping >= 0
-        slots = slot_mapping[valid]
-        k_cache.view(-1, *k.shape[1:])[slots] = k[valid]
-        v_cache.view(-1, *v.shape[1:])[slots] = v[valid]
+        if not bool(valid.all()):
+            slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
+        # index_copy_, not `cache[slots] = k`: 2.7 us vs 177 us for 16 tokens (2-core CPU, 4000 blocks)
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
         return
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError(f"k/v must be contiguous in the last dim, got {k.stride()} and {v.stride()}")

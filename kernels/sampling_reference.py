@@ -3,7 +3,9 @@
     tokens, logprobs = sample_reference(logits, temperature=0.7, top_p=0.95, generator=1234)
 
 Same signature and same filtering semantics as `kernels.sample` (see its docstring), written the
-obvious way: thresholds are read off a sorted copy of each row, the draw is an exponential race.
+obvious way: thresholds are read off a sorted copy of each row (skipped when no row filters); the
+draw is one uniform per row through the inverse CDF, or an exponential race when per-row seeds
+are given.
 Rows are processed in chunks of about 4M logits so temporaries stay small for any batch size.
 The random streams are torch's, not the Triton kernel's Philox: for the same seed the two paths
 pick different (identically distributed) tokens.
@@ -109,12 +111,18 @@ def sample_reference(
             if bool(is_greedy.all()):
                 chosen = x.argmax(dim=1)
             else:
-                race = z - torch.log(_exponential(tuple(z.shape), device, generator, rows))  # argmax p/E
                 filtered = (top_p[rows] < 1) | ((top_k[rows] > 0) & (top_k[rows] < vocab_size)) | (min_p[rows] > 0)
-                if bool(filtered.any()):
-                    keep = keep_mask(z, lse, top_p[rows], top_k[rows], min_p[rows])
-                    race = torch.where(keep, race, float("-inf"))
-                chosen = torch.where(is_greedy, x.argmax(dim=1), race.argmax(dim=1))
+                keep = keep_mask(z, lse, top_p[rows], top_k[rows], min_p[rows]) if bool(filtered.any()) else None
+                if isinstance(generator, torch.Tensor):  # per-row seeds: the exponential race, row by row
+                    race = z - torch.log(_exponential(tuple(z.shape), device, generator, rows))  # argmax p/E
+                    drawn = (race if keep is None else torch.where(keep, race, float("-inf"))).argmax(dim=1)
+                else:  # one uniform per row, inverse CDF (float64 sums): 16 x 49152 took 4.8 ms against
+                    # 18.7 ms for V exponentials and 35 ms for torch.multinomial (2-core CPU, loaded)
+                    probs = torch.exp(z - lse[:, None]).double()
+                    cdf = (probs if keep is None else probs * keep).cumsum(dim=1)  # (R, V)
+                    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=device)
+                    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp(max=vocab_size - 1)
+                chosen = torch.where(is_greedy, x.argmax(dim=1), drawn)
             tokens[rows] = chosen
             logprobs[rows] = z.gather(1, chosen[:, None]).squeeze(1) - lse
     return tokens, logprobs

@@ -10,21 +10,23 @@
 Standalone: imports the standard library and `pyseccomp` only (the server also imports its warm
 modules, numpy and sympy by default, when installed); nothing from `cir`.
 
-Files: client.py (Sandbox, Session -- the caller's side), server.py (the fork-server loop),
-child.py (what a forked child does to itself, then runs), policy.py (seccomp, rlimits, privilege
-drop), landlock.py (file confinement), warm.py (warm modules, readable paths), records.py (the
-server's bookkeeping), protocol.py (framing), config.py, environment.py, result.py (Result,
-format_feedback), run.py (CLI).
+Files: client.py (Sandbox, Session -- the caller's side), server.py (the loop: queue, limits,
+answers), zygote.py (forks and reaps the children), child.py (what a child does to itself, then
+runs), plan.py (what the server works out once for all children), policy.py (seccomp, rlimits,
+privilege drop), landlock.py (file confinement), warm.py (warm modules, readable paths, huge
+pages), records.py (the server's bookkeeping), protocol.py (framing), config.py, environment.py,
+result.py (Result, format_feedback), run.py (CLI).
 
-What each call gets: a fresh process forked from a warm server, in its own session / process
-group; no_new_privs; rlimits on CPU, address space, file size, open files, no core dumps; a
-private temp dir as cwd (removed afterwards); a scrubbed environment; stdin at EOF; stdout/stderr
-captured with a byte cap; single-threaded BLAS; a seccomp allowlist (no sockets, no exec, no fork
--- threads only --, no ptrace, no signals to other processes, no mount/unshare/setns/bpf/
-perf_event_open/keyctl/io_uring, ...); when the server runs as root, the uid `nobody` and no
-capabilities; Landlock file confinement where the kernel has it (read the Python install and
-system libraries, write only the temp dir). The server enforces the wall time with SIGKILL to the
-process group.
+What each call gets: a fresh process forked from a warm zygote, in its own session; no_new_privs;
+rlimits on CPU seconds, address space (its size at fork + memory_mb), file size, open files, no
+core dumps; a private temp dir as cwd, HOME and TMPDIR (removed afterwards); a scrubbed
+environment; stdin at EOF; stdout/stderr captured with a byte cap; single-threaded BLAS; fresh
+random seeds; a seccomp allowlist (no sockets, no exec, no fork -- threads only --, no ptrace, no
+signals to other processes, no mount/unshare/setns/bpf/perf_event_open/keyctl/io_uring, ...);
+when the server runs as root, uid `nobody` with no groups; Landlock file confinement where the
+kernel has it (read the Python install and system libraries, write only the temp dir, no /proc).
+The server enforces the wall time with SIGKILL. Like `python -c`, a stateless call ends when its
+non-daemon threads end.
 
 What is NOT covered -- do not rely on this sandbox for these:
 - Kernel exploits. seccomp narrows the syscall surface but the allowed calls (read, mmap, futex,

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from sandbox.config import DEFAULT_WARM_MODULES, ServerConfig
@@ -113,11 +114,13 @@ class Sandbox:
                  warm_modules: tuple[str, ...] | list[str] = DEFAULT_WARM_MODULES, *,
                  cpu_seconds: int | None = None, output_limit: int = 1 << 20,
                  startup_timeout: float = 120.0) -> None:
+        self.config = ServerConfig("", workers=workers, timeout=timeout, cpu_seconds=cpu_seconds,
+                                   memory_mb=memory_mb, output_limit=output_limit,
+                                   warm_modules=tuple(warm_modules), watch_stdin=True)
         self._dir = tempfile.mkdtemp(prefix="sandbox-client-")
-        self.config = ServerConfig(os.path.join(self._dir, "server.sock"), workers=workers,
-                                   timeout=timeout, cpu_seconds=cpu_seconds, memory_mb=memory_mb,
-                                   output_limit=output_limit, warm_modules=tuple(warm_modules),
-                                   watch_stdin=True)
+        os.chmod(self._dir, 0o711)                  # children walk through it to their temp dirs
+        self.config.socket_path = os.path.join(self._dir, "server.sock")
+        self.config.base_dir = os.path.join(self._dir, "children-0")
         self._startup_timeout = startup_timeout
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -126,11 +129,23 @@ class Sandbox:
         self._generation = 0
         self.num_restarts = 0
         self._restart_note = ""
+        self._holder: list[_Server] = []            # the current server, for the finalizer
+        self._finalizer = weakref.finalize(self, _shut_down, self._holder, self._dir)
         try:
             self._server = _Server(self.config, startup_timeout)
         except BaseException:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._finalizer()
             raise
+
+    @property
+    def _server(self) -> _Server:
+        if not self._holder:
+            raise RuntimeError("the sandbox server is not running")
+        return self._holder[0]
+
+    @_server.setter
+    def _server(self, server: _Server) -> None:
+        self._holder[:] = [server]
 
     # ---- public -----------------------------------------------------------------------------
     def run(self, code: str) -> Result:
@@ -168,8 +183,7 @@ class Sandbox:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
-        self._server.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._finalizer()
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -203,6 +217,8 @@ class Sandbox:
                 os.unlink(self.config.socket_path)
             except FileNotFoundError:
                 pass
+            shutil.rmtree(self.config.base_dir, ignore_errors=True)     # a killed server's leftovers
+            self.config.base_dir = os.path.join(self._dir, f"children-{self._generation + 1}")
             self._server = _Server(self.config, self._startup_timeout)
             self._generation += 1
             self.num_restarts += 1
@@ -301,6 +317,14 @@ def session(sandbox: Sandbox | None = None, **sandbox_kwargs: object) -> Session
     if sandbox is not None:
         return Session(sandbox)
     return Session(Sandbox(**{"workers": 1, **sandbox_kwargs}), owns_sandbox=True)
+
+
+def _shut_down(holder: list[_Server], directory: str) -> None:
+    """Stop the server and remove the client's directory (on close, collection or exit)."""
+    for server in holder:
+        server.stop()
+    holder.clear()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _check_code(code: str) -> str:

@@ -21,7 +21,8 @@ class ServerConfig:
     timeout: float = 10.0
     """Wall seconds per call; the server SIGKILLs the child's process group at the deadline."""
     cpu_seconds: int | None = None
-    """CPU seconds per call (RLIMIT_CPU; default ceil(timeout)). Matters for multi-threaded code."""
+    """CPU seconds per call (RLIMIT_CPU, whole seconds of the process: a call gets between
+    cpu_seconds and cpu_seconds + 1; default ceil(timeout)). Matters for multi-threaded code."""
     memory_mb: int = 1024
     """Address space a call may add on top of the warm interpreter it was forked from."""
     output_limit: int = 1 << 20
@@ -30,6 +31,8 @@ class ServerConfig:
     """Largest file a call may write (RLIMIT_FSIZE)."""
     open_files: int = 256
     warm_modules: tuple[str, ...] = DEFAULT_WARM_MODULES
+    base_dir: str | None = None
+    """Directory (not existing yet) for the children's temp dirs; default: a new one in /tmp."""
     watch_stdin: bool = False
     """Exit when stdin reaches EOF (the client that started the server holds the other end)."""
 
@@ -62,4 +65,6 @@ class ServerConfig:
                 "--cpu-seconds", str(self.cpu_seconds), "--memory-mb", str(self.memory_mb),
                 "--output-limit", str(self.output_limit), "--file-size-mb", str(self.file_size_mb),
                 "--open-files", str(self.open_files), "--warm", ",".join(self.warm_modules)]
+        if self.base_dir:
+            args += ["--base-dir", self.base_dir]
         return args + (["--watch-stdin"] if self.watch_stdin else [])

@@ -1,9 +1,10 @@
 """Landlock (Linux >= 5.13): confine a child's file access to a few trees, through ctypes.
 
 A confined child may read (and map executable) files beneath the read paths -- the Python install,
-system libraries, a few files of /etc, its own /proc/<pid> -- and do anything beneath its private
-temp dir; every other open, create, rename or unlink fails with EACCES, even where file permissions
-would allow it (/tmp, /dev/shm). With ABI >= 4 TCP bind/connect are refused too (seccomp already
+system libraries, a few files of /etc -- and do anything beneath its private temp dir; every other
+open, create, rename or unlink fails with EACCES, even where file permissions would allow it
+(/tmp, /dev/shm, /proc -- its own /proc/self included). The zygote builds one ruleset per temp-dir
+slot and reuses it (make_ruleset); a child only calls restrict_self. With ABI >= 4 TCP bind/connect are refused too (seccomp already
 refuses sockets), and with ABI >= 6 the child cannot signal or reach abstract Unix sockets of
 processes outside its own domain (which includes the other children).
 

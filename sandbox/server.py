@@ -71,7 +71,11 @@ class Server:
         cfg = self.config
         self.warm_modules = warm_up(cfg.warm_modules)
         self.plan = make_plan(cfg, self.warm_modules, build_stdio())
-        self.base_dir = tempfile.mkdtemp(prefix="sandbox-")
+        if cfg.base_dir:
+            os.mkdir(cfg.base_dir, 0o711)
+            self.base_dir = cfg.base_dir
+        else:
+            self.base_dir = tempfile.mkdtemp(prefix="sandbox-")
         os.chmod(self.base_dir, 0o711)
         gc.collect()
         gc.freeze()
@@ -460,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-limit", type=int, default=1 << 20, help="stdout+stderr bytes per call")
     parser.add_argument("--file-size-mb", type=int, default=16, help="largest file a call may write")
     parser.add_argument("--open-files", type=int, default=256, help="RLIMIT_NOFILE of a child")
+    parser.add_argument("--base-dir", default=None, help="new directory for the children's temp dirs")
     parser.add_argument("--warm", default=None, help="comma-separated modules to import up front")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
     args = parser.parse_args(argv)
@@ -470,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     config = ServerConfig(args.socket, workers=args.workers, prefork=args.prefork, timeout=args.timeout,
                           cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
                           output_limit=args.output_limit, file_size_mb=args.file_size_mb,
-                          open_files=args.open_files, watch_stdin=args.watch_stdin,
+                          open_files=args.open_files, base_dir=args.base_dir, watch_stdin=args.watch_stdin,
                           **({} if args.warm is None else {"warm_modules": tuple(m for m in args.warm.split(",") if m)}))
     server = Server(config)
 

@@ -16,7 +16,7 @@ SYSTEM_READ_PATHS = (
     "/dev/urandom", "/dev/random", "/dev/zero",
 )
 """Beyond the Python install. Deliberately not all of /etc (with CAP_DAC_READ_SEARCH kept, that
-would include /etc/shadow), not /home, /root, /tmp, /proc (except the child's own /proc/<pid>)."""
+would include /etc/shadow), not /home, /root, /tmp, /proc."""
 
 
 def _warm_numpy(np) -> None:

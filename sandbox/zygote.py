@@ -157,19 +157,23 @@ class _Forker:
             os.mkdir(slot.rundir, 0o700)
             if self.plan.uid is not None:
                 os.chown(slot.rundir, self.plan.uid, self.plan.gid)
-            ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            for target, fd in ((1, out_w), (2, err_w), (CTRL_FD, theirs.fileno())):
-                os.dup2(fd, target)
-            for fd in (out_w, err_w):
-                os.close(fd)
-            theirs.close()
-            address_space = policy.address_space_bytes()
-            pid = os.fork()
         except Exception as exc:
-            self.sock.send(json.dumps({"failed": f"spawning a child: {exc!r}"}).encode())
+            self.sock.send(json.dumps({"failed": f"temp dir for a child: {exc!r}"}).encode())
             return
+        ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        for target, fd in ((1, out_w), (2, err_w), (CTRL_FD, theirs.fileno())):
+            os.dup2(fd, target)                     # the child finds its stdio in place
+        os.close(out_w)
+        os.close(err_w)
+        theirs.close()
+        address_space = policy.address_space_bytes()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            pid = -1
+            self.sock.send(json.dumps({"failed": f"fork: {exc!r}"}).encode())
         if pid == 0:
             try:
                 run_child(self.plan, slot.rundir, slot.ruleset_fd, self.pid, address_space)
@@ -177,6 +181,12 @@ class _Forker:
                 os._exit(70)
         for fd in (1, 2, CTRL_FD):
             os.dup2(self.devnull, fd)
+        if pid < 0:
+            ctrl.close()
+            os.close(out_r)
+            os.close(err_r)
+            self._free(slot)
+            return
         pidfd = os.pidfd_open(pid)
         socket.send_fds(self.sock, [json.dumps({"spawned": pid, "tmpdir": slot.rundir}).encode()],
                         [ctrl.fileno(), out_r, err_r, pidfd])
@@ -193,12 +203,15 @@ class _Forker:
         _, status, usage = os.wait4(pid, 0)
         self.sock.send(json.dumps({"exited": pid, "status": status,
                                    "cpu_ms": (usage.ru_utime + usage.ru_stime) * 1e3}).encode())
+        self._free(slot)
+
+    def _free(self, slot: _Slot) -> None:
+        """Remove the slot's temp dir; the slot hosts another child only if that worked."""
         try:
             os.rmdir(slot.rundir)
         except FileNotFoundError:
             pass
         except OSError:
             shutil.rmtree(slot.rundir, ignore_errors=True)
-        if os.path.exists(slot.rundir):                 # could not clean it: retire the slot
-            return
-        self.free_slots.append(slot)
+        if not os.path.exists(slot.rundir):
+            self.free_slots.append(slot)
