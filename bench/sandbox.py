@@ -13,7 +13,9 @@ Side by side, on the same snippets (a trivial print, a sympy solve, a numpy comp
                (a batch is the set of concurrent calls: 1 at one caller, 16 at sixteen)
 at 1 caller (sequential calls) and 16 concurrent callers (threads). Reported per call: p50 / p99
 latency and calls/s; warm-up calls are excluded. Also reported: (a) with calls 20 ms apart
-(the pool is refilled between calls, as when a sequence's code arrives now and then).
+(the pool is refilled between calls, as when a sequence's code arrives now and then), and the
+floor under (a): fork + exit + wait of the same warm interpreter doing nothing (no confinement,
+no I/O), sequentially and from 2 processes at once.
 Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -158,6 +160,41 @@ def bench_pool_per_batch(calls: int, batches: int) -> dict:
     return out
 
 
+FLOOR_SCRIPT = """
+import gc, json, os, sys, time
+import math, numpy, sympy
+from sandbox.warm import collapse_heap, warm_up
+warm_up(("numpy", "sympy"))
+gc.collect(); gc.freeze(); collapse_heap()
+n, procs = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(procs - 1):
+    if os.fork() == 0:
+        break
+lat = []
+for _ in range(n):
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    lat.append(time.perf_counter() - t0)
+print(json.dumps(lat), flush=True)
+"""
+
+
+def bench_fork_floor(calls: int) -> dict:
+    out = {}
+    for procs in (1, 2):
+        proc = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, str(calls), str(procs)],
+                              capture_output=True, text=True, timeout=600, check=True,
+                              env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+        latencies = [x for line in proc.stdout.splitlines() for x in json.loads(line)]
+        stats = _stats(latencies, 1.0)
+        stats["calls_per_s"] = procs * len(latencies) / sum(latencies)   # processes run side by side
+        out[("nothing", procs)] = stats
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls")
@@ -167,7 +204,8 @@ def main() -> None:
 
     results = {"server": bench_server(n_server, args.workers),
                "fresh": bench_fresh_process(n_fresh),
-               "pool": bench_pool_per_batch(n_pool, n_batches)}
+               "pool": bench_pool_per_batch(n_pool, n_batches),
+               "floor": bench_fork_floor(n_server)}
 
     print(f"sandbox calls -- {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"{'method':8s} {'snippet':8s} {'callers':>9s} {'n':>5s} {'p50 ms':>9s} {'p99 ms':>9s} {'calls/s':>9s}")

@@ -1,4 +1,4 @@
-"""sandbox: run untrusted Python snippets in about a millisecond, each in a confined fork.
+"""sandbox: run untrusted Python snippets in milliseconds, each in a confined fork of a warm server.
 
     from sandbox import Sandbox, format_feedback
     with Sandbox(workers=8, timeout=10, memory_mb=1024) as sb:
@@ -11,11 +11,12 @@ Standalone: imports the standard library and `pyseccomp` only (the server also i
 modules, numpy and sympy by default, when installed); nothing from `cir`.
 
 Files: client.py (Sandbox, Session -- the caller's side), server.py (the loop: queue, limits,
-answers), zygote.py (forks and reaps the children), child.py (what a child does to itself, then
-runs), plan.py (what the server works out once for all children), policy.py (seccomp, rlimits,
-privilege drop), landlock.py (file confinement), warm.py (warm modules, readable paths, huge
-pages), records.py (the server's bookkeeping), protocol.py (framing), config.py, environment.py,
-result.py (Result, format_feedback), run.py (CLI).
+answers), frontend.py (the server's connections, requests, sessions), zygote.py (forks and reaps the
+children), child.py (what a child does to itself, then runs), plan.py (what the server works out
+once for all children), policy.py (seccomp, rlimits, privilege drop), landlock.py (file
+confinement), warm.py (warm modules, readable paths, huge pages), records.py (the server's
+bookkeeping), protocol.py (framing), config.py, environment.py, result.py (Result, format_feedback),
+run.py (CLI).
 
 What each call gets: a fresh process forked from a warm zygote, in its own session; no_new_privs;
 rlimits on CPU seconds, address space (its size at fork + memory_mb), file size, open files, no
@@ -34,7 +35,8 @@ What is NOT covered -- do not rely on this sandbox for these:
 - Reading: the code can read everything under the Python install, /usr, /lib*, a few /etc files
   (passwd, group, ld.so.cache, ...) and /sys/devices/system/cpu, and stat() any path (Landlock
   does not govern path walks). Without Landlock (kernel < 5.13 or disabled) it can read whatever
-  file permissions let `nobody` read, including /tmp, and write where `nobody` may write.
+  file permissions let `nobody` read -- /tmp, other processes' /proc/<pid>/cmdline -- and write
+  where `nobody` may write.
 - Capabilities: when the Python install is not readable by `nobody` (e.g. pyenv under a 0700
   /root) and Landlock is available, children keep ONE capability, CAP_DAC_READ_SEARCH, so they can
   import; Landlock then is what limits their reads. Without Landlock they keep none and can import
@@ -48,7 +50,11 @@ What is NOT covered -- do not rely on this sandbox for these:
   session's leftover threads keep running (and printing) between its calls.
 - A snippet can forge its own result (it can write to the control socket on fd 3): only its own
   call's status / error line, never another call's.
+- Native code: ctypes and executable memory are allowed, so code can run machine code -- which
+  still meets the same seccomp filter, rlimits and Landlock domain.
 - Not root: without root there is no uid drop; the other layers still apply.
+- Speed is machine-bound: each call costs a fork and an exit of a ~70 MB process (see
+  bench/RESULTS.md for what that costs on a small VM).
 - Non-Linux systems: not supported (seccomp, Landlock, pidfd are Linux-only; Linux >= 5.3).
 """
 from sandbox.client import Sandbox, Session, session

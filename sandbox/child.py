@@ -17,12 +17,12 @@ child, in `run_child`:
   6) loads the seccomp filters: "signal only yourself", then the allowlist,
   7) makes one dry-run call through a pipe (see below),
 
-and only then reads its control socket, so code never runs unconfined. Forking the warm
-interpreter and tearing it down cost milliseconds here, so every step that can be done once in
-the zygote is, and the child runs as little Python as possible: each page it writes costs a
-copy-on-write fault. The dry run takes the faults of a call's own path (~75 pages) before the
-call: measured, a stateless `print(1)` went from ~2.5 ms to ~0.5 ms server-side. A stateless call runs in fresh globals, reports, and is killed by the
-server; a session child keeps its globals and waits for the next call.
+and only then reads its control socket, so code never runs unconfined. Forking the warm interpreter
+and tearing it down cost milliseconds here, so every step that can be done once in the zygote is,
+and the child runs as little Python as possible: each page it writes costs a copy-on-write fault.
+The dry run takes the faults of a call's own path (~75 pages) before the call: measured, a stateless
+`print(1)` went from ~2.5 ms to ~0.5 ms server-side. A stateless call runs in fresh globals,
+reports, and is killed by the server; a session child keeps its globals and waits for the next call.
 """
 from __future__ import annotations
 
@@ -98,8 +98,9 @@ def _prepare(plan: ChildPlan, rundir: str, ruleset_fd: int, zygote_pid: int,
     if numpy_random is not None:
         numpy_random.seed(int.from_bytes(os.urandom(4), "little"))
     # 6)
-    policy.load_bpf(policy.with_pid(plan.pid_filter_template, os.getpid()))
-    policy.load_bpf(plan.filter_bpf)
+    plan.pid_filter.set_pid(os.getpid())
+    plan.pid_filter.load()
+    plan.seccomp_filter.load()
     # 7) one dry-run call through a pipe: the pages a call touches (this module's code, the
     #    compiler, json, the stdio buffers) get copied now rather than on the first call's time
     dry_r, dry_w = os.pipe()

@@ -153,8 +153,10 @@ class Sandbox:
 
     def run_many(self, codes: list[str]) -> list[Result]:
         """Run the snippets in parallel (up to `workers` at once); results in input order."""
-        messages = [{"op": "run", "id": next(_ids), "code": _check_code(c), "session": None} for c in codes]
-        return [Result.from_dict(a["result"]) if "result" in a else _failed(a, "") for a in self._call(messages)]
+        messages = [{"op": "run", "id": next(_ids), "code": _check_code(c), "session": None}
+                    for c in codes]
+        return [Result.from_dict(a["result"]) if "result" in a else _failed(a, "")
+                for a in self._call(messages)]
 
     def submit(self, code: str) -> Future:
         """Run in the background; the Future resolves to a Result (it never raises for the code)."""
@@ -248,7 +250,8 @@ class Sandbox:
         if note:
             for answer in answers.values():
                 if "result" in answer:
-                    answer["result"]["note"] = "; ".join(x for x in (answer["result"].get("note"), note) if x)
+                    notes = (answer["result"].get("note"), note)
+                    answer["result"]["note"] = "; ".join(x for x in notes if x)
         return [answers[m["id"]] for m in messages]
 
 
@@ -264,6 +267,7 @@ class Session:
         self._lock = threading.Lock()
 
     def run(self, code: str) -> Result:
+        _check_code(code)
         with self._lock:
             note = ""
             for attempt in range(2):
@@ -272,9 +276,10 @@ class Session:
                         if self._conn is not None:
                             note = "sandbox server restarted: the session's globals are lost"
                         self._open()
-                    answer = self._conn.request([{"op": "run", "id": next(_ids), "code": _check_code(code),
+                    answer = self._conn.request([{"op": "run", "id": next(_ids), "code": code,
                                                   "session": self._id}])[0]
-                    result = Result.from_dict(answer["result"]) if "result" in answer else _failed(answer, "")
+                    result = (Result.from_dict(answer["result"]) if "result" in answer
+                              else _failed(answer, ""))
                     result.note = "; ".join(x for x in (result.note, note) if x)
                     return result
                 except (OSError, EOFError, ValueError):

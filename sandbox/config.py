@@ -2,6 +2,7 @@
 server's command line, and the server)."""
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -57,6 +58,30 @@ class ServerConfig:
             raise ValueError(f"need file_size_mb >= 0 and open_files >= 16, got "
                              f"{self.file_size_mb}, {self.open_files}")
         self.warm_modules = tuple(self.warm_modules)
+
+    @classmethod
+    def from_args(cls, argv: list[str]) -> "ServerConfig":
+        """Parse the command line of `python -m sandbox.server` (the inverse of to_args)."""
+        p = argparse.ArgumentParser(prog="python -m sandbox.server",
+                                    description="The sandbox fork-server (see sandbox/server.py).")
+        p.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
+        p.add_argument("--workers", type=int, default=4, help="calls running at once")
+        p.add_argument("--prefork", type=int, default=None, help="children kept ready (default: workers)")
+        p.add_argument("--timeout", type=float, default=10.0, help="wall seconds per call")
+        p.add_argument("--cpu-seconds", type=int, default=None, help="CPU seconds per call")
+        p.add_argument("--memory-mb", type=int, default=1024, help="memory a call may add")
+        p.add_argument("--output-limit", type=int, default=1 << 20, help="stdout+stderr bytes per call")
+        p.add_argument("--file-size-mb", type=int, default=16, help="largest file a call may write")
+        p.add_argument("--open-files", type=int, default=256, help="RLIMIT_NOFILE of a child")
+        p.add_argument("--warm", default=",".join(DEFAULT_WARM_MODULES), help="modules to import once")
+        p.add_argument("--base-dir", default=None, help="new directory for the children's temp dirs")
+        p.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
+        a = p.parse_args(argv)
+        return cls(a.socket, workers=a.workers, prefork=a.prefork, timeout=a.timeout,
+                   cpu_seconds=a.cpu_seconds, memory_mb=a.memory_mb, output_limit=a.output_limit,
+                   file_size_mb=a.file_size_mb, open_files=a.open_files,
+                   warm_modules=tuple(m for m in a.warm.split(",") if m), base_dir=a.base_dir,
+                   watch_stdin=a.watch_stdin)
 
     def to_args(self) -> list[str]:
         """Command-line arguments of `python -m sandbox.server` for this configuration."""

@@ -2,11 +2,11 @@
 
 A confined child may read (and map executable) files beneath the read paths -- the Python install,
 system libraries, a few files of /etc -- and do anything beneath its private temp dir; every other
-open, create, rename or unlink fails with EACCES, even where file permissions would allow it
-(/tmp, /dev/shm, /proc -- its own /proc/self included). The zygote builds one ruleset per temp-dir
-slot and reuses it (make_ruleset); a child only calls restrict_self. With ABI >= 4 TCP bind/connect are refused too (seccomp already
-refuses sockets), and with ABI >= 6 the child cannot signal or reach abstract Unix sockets of
-processes outside its own domain (which includes the other children).
+open, create, rename or unlink fails with EACCES, even where file permissions would allow it (/tmp,
+/dev/shm, /proc -- its own /proc/self included). The zygote builds one ruleset per temp-dir slot and
+reuses it (make_ruleset); a child only calls restrict_self. With ABI >= 4 TCP bind/connect are
+refused too (seccomp already refuses sockets), and with ABI >= 6 the child cannot signal or reach
+abstract Unix sockets of processes outside its own domain (which includes the other children).
 
 Landlock does not govern path walks or stat(): a confined process can still see that a file
 exists, its size and its mode. Where the kernel has no Landlock (abi_version() == 0) the child runs

@@ -18,8 +18,8 @@ log = logging.getLogger("sandbox.server")
 
 @dataclass
 class ChildPlan:
-    filter_bpf: bytes                   # the seccomp allowlist, compiled
-    pid_filter_template: bytes          # policy.pid_filter_bpf(0)
+    seccomp_filter: policy.BpfProgram   # the allowlist, compiled
+    pid_filter: policy.BpfProgram       # policy.pid_filter_bpf(0); each child sets its pid
     cpu_seconds: int
     cpu_hard_seconds: int
     memory_bytes: int                   # on top of the address space at fork time
@@ -55,7 +55,8 @@ def make_plan(config: ServerConfig, warm_modules: list[str], stdio: tuple) -> Ch
             log.warning("the Python install is not readable by uid %d and the kernel has no "
                         "Landlock: snippets can import only the warm modules", uid)
     return ChildPlan(
-        filter_bpf=policy.build_filter_bpf(), pid_filter_template=policy.pid_filter_bpf(0),
+        seccomp_filter=policy.BpfProgram(policy.build_filter_bpf()),
+        pid_filter=policy.BpfProgram(policy.pid_filter_bpf(0)),
         cpu_seconds=config.cpu_seconds,
         cpu_hard_seconds=max(config.cpu_seconds + 1, 64 * config.cpu_seconds),
         memory_bytes=config.memory_mb << 20, file_size_bytes=config.file_size_mb << 20,

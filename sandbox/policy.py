@@ -146,25 +146,29 @@ def pid_filter_bpf(pid: int) -> bytes:
 _PID_SLOTS = (8, 13)             # instructions of pid_filter_bpf that compare against the pid
 
 
-def with_pid(template: bytes, pid: int) -> bytes:
-    """pid_filter_bpf(pid) from a template built once (pid_filter_bpf(0)): cheap in a child."""
-    program = bytearray(template)
-    for i in _PID_SLOTS:
-        program[8 * i + 4:8 * i + 8] = pid.to_bytes(4, sys.byteorder)
-    return bytes(program)
-
-
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def load_bpf(program: bytes) -> None:
-    """Install a raw seccomp BPF program on the calling thread (no_new_privs must be set)."""
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"loading seccomp filter: {os.strerror(err)}")
+class BpfProgram:
+    """A seccomp BPF program in ctypes memory, built once in the server: a child loads it with a
+    single prctl and allocates nothing (every object a child creates costs copy-on-write faults)."""
+
+    def __init__(self, program: bytes) -> None:
+        self._buf = ctypes.create_string_buffer(program, len(program))
+        self._prog = _SockFprog(len(program) // 8, ctypes.addressof(self._buf))
+        self._address = ctypes.addressof(self._prog)
+
+    def set_pid(self, pid: int) -> None:
+        """Turn pid_filter_bpf(0) into pid_filter_bpf(pid), in place."""
+        for i in _PID_SLOTS:
+            self._buf[8 * i + 4:8 * i + 8] = pid.to_bytes(4, sys.byteorder)
+
+    def load(self) -> None:
+        """Install the program on the calling thread (no_new_privs must be set)."""
+        if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._address, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"loading seccomp filter: {os.strerror(err)}")
 
 
 def prctl(option: int, arg: int) -> None:
@@ -197,20 +201,23 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
+_CAP_HEADER = _CapHeader(0x20080522, 0)                     # _LINUX_CAPABILITY_VERSION_3
+_CAP_KEEP_DAC_READ_SEARCH = (_CapData * 2)()
+_CAP_KEEP_DAC_READ_SEARCH[0].effective = _CAP_KEEP_DAC_READ_SEARCH[0].permitted = 1 << CAP_DAC_READ_SEARCH
+_NR_CAPSET = _nr("capset")
+
+
 def drop_privileges(uid: int, gid: int, keep_dac_read_search: bool) -> None:
     """Become uid/gid with no supplementary groups. Every capability is lost, except, when asked,
     CAP_DAC_READ_SEARCH (read any file, search any directory): kept only when the Python install
-    is not readable by `uid` and Landlock confines reads (see landlock.py)."""
+    is not readable by `uid` and Landlock confines reads (see plan.py)."""
     if keep_dac_read_search:
         prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if keep_dac_read_search:
-        header = _CapHeader(0x20080522, 0)                   # _LINUX_CAPABILITY_VERSION_3
-        data = (_CapData * 2)()
-        data[0].effective = data[0].permitted = 1 << CAP_DAC_READ_SEARCH
-        if _libc.syscall(_nr("capset"), ctypes.byref(header), ctypes.byref(data)) != 0:
+        if _libc.syscall(_NR_CAPSET, ctypes.byref(_CAP_HEADER), ctypes.byref(_CAP_KEEP_DAC_READ_SEARCH)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"capset: {os.strerror(err)}")
         prctl(PR_SET_KEEPCAPS, 0)

@@ -6,11 +6,12 @@ import os
 import selectors
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from sandbox.config import ServerConfig
-from sandbox.protocol import MAX_CHILD_FRAME, FrameBuffer
+from sandbox.protocol import HEADER, MAX_CHILD_FRAME, FrameBuffer, decode
+from sandbox.result import Result
 
 EXIT_SETUP_FAILED = 70          # a child's exit code when its confinement failed
 EXIT_NO_CONTROL = 71            # ... when the code closed or replaced fd 3, so it could not report
@@ -93,6 +94,26 @@ class Child(_Outbox):
     @property
     def ctrl(self) -> socket.socket:
         return self.sock
+
+    def add_output(self, fd: int, data: bytes, limit: int) -> bool:
+        """Keep data, up to a byte limit shared by stdout and stderr; True once it is exceeded."""
+        buf = self.out if fd == self.out_fd else self.err
+        room = limit - len(self.out) - len(self.err)
+        buf += data[:max(room, 0)]
+        return len(data) > room
+
+
+class Probe:
+    """Stands in for a client during the server's start-up self-test."""
+    closed = False
+    result: Result | None = None
+
+    def send(self, data: bytes, sel: object) -> None:
+        self.result = Result.from_dict(decode(data[HEADER.size:])["result"])
+
+
+def decode_text(data: bytearray) -> str:
+    return data.decode("utf-8", "replace")
 
 
 def classify_exit(kill_reason: str | None, wait_status: int, cpu_ms: float, config: ServerConfig,

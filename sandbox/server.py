@@ -20,7 +20,6 @@ when the child reports, or when the zygote reports its death.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import os
@@ -36,9 +35,10 @@ from collections import deque
 from sandbox.child import build_stdio
 from sandbox.config import ServerConfig
 from sandbox.environment import is_scrubbed, server_environment
+from sandbox.frontend import Frontend
 from sandbox.plan import ChildPlan, make_plan
-from sandbox.protocol import MAX_CLIENT_FRAME, FrameBuffer, decode, encode, frame
-from sandbox.records import EXIT_SETUP_FAILED, Child, Client, Job, classify_exit
+from sandbox.protocol import decode, encode, frame
+from sandbox.records import EXIT_SETUP_FAILED, Child, Client, Job, Probe, classify_exit, decode_text
 from sandbox.result import STATUSES, Result
 from sandbox.warm import collapse_heap, warm_up
 from sandbox.zygote import Zygote
@@ -46,7 +46,7 @@ from sandbox.zygote import Zygote
 log = logging.getLogger("sandbox.server")
 
 
-class Server:
+class Server(Frontend):
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self._sel = selectors.DefaultSelector()
@@ -90,7 +90,7 @@ class Server:
         self._sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
         if cfg.watch_stdin:
             self._sel.register(0, selectors.EVENT_READ, self._on_stdin)
-        probe = _Probe()                            # one call proves that the set-up works
+        probe = Probe()                            # one call proves that the set-up works
         self._pending.append(Job(probe, 0, b"pass"))
         give_up = time.monotonic() + 60
         while probe.result is None:
@@ -223,24 +223,21 @@ class Server:
         self._on_output_data(child, fd, data)
 
     def _drain(self, child: Child) -> None:
+        """Read what the child wrote before reporting or dying (everything is in the pipes)."""
         for fd in (child.out_fd, child.err_fd):
-            for _ in range(64):
+            while child.job is not None and not child.kill_reason:
                 try:
                     data = os.read(fd, 1 << 16)
-                except (BlockingIOError, OSError):
+                except OSError:
                     break
-                if not data or child.kill_reason == "output_limit":
+                if not data:
                     break
                 self._on_output_data(child, fd, data)
 
     def _on_output_data(self, child: Child, fd: int, data: bytes) -> None:
-        if child.job is None or child.kill_reason:
-            return
-        buf = child.out if fd == child.out_fd else child.err
-        room = self.config.output_limit - len(child.out) - len(child.err)
-        buf += data[:max(room, 0)]
-        if len(data) > room:
-            self._kill(child, "output_limit")
+        if child.job is not None and not child.kill_reason:
+            if child.add_output(fd, data, self.config.output_limit):
+                self._kill(child, "output_limit")
 
     def _finish(self, child: Child, msg: dict) -> None:
         """The child reported its status: answer now, the process is reaped later."""
@@ -361,122 +358,13 @@ class Server:
     def _answer(self, job: Job, result: Result) -> None:
         job.client.send(encode({"id": job.id, "result": result.to_dict()}), self._sel)
 
-    # ---- clients ----------------------------------------------------------------------------
-    def _on_accept(self, mask: int) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        sock.setblocking(False)
-        client = Client(sock, FrameBuffer(MAX_CLIENT_FRAME))
-        client.on_event = lambda m: self._on_client(client, m)
-        self._sel.register(sock, selectors.EVENT_READ, client.on_event)
-
-    def _on_client(self, client: Client, mask: int) -> None:
-        if client.closed:
-            return
-        if mask & selectors.EVENT_WRITE:
-            client.flush(self._sel)
-        if not mask & selectors.EVENT_READ:
-            return
-        try:
-            data = client.sock.recv(1 << 20)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        try:
-            requests = [decode(p) for p in client.frames.feed(data)] if data else None
-        except ValueError:
-            requests = None
-        if requests is None:
-            self._drop_client(client)
-            return
-        for req in requests:
-            self._on_request(client, req)
-
-    def _on_request(self, client: Client, req: dict) -> None:
-        op, rid = req.get("op"), req.get("id")
-        if op == "run":
-            session = req.get("session")
-            if session is not None and self._session_owner.get(session) is not client:
-                self._answer(Job(client, rid, b""), Result("error", error_line=f"SandboxError: "
-                             f"unknown session {session!r}"))
-                return
-            code = str(req.get("code", "")).encode("utf-8", "surrogatepass")
-            self._pending.append(Job(client, rid, code, session=session))
-        elif op == "open_session":
-            self._next_session += 1
-            self._sessions[self._next_session] = None
-            self._session_owner[self._next_session] = client
-            client.sessions.add(self._next_session)
-            client.send(encode({"id": rid, "session": self._next_session}), self._sel)
-        elif op == "close_session":
-            self._close_session(req.get("session"))
-            client.sessions.discard(req.get("session"))
-            client.send(encode({"id": rid}), self._sel)
-        elif op == "info":
-            client.send(encode({"id": rid, "info": self.info()}), self._sel)
-        else:
-            client.send(encode({"id": rid, "error": f"unknown op {op!r}"}), self._sel)
-
-    def _close_session(self, session: object) -> None:
-        child = self._sessions.pop(session, None)
-        self._session_owner.pop(session, None)
-        self._sessions_lost.discard(session)
-        if child is not None:
-            self._kill(child, child.kill_reason or "done")
-
-    def _drop_client(self, client: Client) -> None:
-        self._sel.unregister(client.sock)
-        client.sock.close()
-        client.closed = True
-        self._pending = deque(j for j in self._pending if j.client is not client)
-        for session in list(client.sessions):
-            self._close_session(session)
-
-    def _on_stdin(self, mask: int) -> None:
-        if not os.read(0, 4096):                    # the client is gone, wherever we are
-            raise SystemExit(0)
-
-
-class _Probe:
-    """Stands in for a client during the start-up self-test."""
-    closed = False
-    result: Result | None = None
-
-    def send(self, data: bytes, sel: object) -> None:
-        self.result = Result.from_dict(decode(data[4:])["result"])
-
-
-def decode_text(data: bytearray) -> str:
-    return data.decode("utf-8", "replace")
-
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sandbox.server", description=__doc__.split("\n")[0])
-    parser.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
-    parser.add_argument("--workers", type=int, default=4, help="calls running at once")
-    parser.add_argument("--prefork", type=int, default=None, help="children kept ready (default: workers)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="wall seconds per call")
-    parser.add_argument("--cpu-seconds", type=int, default=None, help="CPU seconds per call (default: ceil(timeout))")
-    parser.add_argument("--memory-mb", type=int, default=1024, help="memory a call may add to the warm interpreter")
-    parser.add_argument("--output-limit", type=int, default=1 << 20, help="stdout+stderr bytes per call")
-    parser.add_argument("--file-size-mb", type=int, default=16, help="largest file a call may write")
-    parser.add_argument("--open-files", type=int, default=256, help="RLIMIT_NOFILE of a child")
-    parser.add_argument("--base-dir", default=None, help="new directory for the children's temp dirs")
-    parser.add_argument("--warm", default=None, help="comma-separated modules to import up front")
-    parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
-    args = parser.parse_args(argv)
+    config = ServerConfig.from_args(sys.argv[1:] if argv is None else argv)
     if not is_scrubbed(os.environ):                  # run by hand: restart without the caller's env
-        os.execve(sys.executable, [sys.executable, "-s", "-m", "sandbox.server", *sys.argv[1:]],
+        os.execve(sys.executable, [sys.executable, "-s", "-m", "sandbox.server", *config.to_args()],
                   server_environment())
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sandbox.server: %(message)s")
-    config = ServerConfig(args.socket, workers=args.workers, prefork=args.prefork, timeout=args.timeout,
-                          cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
-                          output_limit=args.output_limit, file_size_mb=args.file_size_mb,
-                          open_files=args.open_files, base_dir=args.base_dir, watch_stdin=args.watch_stdin,
-                          **({} if args.warm is None else {"warm_modules": tuple(m for m in args.warm.split(",") if m)}))
     server = Server(config)
 
     def stop(signum: int, frame: object) -> None:

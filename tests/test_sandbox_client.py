@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -88,11 +87,13 @@ def test_server_restarts_after_being_killed(sb):
     assert sb.run("print(3)").note == ""
 
 
-def test_invalid_arguments_are_value_errors():
+def test_invalid_arguments_are_value_errors(sb):
     with pytest.raises(ValueError, match="workers"):
         Sandbox(workers=0)
     with pytest.raises(ValueError, match="timeout"):
         Sandbox(timeout=-1)
+    with pytest.raises(ValueError, match="str"):
+        sb.run(b"print(1)")
 
 
 def test_cli_runs_stdin():
@@ -109,3 +110,9 @@ def test_cli_runs_a_file_and_fails_on_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "feedback: 'ZeroDivisionError: division by zero'" in proc.stdout
+
+
+def test_a_missing_warm_module_is_skipped():
+    with Sandbox(workers=1, warm_modules=("math", "no_such_module_for_cir_tests")) as small:
+        assert small.info()["warm_modules"] == ["math"]
+        assert small.run("import math\nprint(math.factorial(5))").stdout == "120\n"
