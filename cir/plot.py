@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 from pathlib import Path
+
+from cir.data.problems import iter_jsonl
 
 SMOOTH_MIN_POINTS = 20  # fewer points: the raw curve alone; more: a moving average drawn over it
 SCHEDULES = ("tools/budget", "train/lr")  # set, not measured: drawn as they are, never smoothed
@@ -25,20 +26,13 @@ def read_jsonl(path: Path) -> list[dict]:
     """The records of a metrics-style JSONL file (one object with a numeric "step" per line),
     sorted by step, the last record of a repeated step kept."""
     by_step: dict[float, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
-            step = record.get("step")
-            if isinstance(step, bool) or not isinstance(step, (int, float)):
-                raise ValueError(f"{path}: line {line_no}: missing or non-numeric \"step\" (got {step!r})")
-            by_step[step] = record
+    for line_no, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise ValueError(f"{path}: line {line_no}: missing or non-numeric \"step\" (got {step!r})")
+        by_step[step] = record
     return [by_step[s] for s in sorted(by_step)]
 
 

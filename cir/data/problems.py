@@ -103,16 +103,21 @@ def parse_record(record: Any, source: str, fallback_id: str) -> Problem:
                    source=str(record.get("data_source") or source), messages=messages)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; invalid JSON names the file and line."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield f"line {line_no}", record
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    for line_no, record in iter_jsonl(path):
+        yield f"line {line_no}", record
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
