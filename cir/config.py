@@ -9,7 +9,6 @@ the run's outputs (`save_config`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -154,6 +153,8 @@ def _coerce(value, annotation, where: str):
         if type(None) in options:
             return None
         raise ValueError(f"{where} cannot be None")
+    if isinstance(value, bool) and str in options and bool not in options:  # YAML 1.1: off/no/yes -> bool
+        raise ValueError(f"{where}: got the YAML boolean {value}; quote the value, e.g. \"off\"")
     for option in (o for o in options if o is not type(None)):
         origin = typing.get_origin(option) or option
         try:
@@ -210,7 +211,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ValueError(f"config section {section!r} must be a mapping")
-        raw[section][name] = yaml.safe_load(value) if value.strip() else value
+        raw[section][name] = value  # a string: typed by the field it lands in (_coerce)
     sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
     built = {}
     for name, values in raw.items():
@@ -223,5 +224,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    plain = json.loads(json.dumps(asdict(config)))  # tuples -> lists, for safe YAML
-    Path(path).write_text(yaml.safe_dump(plain, sort_keys=False))
+    def plain(x):  # tuples -> lists, for safe YAML; int keys stay ints
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    Path(path).write_text(yaml.safe_dump(plain(asdict(config)), sort_keys=False))

@@ -159,3 +159,16 @@ def test_smollm2_engine_greedy_equals_transformers(smollm2_dir):
     with torch.no_grad():
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert ours.response_ids == out[0, len(prompt):].tolist()
+
+
+def test_generation_under_bf16_autocast_keeps_a_bf16_cache():
+    # the GPU recipe: fp32 weights, bf16 math for rollout and training (checked here on CPU autocast)
+    model = tiny_model(seed=10)
+    engine = make_engine(model)
+    params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trajs = engine.generate(prompts_of([5, 9]), params, n=2)
+    assert engine.kv_cache.dtype == torch.bfloat16
+    assert all(len(t.response_ids) == 6 and all(lp <= 0 for lp in t.logprobs) for t in trajs)
+    engine.generate(prompts_of([5]), params)  # back to fp32: the pool is reallocated
+    assert engine.kv_cache.dtype == torch.float32

@@ -67,6 +67,12 @@ class Engine:
             return self.kv_cache.blocks_for_free_gpu_memory(self.config.gpu_memory_utilization)
         return self.kv_cache.blocks_for_memory(self.config.kv_cache_memory_gb * 2**30)
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The KV cache dtype: autocast's when generate runs under it (bf16 math on fp32 weights)."""
+        if torch.is_autocast_enabled(self.device.type):
+            return torch.get_autocast_dtype(self.device.type)
+        return next(self.model.parameters()).dtype
+
     @torch.no_grad()
     def _warmup(self) -> None:
         """A forward at the step token budget, so free memory is measured after activations peak."""
@@ -92,7 +98,10 @@ class Engine:
                 raise ValueError(f"prompt {i} is empty")
             if len(prompt) >= self.max_model_len:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; max_model_len is {self.max_model_len}")
-        if not self.kv_cache.is_allocated:
+        dtype = self._compute_dtype()
+        if not self.kv_cache.is_allocated or self.kv_cache.dtype != dtype:
+            self.kv_cache.release()
+            self.kv_cache.dtype = dtype
             self.kv_cache.allocate(self._num_blocks())
         block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
                                      self.config.enable_prefix_caching)

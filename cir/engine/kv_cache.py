@@ -28,9 +28,10 @@ class PagedContext:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
-        store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        dtype = k_cache.dtype  # under autocast q/k/v may come out in mixed dtypes
+        store_kv(k.to(dtype), v.to(dtype), k_cache, v_cache, self.slot_mapping)
         return paged_attention(
-            q, self.cu_seqlens_q, k_cache, v_cache, self.block_tables, self.seq_lens,
+            q.to(dtype), self.cu_seqlens_q, k_cache, v_cache, self.block_tables, self.seq_lens,
             max_seqlen_q=self.max_seqlen_q,
         )  # (T, Hq, D)
 
@@ -57,7 +58,8 @@ class KVCache:
         free, _ = torch.cuda.mem_get_info(self.device)
         return self.blocks_for_memory(free * utilization)
 
-    def allocate(self, num_blocks: int) -> None:
+    def allocate(self, num_blocks: int, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype or self.dtype
         if num_blocks < 1:
             raise RuntimeError(
                 f"no memory left for the KV cache ({self.bytes_per_block} bytes per block); "

@@ -20,6 +20,10 @@ class PolicyForward(nn.Module):
                 targets: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprobs [N], entropy [N]) of `targets` at packed positions `rows`."""
-        hidden = self.model.forward_packed(input_ids, cu_seqlens)  # (T, D)
-        return linear_logprobs(hidden[rows], self.model.lm_head_weight, targets, temperature=temperature,
-                               mask=mask, return_entropy=True)
+        hidden = self.model.forward_packed(input_ids, cu_seqlens)[rows]  # (N, D)
+        weight = self.model.lm_head_weight
+        device_type = hidden.device.type
+        # the fused kernel takes one dtype: autocast's (as F.linear would cast), else the weight's
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        return linear_logprobs(hidden.to(dtype), weight.to(dtype), targets, temperature=temperature, mask=mask,
+                               return_entropy=True)
