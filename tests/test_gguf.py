@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from cir.generate import generate
 from cir.model import from_pretrained
 from cir.model import gguf as gguf_module
 from cir.model.gguf import convert_gguf, default_model_path, hf_config, unpermute_qk
@@ -93,9 +92,14 @@ def test_logits_match_transformers_gguf(smollm2_dir, our_model, reference_model,
     assert logits[0, n - 1:-1].argmax(-1).tolist() == continuation
 
 
-def test_greedy_generate_matches_transformers(our_model, prompt_ids, continuation):
-    """cir.generate's loop (full forward per token) reproduces the first tokens of the reference."""
-    assert generate(our_model, prompt_ids, max_new_tokens=3) == continuation[:3]
+def test_engine_greedy_matches_transformers(our_model, prompt_ids, continuation, smollm2_dir):
+    """The engine (paged cache) decodes the reference's greedy continuation."""
+    from cir.engine import Engine, EngineConfig, SamplingParams
+    from cir.tokenizer import load_tokenizer
+
+    engine = Engine(our_model, load_tokenizer(smollm2_dir), EngineConfig(num_kv_blocks=32, show_progress=False))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert engine.generate([prompt_ids], params)[0].response_ids == continuation[:8]
 
 
 def test_idempotent(smollm2_dir, smollm2_gguf):
@@ -158,3 +162,11 @@ def test_generate_cli(smollm2_dir):
                           "2", "--model", smollm2_dir], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("2 +")  # "2", " +"
     assert "new tokens" in out.stderr
+
+
+def test_generate_cli_with_tools(smollm2_dir):
+    out = subprocess.run([sys.executable, "-m", "cir.generate", "--prompt", "Print 6 * 7 with a python block.",
+                          "--max-new-tokens", "64", "--model", smollm2_dir, "--tools"],
+                         capture_output=True, text=True, check=True, timeout=300)
+    calls = int(out.stderr.split(" tool calls")[0].rsplit("; ", 1)[1])
+    assert ("<<<feedback" in out.stdout) == (calls > 0)

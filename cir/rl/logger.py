@@ -13,19 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-
-def marked_text(traj, tokenizer) -> str:
-    """The response with feedback segments marked, decoded span by span (display only)."""
-    out, span, span_mask = [], [], None
-    for token, m in zip(traj.response_ids + [None], traj.loss_mask + [None]):
-        if m != span_mask and span:
-            text = tokenizer.decode(span)
-            out.append(text if span_mask == 1 else f"<<<feedback{text}>>>")
-            span = []
-        span_mask = m
-        if token is not None:
-            span.append(token)
-    return "".join(out)
+from cir.engine.tools import marked_text
 
 
 class MetricsLogger:
