@@ -1,0 +1,36 @@
+"""DESIGN invariant 7: kernels/ and sandbox/ stand alone - they import nothing from cir/."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", ["kernels", "sandbox"])
+def test_standalone_packages_do_not_import_cir(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no python files under {package}/"
+    offenders = {f.name: sorted(m for m in imported_modules(f) if m == "cir" or m.startswith("cir."))
+                 for f in files}
+    assert not {k: v for k, v in offenders.items() if v}, f"{package}/ imports cir: {offenders}"
+
+
+def test_sandbox_imports_only_stdlib_and_seccomp():
+    import sys
+
+    allowed = set(sys.stdlib_module_names) | {"sandbox", "pyseccomp", "seccomp"}
+    for f in sorted((ROOT / "sandbox").rglob("*.py")):
+        top = {m.split(".")[0] for m in imported_modules(f)}
+        # warm modules (numpy, sympy) are imported by name at run time, never by an import statement
+        assert top <= allowed, f"{f.name} imports {sorted(top - allowed)}"
