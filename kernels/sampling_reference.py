@@ -4,8 +4,8 @@
 
 Same signature and same filtering semantics as `kernels.sample` (see its docstring), written the
 obvious way: thresholds are read off a sorted copy of each row (skipped when no row filters); the
-draw is one uniform per row through the inverse CDF, or an exponential race when per-row seeds
-are given.
+draw is one uniform per row through the inverse CDF: from torch's RNG, or hashed (SplitMix64) from
+the row's own seed when per-row seeds are given.
 Rows are processed in chunks of about 4M logits so temporaries stay small for any batch size.
 The random streams are torch's, not the Triton kernel's Philox: for the same seed the two paths
 pick different (identically distributed) tokens.
@@ -66,13 +66,28 @@ def keep_mask(
     return (z >= threshold_k) & (z >= threshold_p) & (z >= threshold_min)
 
 
-def _exponential(shape: tuple[int, int], device: torch.device, generator: Generator, rows: slice) -> torch.Tensor:
-    noise = torch.empty(shape, dtype=torch.float32, device=device)
-    if isinstance(generator, torch.Tensor):  # one stream per row, seeded by its value
-        for i, seed in enumerate(generator[rows].tolist()):
-            noise[i].exponential_(generator=torch.Generator(device=device).manual_seed(int(seed)))
-        return noise
-    return noise.exponential_(generator=generator)
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping multiply; logical shifts by masking)."""
+    x = x + _GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def row_uniforms(generator: Generator, rows: slice, num_rows: int, device: torch.device) -> torch.Tensor:
+    """One uniform in [0, 1) per row, (R, 1) float64: from torch's RNG, or hashed from per-row seeds
+    (a row's draw then depends on its seed alone, not on which other rows share the batch)."""
+    if isinstance(generator, torch.Tensor):
+        bits = _splitmix64(generator[rows].to(torch.int64))
+        return (((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53))[:, None]
+    return torch.rand(num_rows, 1, generator=generator, dtype=torch.float64, device=device)
 
 
 def sample_reference(
@@ -113,15 +128,12 @@ def sample_reference(
             else:
                 filtered = (top_p[rows] < 1) | ((top_k[rows] > 0) & (top_k[rows] < vocab_size)) | (min_p[rows] > 0)
                 keep = keep_mask(z, lse, top_p[rows], top_k[rows], min_p[rows]) if bool(filtered.any()) else None
-                if isinstance(generator, torch.Tensor):  # per-row seeds: the exponential race, row by row
-                    race = z - torch.log(_exponential(tuple(z.shape), device, generator, rows))  # argmax p/E
-                    drawn = (race if keep is None else torch.where(keep, race, float("-inf"))).argmax(dim=1)
-                else:  # one uniform per row, inverse CDF (float64 sums): 16 x 49152 took 4.8 ms against
-                    # 18.7 ms for V exponentials and 35 ms for torch.multinomial (2-core CPU, loaded)
-                    probs = torch.exp(z - lse[:, None]).double()
-                    cdf = (probs if keep is None else probs * keep).cumsum(dim=1)  # (R, V)
-                    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=device)
-                    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp(max=vocab_size - 1)
+                # one uniform per row through the inverse CDF (float64 sums): 16 x 49152 took 4.8 ms
+                # against 18.7 ms for V exponentials and 35 ms for torch.multinomial (2-core CPU, loaded)
+                probs = torch.exp(z - lse[:, None]).double()
+                cdf = (probs if keep is None else probs * keep).cumsum(dim=1)  # (R, V)
+                u = row_uniforms(generator, rows, cdf.shape[0], device)
+                drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp(max=vocab_size - 1)
                 chosen = torch.where(is_greedy, x.argmax(dim=1), drawn)
             tokens[rows] = chosen
             logprobs[rows] = z.gather(1, chosen[:, None]).squeeze(1) - lse

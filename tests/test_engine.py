@@ -172,3 +172,20 @@ def test_generation_under_bf16_autocast_keeps_a_bf16_cache():
     assert all(len(t.response_ids) == 6 and all(lp <= 0 for lp in t.logprobs) for t in trajs)
     engine.generate(prompts_of([5]), params)  # back to fp32: the pool is reallocated
     assert engine.kv_cache.dtype == torch.float32
+
+
+def test_sampled_tokens_do_not_depend_on_scheduling():
+    # each draw is seeded by (generate call, prompt, sample, position): a tiny pool (preemption),
+    # a small step budget (chunked prefill) or a different batch make no difference to the tokens
+    model = tiny_model(seed=11)
+    prompts = prompts_of([6, 13, 3, 21], seed=12)
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    roomy = make_engine(model, seed=5).generate(prompts, params, n=3)
+    tight_engine = make_engine(model, seed=5, num_kv_blocks=10, max_num_batched_tokens=8)
+    tight = tight_engine.generate(prompts, params, n=3)
+    assert tight_engine.stats["num_preemptions"] > 0
+    assert [t.response_ids for t in tight] == [t.response_ids for t in roomy]
+    alone = make_engine(model, seed=5).generate(prompts[:1], params, n=3)
+    assert [t.response_ids for t in alone] == [t.response_ids for t in roomy[:3]]
+    other_seed = make_engine(model, seed=6).generate(prompts, params, n=3)
+    assert [t.response_ids for t in other_seed] != [t.response_ids for t in roomy]

@@ -165,3 +165,15 @@ def test_top_k_at_least_vocab_and_top_p_one_are_no_ops():
     tokens, _ = sample_reference(logits, 1.0, top_p=1.0, top_k=100, generator=0)
     assert_matches_distribution(tokens, filtered_distribution(1.0, 0, 1.0, 0.0))
     assert math.isclose(sum(PROBS), 1.0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [CONFIGS[0], CONFIGS[-1]])
+def test_per_row_seeds_follow_the_distribution(temperature, top_k, top_p, min_p):
+    # the engine's seeds: consecutive small integers mixed per sequence and position must still give
+    # independent, correctly distributed draws (the reference hashes each seed with SplitMix64)
+    seeds = torch.arange(20000, dtype=torch.int64) * 7 + 3
+    logits = LOGITS.expand(len(seeds), -1).contiguous()
+    tokens, _ = sample_reference(logits, temperature, top_p, top_k, min_p, generator=seeds)
+    assert_matches_distribution(tokens, filtered_distribution(temperature, top_k, top_p, min_p))
+    half = sample_reference(logits[:5000], temperature, top_p, top_k, min_p, generator=seeds[:5000])[0]
+    assert torch.equal(half, tokens[:5000])  # a row's draw depends on its seed only

@@ -103,6 +103,7 @@ class Engine:
             self.kv_cache.release()
             self.kv_cache.dtype = dtype
             self.kv_cache.allocate(self._num_blocks())
+        self.runner.new_call()
         block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
                                      self.config.enable_prefix_caching)
         scheduler = Scheduler(self.config, block_manager)

@@ -5,8 +5,8 @@ It runs the training model's own parameters (no copy). Per step:
 2) `model.forward_hidden(ids, positions, ctx)` on the packed tokens (mixed prefill + decode);
 3) logits only for the rows that sample (the last token of each sequence that reaches its end),
    computed in float32; a group leader finishing its prompt gets one row per sample of its group;
-4) `kernels.sample` with each row's own temperature / top-p / top-k / min-p, no host sync until the
-   tokens are read back.
+4) `kernels.sample` with each row's own temperature / top-p / top-k / min-p and its own seed (see
+   `sequence_seed`), no host sync until the tokens are read back.
 """
 from __future__ import annotations
 
@@ -18,14 +18,38 @@ from cir.engine.sequence import Sequence
 from kernels import sample
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sequence_seed(call_seed: int, seq: Sequence) -> int:
+    """The seed of one draw: (this generate call, prompt, sample, position) and nothing else, so the
+    tokens do not depend on batch composition, preemption, sandbox timing or the split over ranks."""
+    h = call_seed
+    for part in (seq.group_id, seq.sample_idx, seq.num_response_tokens):
+        h = _splitmix64(h ^ part)
+    return h >> 1  # non-negative int64
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, seed: int = 0):
         self.model = model
         self.kv_cache = kv_cache
         self.device = kv_cache.device
         self.block_size = kv_cache.block_size
-        self.generator = torch.Generator(device=self.device)
+        self.generator = torch.Generator(device="cpu")  # one draw per generate call: the call seed
         self.generator.manual_seed(seed)
+        self.call_seed = 0
+
+    def new_call(self) -> None:
+        """Draw this generate call's seed (the generator state is what checkpoints save)."""
+        self.call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         input_ids, positions, slots, cu_seqlens, seq_lens = [], [], [], [0], []
@@ -91,7 +115,7 @@ class ModelRunner:
             top_p=column([p.top_p for p in params]),
             top_k=column([p.top_k for p in params], torch.int64),
             min_p=column([p.min_p for p in params]),
-            generator=self.generator,
+            generator=column([sequence_seed(self.call_seed, seq) for seq in owners], torch.int64),
         )
         return tokens.tolist(), logprobs.tolist()
 
