@@ -84,6 +84,9 @@ class RLSection:
             raise ValueError(f"rl.clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
         if self.mini_batches < 1:
             raise ValueError(f"rl.mini_batches must be >= 1, got {self.mini_batches}")
+        if self.loss_agg not in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
+            raise ValueError(f"rl.loss_agg must be token_mean, seq_mean_token_sum or seq_mean_token_mean, "
+                             f"got {self.loss_agg!r}")
 
 
 @dataclass

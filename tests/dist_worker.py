@@ -38,6 +38,7 @@ def synthetic_batch(num_groups: int, n: int, seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parallel", default="ddp")
+    parser.add_argument("--agg", default="token_mean")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from engine_utils import ByteTokenizer, tiny_model
@@ -54,18 +55,25 @@ def main() -> None:
         "--train.data", data, "--train.output_dir", os.path.join(args.out, "run"), "--train.parallel", args.parallel,
         "--train.micro_batch_tokens", "40", "--rollout.tool_budget", "{0: 0}", "--rollout.n", "2",
         "--optim.lr", "1e-2", "--rl.mini_batches", "2", "--train.prompts_per_step", "2",
-        "--engine.num_kv_blocks", "64",
+        "--engine.num_kv_blocks", "64", "--rl.loss_agg", args.agg,
     ])
     trainer = Trainer(config, model=tiny_model(seed=0), tokenizer=ByteTokenizer())
+    # a real rollout first (under FSDP2 it runs on parameters unsharded in place), then updates on
+    # fixed data split unevenly (rank 0: 6 groups, rank 1: 2), so ranks run different micro-batch counts
+    problems = [type("P", (), {"id": str(i), "problem": f"{i}+{i}", "answer": str(2 * i), "messages": None})()
+                for i in range(2)]
+    rolled, _, _ = trainer.rollout(problems)
+    assert len(rolled) == 4 and all(t.response_ids for t in rolled)
     trajs, rewards = synthetic_batch(num_groups=8, n=2)
-    per_rank = 8 // trainer.world_size
-    groups = range(trainer.rank * per_rank, (trainer.rank + 1) * per_rank)
+    bounds = [0, 8] if trainer.world_size == 1 else [0, 6, 8]
+    groups = range(bounds[trainer.rank], bounds[trainer.rank + 1])
     mine = [trajs[g * 2 + j] for g in groups for j in range(2)]
     for _ in range(2):
         trainer.update(mine, rewards[list(groups)])
     state = distributed.full_state_dict(trainer.model)
     if state:
-        torch.save(state, os.path.join(args.out, f"weights_{args.parallel}_w{trainer.world_size}_r{trainer.rank}.pt"))
+        name = f"weights_{args.parallel}_{args.agg}_w{trainer.world_size}_r{trainer.rank}.pt"
+        torch.save(state, os.path.join(args.out, name))
     distributed.finish()
     os._exit(0)
 

@@ -1,5 +1,6 @@
 """Code-integrated rollouts with a scripted model and a real sandbox: token in, token out."""
 import time
+from concurrent.futures import Future
 
 import pytest
 from engine_utils import ByteTokenizer, ScriptedModel
@@ -44,7 +45,8 @@ def expected_trajectory(box, prompt: str, pieces: list, max_calls: int) -> tuple
     return ids, mask
 
 
-def run_scripts(box, scripts: dict[str, list], max_calls: int = 2, max_tokens: int = 400, **tool_kw):
+def run_scripts(box, scripts: dict[str, list], max_calls: int = 2, max_tokens: int = 400, executor=None,
+                engine_kw: dict | None = None, n: int = 1, **tool_kw):
     """Prompt "<letter>: ..." selects a script (key = first byte % 16)."""
     expected, models = {}, {}
     for prompt, pieces in scripts.items():
@@ -52,7 +54,7 @@ def run_scripts(box, scripts: dict[str, list], max_calls: int = 2, max_tokens: i
         expected[prompt] = (ids, mask)
         models[TOK.encode(prompt)[0] % 16] = ids + [TOK.eos_token_id]
     engine = Engine(ScriptedModel(models, TOK.eos_token_id), TOK,
-                    EngineConfig(block_size=4, num_kv_blocks=512, show_progress=False))
+                    EngineConfig(**{"block_size": 4, "num_kv_blocks": 512, "show_progress": False, **(engine_kw or {})}))
     finished = []
     finish = engine._finish
 
@@ -61,9 +63,9 @@ def run_scripts(box, scripts: dict[str, list], max_calls: int = 2, max_tokens: i
         finish(seq, reason, scheduler, bar)
 
     engine._finish = spy
-    tools = ToolConfig(executor=box, max_calls=max_calls, **tool_kw)
+    tools = ToolConfig(executor=executor or box, max_calls=max_calls, **tool_kw)
     prompts = [TOK.encode(p) for p in scripts]
-    trajs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), tools=tools)
+    trajs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), n=n, tools=tools)
     return trajs, expected, finished
 
 
@@ -139,3 +141,24 @@ def test_find_closed_code():
     assert find_closed_code("```python\nx = 1\n") is None
     assert find_closed_code("```py") is None
     assert find_closed_code("a ```python\nprint(1)\n``` b ```python\nprint(2)\n```", 24)[0] == "print(2)\n"
+
+
+class Immediate:
+    """Runs each snippet in the real sandbox but hands back an already completed future, so results
+    are ready at the engine's very next poll (the timing a fast sandbox gives)."""
+
+    def __init__(self, box):
+        self.box = box
+
+    def submit(self, code):
+        future = Future()
+        future.set_result(self.box.run(code))
+        return future
+
+
+def test_feedback_ending_the_last_sequence_ends_generation(box):
+    code = "print('x' * 300)"
+    scripts = {"J: last": [("code", code), "never"]}
+    limit = len(TOK.encode(block(code))) + 10
+    (traj,), _, _ = run_scripts(box, scripts, max_tokens=limit, executor=Immediate(box))
+    assert traj.finish_reason == "length" and len(traj.response_ids) == limit

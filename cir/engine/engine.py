@@ -89,10 +89,21 @@ class Engine:
 
     # 2) generation ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-                 tools: ToolConfig | None = None) -> list[Trajectory]:
-        """Trajectories in prompt-major order: prompt 0's n samples, then prompt 1's, ..."""
+                 tools: ToolConfig | None = None, prompt_keys: list[int] | None = None) -> list[Trajectory]:
+        """Trajectories in prompt-major order: prompt 0's n samples, then prompt 1's, ...
+
+        Each draw is seeded by (this call's seed, prompt key, sample index, position), so the tokens
+        do not depend on batching, preemption or sandbox timing. `prompt_keys` (default: the
+        prompts' positions) lets ranks that split one global batch use global indices, so every
+        prompt gets its own random stream and the samples do not depend on the number of ranks.
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if n > self.config.max_num_seqs:
+            raise ValueError(f"n = {n} samples of a prompt run together, but max_num_seqs is "
+                             f"{self.config.max_num_seqs}")
+        if prompt_keys is not None and len(prompt_keys) != len(prompts):
+            raise ValueError(f"{len(prompt_keys)} prompt_keys for {len(prompts)} prompts")
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty")
@@ -109,7 +120,8 @@ class Engine:
         scheduler = Scheduler(self.config, block_manager)
         groups = []
         for i, prompt in enumerate(prompts):
-            group = [Sequence(prompt, params, group_id=i, sample_idx=j) for j in range(n)]
+            key = i if prompt_keys is None else prompt_keys[i]
+            group = [Sequence(prompt, params, group_id=i, sample_idx=j, seed_key=key) for j in range(n)]
             group[0].followers = group[1:]
             scheduler.add(group[0])
             groups.append(group)
@@ -123,6 +135,8 @@ class Engine:
         self._seconds_waiting = 0.0
         while scheduler.has_work:
             self._collect_tool_results(scheduler, bar, block=False)
+            if not scheduler.has_work:  # the feedback just collected ended the last sequence
+                break
             batch = scheduler.schedule()
             if not batch.seqs:
                 if scheduler.paused:

@@ -29,10 +29,11 @@ def _splitmix64(x: int) -> int:
 
 
 def sequence_seed(call_seed: int, seq: Sequence) -> int:
-    """The seed of one draw: (this generate call, prompt, sample, position) and nothing else, so the
-    tokens do not depend on batch composition, preemption, sandbox timing or the split over ranks."""
+    """The seed of one draw: (this generate call, prompt key, sample, position) and nothing else, so
+    the tokens do not depend on batch composition, preemption or sandbox timing (nor on the split
+    over ranks, when the prompt keys are global indices)."""
     h = call_seed
-    for part in (seq.group_id, seq.sample_idx, seq.num_response_tokens):
+    for part in (seq.seed_key, seq.sample_idx, seq.num_response_tokens):
         h = _splitmix64(h ^ part)
     return h >> 1  # non-negative int64
 

@@ -75,6 +75,8 @@ class Scheduler:
                 continue
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_append(seq, num_tokens):
+                if self._reclaim(seq, num_tokens):  # idle sequences' blocks go first
+                    break
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
                 self.preempt(victim)
                 if victim is seq:
@@ -99,7 +101,8 @@ class Scheduler:
             if not bm.can_append(seq, num_tokens):
                 if batch.seqs or self.running:
                     break  # blocks come back as running sequences finish
-                self._make_room(seq, num_tokens)
+                if not self._reclaim(seq, num_tokens):
+                    self._too_small(seq, num_tokens)
             self.waiting.popleft()
             batch.copies += bm.append_slots(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING
@@ -110,21 +113,24 @@ class Scheduler:
             budget -= num_tokens
         return batch
 
-    def _make_room(self, seq: Sequence, num_tokens: int) -> None:
-        """Nothing runs, yet `seq` does not fit: free the blocks that idle sequences hold."""
-        for other in list(self.waiting)[1:] + self.paused:
+    def _reclaim(self, seq: Sequence, num_tokens: int) -> bool:
+        """Free the blocks idle sequences hold (back from the sandbox but not yet admitted, or still
+        waiting on it; they recompute later) until `seq` fits; whether it fits."""
+        for other in [*reversed(self.waiting), *self.paused]:
             if self.block_manager.can_append(seq, num_tokens):
-                return
-            if other.block_table:
+                break
+            if other is not seq and other.block_table:
                 self.block_manager.free(other)
-        if not self.block_manager.can_append(seq, num_tokens):
-            needed = self.block_manager.num_blocks_needed(seq, num_tokens)
-            raise RuntimeError(
-                f"the KV pool ({len(self.block_manager.blocks)} blocks of {self.block_manager.block_size} "
-                f"tokens) cannot hold one sequence: {needed} blocks needed for {len(seq)} tokens, "
-                f"{self.block_manager.num_free_blocks} free; raise num_kv_blocks / kv_cache_memory_gb "
-                f"or lower max_tokens"
-            )
+        return self.block_manager.can_append(seq, num_tokens)
+
+    def _too_small(self, seq: Sequence, num_tokens: int) -> None:
+        needed = self.block_manager.num_blocks_needed(seq, num_tokens)
+        raise RuntimeError(
+            f"the KV pool ({len(self.block_manager.blocks)} blocks of {self.block_manager.block_size} "
+            f"tokens) cannot hold one sequence: {needed} blocks needed for {len(seq)} tokens, "
+            f"{self.block_manager.num_free_blocks} free; raise num_kv_blocks / kv_cache_memory_gb "
+            f"or lower max_tokens"
+        )
 
     def finish(self, seq: Sequence, reason: str) -> None:
         self.block_manager.free(seq)

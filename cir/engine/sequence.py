@@ -22,9 +22,11 @@ class SequenceStatus(Enum):
 class Sequence:
     _ids = count()
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, group_id: int = 0, sample_idx: int = 0):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, group_id: int = 0, sample_idx: int = 0,
+                 seed_key: int | None = None):
         self.seq_id = next(Sequence._ids)
         self.group_id = group_id
+        self.seed_key = group_id if seed_key is None else seed_key  # the prompt's part of each draw's seed
         self.sample_idx = sample_idx
         self.params = params
         self.token_ids = list(prompt_ids)

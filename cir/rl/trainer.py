@@ -65,6 +65,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                            weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if cfg.train.parallel == "fsdp" and self.world_size > 1:
+            self._forward_through_root()  # after the optimizer took the sharded parameters
         self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and self.device.type == "cuda")
         # 3) engine on the model's own parameters
         self.engine = Engine(self.model, self.tokenizer, cfg.engine)
@@ -80,6 +82,15 @@ class Trainer:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
+
+    @torch.no_grad()
+    def _forward_through_root(self) -> None:
+        """FSDP2 initialises lazily at the first forward through the root: make that the policy, not a
+        block reached by the engine's rollout (which would make that block a root of its own)."""
+        mb = pack([_DUMMY], [0.0], 1)[0].to(self.device)
+        self.policy(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask)
+        for module in distributed.fsdp_modules(self.policy):  # the root keeps its parameters unsharded
+            module.reshard()
 
     # 1) schedule ---------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -98,14 +109,16 @@ class Trainer:
     def rollout(self, problems: list) -> tuple[list[Trajectory], torch.Tensor, dict]:
         """This rank's trajectories (prompt-major) and rewards [G, n]."""
         cfg = self.config.rollout
-        prompts, kept = [], []
-        for p in problems:
+        prompts, kept, keys = [], [], []
+        for i, p in enumerate(problems):
             ids = self.tokenizer.encode(build_prompt(p, self.tokenizer, mode=cfg.prompt_mode))
             if len(ids) > cfg.max_prompt_tokens:
-                distributed.print0(f"skipping problem {p.id}: prompt of {len(ids)} tokens > {cfg.max_prompt_tokens}")
+                print(f"rank {self.rank}: skipping problem {p.id}: prompt of {len(ids)} tokens > "
+                      f"{cfg.max_prompt_tokens}", flush=True)
                 continue
             prompts.append(ids)
             kept.append(p)
+            keys.append(self.rank * len(problems) + i)  # the prompt's index in the global batch
         max_calls = self.budget.at(self.step)
         tools = ToolConfig(self.sandbox, max_calls=max_calls, on_budget_spent=cfg.on_budget_spent) \
             if max_calls > 0 and self.sandbox is not None else None
@@ -113,7 +126,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         with distributed.unsharded(self.policy), self._autocast():
-            trajs = self.engine.generate(prompts, params, n=cfg.n, tools=tools) if prompts else []
+            trajs = self.engine.generate(prompts, params, n=cfg.n, tools=tools, prompt_keys=keys) if prompts else []
         self.model.train()
         t1 = time.perf_counter()
         answers = [p.answer for p in kept for _ in range(cfg.n)]
@@ -149,9 +162,12 @@ class Trainer:
             sel = [g * n + j for g in mine for j in range(n)]
             micro = pack([trajs[i] for i in sel], [float(adv.view(-1)[i]) for i in sel],
                          self.config.train.micro_batch_tokens)
-            local_tokens = sum(float(m.mask.sum()) for m in micro)
-            (global_tokens,) = distributed.all_reduce_sum([local_tokens], self.device)
-            sums = self._policy_step(micro, max(global_tokens, 1.0))
+            # global normalisers: any split over ranks and micro-batches gives the same gradient
+            local = [sum(float(m.mask.sum()) for m in micro), sum(any(trajs[i].loss_mask) for i in sel)]
+            global_tokens, global_seqs = distributed.all_reduce_sum(local, self.device)
+            # every rank runs as many micro-batches as the busiest one (FSDP collectives must pair up)
+            (num_micro,) = distributed.all_reduce_max([len(micro)], self.device)
+            sums = self._policy_step(micro, max(global_tokens, 1.0), max(global_seqs, 1.0), max(int(num_micro), 1))
             for k in ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl"):
                 stats[k] += sums[k] / max(global_tokens, 1.0) / rl.mini_batches
             stats["grad_norm"] += sums["grad_norm"] / rl.mini_batches
@@ -161,14 +177,15 @@ class Trainer:
         self.scheduler.step()
         return stats
 
-    def _policy_step(self, micro: list, global_tokens: float) -> dict:
+    def _policy_step(self, micro: list, global_tokens: float, global_seqs: float, num_micro: int) -> dict:
+        """Forward/backward over `num_micro` micro-batches (this rank's, then zero-loss padding so every
+        rank runs the same collectives), then one optimizer step."""
         rl, temperature = self.config.rl, self.config.rollout.temperature or 1.0
-        # every rank must run the same number of synced backwards: an empty rank runs one dummy
-        dummy = not micro
-        if dummy:
-            micro = pack([_DUMMY], [0.0], 1)
+        num_real = len(micro)
+        micro = micro + pack([_DUMMY], [0.0], 1) * (num_micro - num_real)
         sums = {"clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
         for i, mb in enumerate(micro):
+            dummy = i >= num_real
             mb = mb.to(self.device)
             with distributed.gradient_sync(self.policy, enabled=i == len(micro) - 1), self._autocast():
                 logprobs, entropy = self.policy(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask,
@@ -182,12 +199,13 @@ class Trainer:
                 loss, st = policy_loss(logprobs, old, mb.advantages, mb.mask, clip_low=rl.clip_low,
                                        clip_high=rl.clip_high, dual_clip=rl.dual_clip, agg=rl.loss_agg,
                                        seq_ids=mb.seq_ids, ref_logprobs=ref, kl_coef=rl.kl_coef,
-                                       entropy=entropy, entropy_coef=rl.entropy_coef, num_tokens=global_tokens)
+                                       entropy=entropy, entropy_coef=rl.entropy_coef, num_tokens=global_tokens,
+                                       num_seqs=global_seqs)
                 loss = loss * self.world_size  # gradients are averaged over ranks
                 if dummy:
                     loss = loss * 0.0
                 loss.backward()
-            count = float(mb.mask.sum())
+            count = 0.0 if dummy else float(mb.mask.sum())
             for k in sums:
                 sums[k] += float(st[k]) * count if st.get(k) is not None else 0.0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.grad_clip)
