@@ -92,6 +92,18 @@ def compile_chat_template(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+
+def decode_incremental(tokenizer, ids: Sequence[int], prefix_offset: int, read_offset: int,
+                       skip_special_tokens: bool = False) -> tuple[str, int, int]:
+    """`Tokenizer.decode_incremental` for anything with `decode(ids)`: the text
+    completed by the ids after `read_offset`, and the offsets to feed back (start with (0, 0))."""
+    flags = {"skip_special_tokens": True} if skip_special_tokens else {}  # plain decode(ids) suffices
+    prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], **flags)
+    new_text = tokenizer.decode(ids[prefix_offset:], **flags)
+    if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
+        return new_text[len(prefix_text):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the special tokens and chat template of its checkpoint."""
 
@@ -156,11 +168,7 @@ class Tokenizer:
         already released text, decoded again as context (decoders such as Metaspace treat the first
         token specially); text ending in U+FFFD (an unfinished UTF-8 character) is held back.
         """
-        prefix_text = self.decode(ids[prefix_offset:read_offset], skip_special_tokens)
-        new_text = self.decode(ids[prefix_offset:], skip_special_tokens)
-        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
-            return new_text[len(prefix_text):], read_offset, len(ids)
-        return "", prefix_offset, read_offset
+        return decode_incremental(self, ids, prefix_offset, read_offset, skip_special_tokens)
 
     # -- chat ------------------------------------------------------------------------------------
 

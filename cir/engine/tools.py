@@ -6,6 +6,8 @@ rollout: newline, ```output, the sandbox's formatted result, the closing fence, 
 """
 from __future__ import annotations
 
+from cir.tokenizer import decode_incremental
+
 CODE_OPEN = "```python"
 CODE_CLOSE = "```"
 
@@ -15,12 +17,8 @@ def feedback_text(formatted_result: str) -> str:
 
 
 class SegmentDecoder:
-    """Incremental detokenisation of the tokens a sequence sampled since its last feedback block.
-
-    Decodes a short window (prefix_offset..end) and emits the text past the previously emitted
-    part, holding back a trailing U+FFFD (an incomplete UTF-8 character of byte-level BPE). Cost per
-    token is O(window), not O(sequence).
-    """
+    """Incremental detokenisation of the tokens a sequence sampled since its last feedback block
+    (`cir.tokenizer.decode_incremental`: O(window) per token, incomplete UTF-8 held back)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -31,12 +29,8 @@ class SegmentDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        new = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        new, self.prefix_offset, self.read_offset = decode_incremental(
+            self.tokenizer, self.ids, self.prefix_offset, self.read_offset)
         self.text += new
         return new
 
