@@ -1,12 +1,15 @@
 """Rollout throughput: our engine vs transformers' `generate`, side by side in one run.
 
     python bench/generate.py                          # CPU: SmolLM2-135M (the embedded default)
-    python bench/generate.py --prompts 16 --n 1 --max-tokens 128
+    python bench/generate.py --prompts 16 --n 1 --queue-prompts 0 --max-tokens 128
     python bench/generate.py --config qwen2-1.5b      # CUDA: random-weight Qwen2 in bf16
     python bench/generate.py --config qwen2-7b
 
 Reports (1) generated tokens/s of both, same prompts and sampling settings, repetitions interleaved,
-and their ratio; (2) with tools on (the real sandbox), tool calls/s and tokens/s; (3) the fraction of
+and their ratio, in two workloads: "batch", every sequence at once (prompts x n of them), and
+"queue", an RL rollout of --queue-prompts x n sequences of which at most --concurrency run at once
+(ours: max_num_seqs; transformers: consecutive batches of that many, each until its longest row
+ends); (2) with tools on (the real sandbox), tool calls/s and tokens/s; (3) the fraction of
 generated tokens the paper's reference rollout would have thrown away: it generates each round to
 EOS / the length limit and cuts after the first closed python block, so every token sampled past
 that fence is wasted (measured here by generating without stopping on the same prompts);
@@ -97,19 +100,25 @@ def run_ours(engine, prompts, params, n, tools=None) -> tuple[float, int, list]:
 
 
 def run_hf(ref, tokenizer, prompts, args, eos) -> tuple[float, int]:
+    """transformers' generate over prompts x n sequences, `args.concurrency` rows per call."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = [p for p in prompts for _ in range(args.n)]
-    width = max(map(len, batch))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=ref.device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=ref.device)
-    sync(ref.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = ref.generate(ids, attention_mask=attention, max_new_tokens=args.max_tokens, do_sample=True,
-                           temperature=args.temperature, top_p=1.0, top_k=0, pad_token_id=pad,
-                           eos_token_id=sorted(eos))
-    sync(ref.device)
-    return time.perf_counter() - start, sum(useful_tokens(r, eos) for r in out[:, width:].tolist())
+    sequences = [p for p in prompts for _ in range(args.n)]
+    seconds = tokens = 0
+    for first in range(0, len(sequences), args.concurrency):
+        batch = sequences[first : first + args.concurrency]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=ref.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=ref.device)
+        sync(ref.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=attention, max_new_tokens=args.max_tokens, do_sample=True,
+                               temperature=args.temperature, top_p=1.0, top_k=0, pad_token_id=pad,
+                               eos_token_id=sorted(eos))
+        sync(ref.device)
+        seconds += time.perf_counter() - start
+        tokens += sum(useful_tokens(r, eos) for r in out[:, width:].tolist())
+    return seconds, tokens
 
 
 def wasted_fraction(trajs, tokenizer) -> tuple[float, int]:
@@ -149,18 +158,23 @@ def decode_roofline(engine, model, batch: int, context: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="smollm2", choices=["smollm2", *GPU_CONFIGS])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--n", type=int, default=2, help="samples per prompt (prompts x n concurrent sequences)")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts of the batch workload")
+    parser.add_argument("--n", type=int, default=2, help="samples per prompt")
+    parser.add_argument("--concurrency", type=int, default=16, help="most sequences running at once")
+    parser.add_argument("--queue-prompts", type=int, default=32, help="prompts of the queue workload (0: skip)")
+    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true", help="ours only (no transformers installed)")
     args = parser.parse_args()
+    if args.prompts * args.n > args.concurrency:
+        parser.error(f"the batch workload ({args.prompts} x {args.n}) must fit --concurrency {args.concurrency}")
     torch.manual_seed(0)
     model, tokenizer, hf_path = build(args)
     device = next(model.parameters()).device
-    engine = Engine(model, tokenizer, EngineConfig(kv_cache_memory_gb=1.0, show_progress=False))
-    prompts = prompts_for(tokenizer, args.prompts)
+    engine = Engine(model, tokenizer, EngineConfig(kv_cache_memory_gb=1.0, show_progress=False,
+                                                   max_num_seqs=args.concurrency))
+    prompts = prompts_for(tokenizer, max(args.prompts, args.queue_prompts))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     eos = set(tokenizer.eos_token_ids)
     ref = None
@@ -178,47 +192,55 @@ def main() -> None:
                 ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device)
         ref.eval()
 
-    # 1) ours vs transformers, repetitions interleaved
+    # 1) ours vs transformers, per workload, repetitions interleaved
     run_ours(engine, prompts[:1], SamplingParams(max_tokens=4), 1)
-    ours, hf = [], []
-    for _ in range(args.repeats):
-        seconds, tokens, trajs = run_ours(engine, prompts, params, args.n)
-        ours.append(tokens / seconds)
-        if ref is not None:
-            seconds, tokens = run_hf(ref, tokenizer, prompts, args, eos)
-            hf.append(tokens / seconds)
-    waste, num_wasted = wasted_fraction(trajs, tokenizer)
-    rows = [("ours", statistics.median(ours))] + ([("transformers", statistics.median(hf))] if hf else [])
+    workloads = [("batch", prompts[: args.prompts])]
+    if args.queue_prompts:
+        workloads.append(("queue", prompts[: args.queue_prompts]))
+    results = {}
+    for name, workload in workloads:
+        ours, hf = [], []
+        for _ in range(args.repeats):
+            seconds, tokens, trajs = run_ours(engine, workload, params, args.n)
+            ours.append(tokens / seconds)
+            if ref is not None:
+                seconds, tokens = run_hf(ref, tokenizer, workload, args, eos)
+                hf.append(tokens / seconds)
+        results[name] = dict(sequences=len(workload) * args.n, ours=statistics.median(ours),
+                             transformers=statistics.median(hf) if hf else None)
+        if name == "batch":
+            batch_trajs = trajs
+    waste, num_wasted = wasted_fraction(batch_trajs, tokenizer)
 
     # 2) with the sandbox in the loop
     from sandbox import Sandbox
 
     with Sandbox(workers=4, timeout=10.0) as box:
-        seconds, tokens, tool_trajs = run_ours(engine, prompts, params, args.n, ToolConfig(box, max_calls=2))
+        seconds, tokens, tool_trajs = run_ours(engine, prompts[: args.prompts], params, args.n,
+                                               ToolConfig(box, max_calls=2))
     calls = sum(t.num_tool_calls for t in tool_trajs)
-    rows.append(("ours + tools", tokens / seconds))
+    tools_rate = tokens / seconds
 
     # 3) decode roofline (CUDA)
     roofline = [decode_roofline(engine, model, b, 1024) for b in (1, 32, 128)] if device.type == "cuda" else []
 
-    seqs = args.prompts * args.n
     print(f"{args.config} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
-          f"{args.prompts} prompts x {args.n} samples = {seqs} sequences, <= {args.max_tokens} new tokens")
-    print(f"{'engine':<16}{'tokens/s':>12}")
-    for name, rate in rows:
-        print(f"{name:<16}{rate:>12.1f}")
-    ratio = rows[0][1] / rows[1][1] if hf else None
-    if ratio:
-        print(f"ours / transformers: {ratio:.2f}x")
-    print(f"tool calls: {calls} in {seconds:.1f}s = {calls / seconds:.1f}/s")
+          f"<= {args.max_tokens} new tokens, temperature {args.temperature}, at most {args.concurrency} "
+          f"sequences at once, median of {args.repeats}")
+    print(f"{'workload':<10}{'sequences':>10}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}")
+    for name, r in results.items():
+        r["ratio"] = r["ours"] / r["transformers"] if r["transformers"] else None
+        hf_rate = f"{r['transformers']:.1f}" if r["transformers"] else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        print(f"{name:<10}{r['sequences']:>10}{r['ours']:>12.1f}{hf_rate:>12}{ratio:>8}")
+    print(f"batch + tools: {tools_rate:.1f} tokens/s; tool calls: {calls} in {seconds:.1f}s = {calls / seconds:.1f}/s")
     print(f"paper-style rollout would discard {waste:.1%} of generated tokens ({num_wasted})")
     for r in roofline:
         print(f"decode b={r['batch']} ctx={r['context']}: {r['step_ms']:.2f} ms/step, {r['GB_per_s']:.0f} GB/s, "
               f"{(r['roofline_fraction'] or 0):.0%} of HBM roofline")
     print(json.dumps({
-        "config": args.config, "sequences": seqs, "ours_tokens_per_s": rows[0][1],
-        "transformers_tokens_per_s": rows[1][1] if hf else None, "ratio": ratio,
-        "tools_tokens_per_s": rows[-1][1], "tool_calls_per_s": calls / seconds,
+        "config": args.config, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+        "workloads": results, "tools_tokens_per_s": tools_rate, "tool_calls_per_s": calls / seconds,
         "paper_rollout_waste_fraction": waste, "roofline": roofline,
     }))
 

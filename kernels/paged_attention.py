@@ -17,7 +17,9 @@ base 2 (s = q.k * scale * log2 e), over BLOCK_N cache tokens at a time gathered 
     m' = max(m, max_n s_n);  l' = l * 2^(m - m') + sum_n 2^(s_n - m');  acc' = acc * 2^(m - m') + P V
     o = acc / l,  lse = m + log2 l                     (fp32 throughout; l = 0 -> o = 0, lse = -inf)
 Flash-decoding: when sequences x kv heads x tiles is too few to fill the GPU, the KV range is cut
-into NUM_SPLITS pieces; each writes (o_s, lse_s) in fp32, then a combine kernel computes
+into NUM_SPLITS pieces (NUM_SPLITS from static shapes; sequence b's pieces are max(ceil(L_b / S),
+256) tokens long, from L_b read on the device, so padded block tables do not idle the splits);
+each writes (o_s, lse_s) in fp32, then a combine kernel computes
     o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),   M = max_s lse_s.
 
 Memory traffic it expects (e = bytes per element, L_b = seq_lens[b], tiles_b = query tiles of b):
@@ -30,6 +32,7 @@ Block-table and length reads are negligible. Decode at long context is bandwidth
 time ~= KV bytes / HBM bandwidth, which is what bench/paged_attention.py reports.
 """
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +53,7 @@ _MAX_SPLITS = 32
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     cu_seqlens_q_ptr, block_tables_ptr, seq_lens_ptr,
-    scale_log2, split_len,
+    scale_log2,
     q_stride_t, q_stride_h,
     cache_stride_block, cache_stride_tok, cache_stride_head,
     out_stride_split, out_stride_t, out_stride_h,
@@ -58,7 +61,7 @@ def _paged_attention_kernel(
     block_tables_stride_b,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT_LEN: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1) // NUM_SPLITS
@@ -87,8 +90,12 @@ def _paged_attention_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    # 2) this split's KV range, cut at the tile's last causal position
+    # 2) this split's KV range, cut at the tile's last causal position. The split length comes from
+    #    this sequence's own length (read on the device), so a block table padded wide for a CUDA
+    #    graph still spreads the real work over the splits; short sequences use fewer splits.
     kv_end = seq_len - q_len + tl.minimum(tile_start + TOKENS_PER_TILE, q_len)
+    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT_LEN)
+    split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
     n_start = (split * split_len).to(tl.int32)
     n_end = tl.minimum(n_start + split_len, kv_end)
 
@@ -257,12 +264,14 @@ def _paged_attention_triton(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq
     block_n = _BLOCK_N if block_d <= 128 else _BLOCK_N // 2
     # 2) KV splits from static shapes only (no host sync, CUDA-graph safe): fill ~2 waves of SMs
     max_context = block_tables.shape[1] * block_size
+    num_splits_forced = num_splits is not None
     if num_splits is None:
         num_programs = num_seqs * num_kv_heads * num_tiles
         num_splits = min(triton.cdiv(2 * _num_sms(q.device), num_programs),
                          triton.cdiv(max_context, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS)
     num_splits = max(1, num_splits)
-    split_len = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
+    # a forced split count (tests, tuning) splits any length; the heuristic keeps splits >= 256 tokens
+    min_split_len = 1 if num_splits_forced else _MIN_TOKENS_PER_SPLIT
     if num_splits == 1:
         partial, lse = out, out  # lse unused
         partial_stride_split, lse_strides = 0, (0, 0)
@@ -275,7 +284,7 @@ def _paged_attention_triton(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq
     _paged_attention_kernel[(num_seqs, num_kv_heads * num_splits, num_tiles)](
         q, k_cache, v_cache, partial, lse,
         cu_seqlens_q, block_tables, seq_lens,
-        scale * math.log2(math.e), split_len,
+        scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         partial_stride_split, partial.stride(-3), partial.stride(-2),
@@ -283,7 +292,8 @@ def _paged_attention_triton(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq
         block_tables.stride(0),
         HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, DOT_FP32=(q.dtype == torch.float32 or q.device.type != "cuda"),
+        NUM_SPLITS=num_splits, MIN_SPLIT_LEN=min_split_len,
+        DOT_FP32=(q.dtype == torch.float32 or q.device.type != "cuda"),
         num_warps=4,
     )
     if num_splits > 1:
@@ -298,26 +308,79 @@ def _paged_attention_triton(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq
     return out
 
 
-def _gather_kv(cache: torch.Tensor, table: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """One sequence's block ids (num_blocks,) -> its first kv_len tokens of K or V, (1, Hkv, L, D)."""
-    gathered = cache.index_select(0, table)  # (nb, block_size, Hkv, D)
-    return gathered.flatten(0, 1)[:kv_len].transpose(0, 1).unsqueeze(0)
+@dataclass
+class ReferencePlan:
+    """The CPU path's gather indices for one batch, shared by every layer (they depend only on the
+    block tables and lengths). Build it once per step with `plan_reference`.
 
-
-def _gather_kv_padded(cache: torch.Tensor, tables: torch.Tensor, seq_lens: torch.Tensor,
-                      kv_len: int) -> torch.Tensor:
-    """(n, nb) block ids -> (n, Hkv, kv_len, D), positions past a sequence's end read its token 0.
-
-    Slots past the end hold stale data or (fresh memory) NaN, which would survive the attention
-    mask (0 * NaN = NaN); token 0 is always written. A token-level index_select measured ~3x
-    faster than block gather + masked_fill (2-core CPU, B 8, 2k context).
+    Decode rows (q_len 1) are batched: each of the n sequences is padded to the longest history L
+    and masked by length; prefill chunks go one sequence at a time, causal with the cached prefix.
     """
-    block_size = cache.shape[1]
-    pos = torch.arange(kv_len, device=cache.device)
-    slots = tables[:, pos // block_size].long() * block_size + pos % block_size  # (n, L)
-    slots = torch.where(pos < seq_lens[:, None], slots, slots[:, :1])
-    gathered = cache.flatten(0, 1).index_select(0, slots.view(-1))  # (n * L, Hkv, D)
-    return gathered.view(*slots.shape, *cache.shape[2:]).transpose(1, 2)
+
+    decode_rows: torch.Tensor | None  # (n,) packed-token index of each decode query
+    decode_slots: torch.Tensor | None  # (n * L,) flat cache slot of each (sequence, position)
+    decode_len: int  # L
+    decode_mask: torch.Tensor | None  # (n, 1, 1, L) bool; None when all n histories are L long
+    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (q_start, q_end, slots (L,), mask (q_len, L))
+    buffers: dict = field(default_factory=dict)  # reused gather outputs: no fresh pages per layer
+
+    def gather(self, cache: torch.Tensor, slots: torch.Tensor, num_seqs: int, key: str) -> torch.Tensor:
+        """Cache (nb, bs, Hkv, D) at flat slots (num_seqs * L,) -> (num_seqs, Hkv, L, D).
+
+        The output lands in a buffer kept by the plan (one per key, K or V, and size) and reused by
+        every layer: a fresh multi-MB tensor per layer page-faults on each allocation, which measured
+        ~15x slower than the copy itself (glibc hands large blocks back to the OS; 2-core CPU).
+        """
+        flat = cache.flatten(0, 1)
+        shape = (slots.shape[0], *flat.shape[1:])
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != cache.dtype or buf.device != cache.device:
+            buf = self.buffers[key] = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+        torch.index_select(flat, 0, slots, out=buf)
+        return buf.view(num_seqs, -1, *flat.shape[1:]).transpose(1, 2)
+
+
+def _slots(tables: torch.Tensor, kv_len: int, block_size: int) -> torch.Tensor:
+    """(n, nb) block ids -> (n, kv_len) int64 flat cache slots of positions 0..kv_len-1."""
+    pos = torch.arange(kv_len, device=tables.device)
+    return tables[:, pos // block_size].long() * block_size + pos % block_size
+
+
+def plan_reference(cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   block_size: int) -> ReferencePlan:
+    """Gather indices of `paged_attention_reference` for one batch (reads the lengths on the host)."""
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    q_lens = [cu[b + 1] - cu[b] for b in range(len(lens))]
+    for b, (q_len, kv_len) in enumerate(zip(q_lens, lens)):
+        if q_len < 0 or q_len > kv_len:
+            raise ValueError(f"sequence {b}: q_len {q_len} must be in [0, seq_lens[b]={kv_len}]")
+    device = block_tables.device
+    decode = [b for b, q_len in enumerate(q_lens) if q_len == 1]
+    rows = slots = mask = None
+    kv_len = 0
+    if decode:
+        # positions past a sequence's end read its token 0: those slots hold stale data or (fresh
+        # memory) NaN, which would survive the mask (0 * NaN = NaN); token 0 is always written.
+        # A token-level index_select measured ~3x faster than block gather + masked_fill (2-core
+        # CPU, B 8, 2k context).
+        idx = torch.tensor(decode, device=device)
+        rows = torch.tensor([cu[b] for b in decode], device=device)
+        kv_len = max(lens[b] for b in decode)
+        lens_b = seq_lens[idx]
+        slots = _slots(block_tables[idx, : -(-kv_len // block_size)], kv_len, block_size)
+        valid = torch.arange(kv_len, device=device) < lens_b[:, None]  # (n, L)
+        slots = torch.where(valid, slots, slots[:, :1]).reshape(-1)
+        if any(lens[b] != kv_len for b in decode):
+            mask = valid[:, None, None, :]
+    prefill = []
+    for b, (q_len, kv_len_b) in enumerate(zip(q_lens, lens)):
+        if q_len <= 1:
+            continue
+        slots_b = _slots(block_tables[b : b + 1, : -(-kv_len_b // block_size)], kv_len_b, block_size)[0]
+        q_pos = torch.arange(kv_len_b - q_len, kv_len_b, device=device)
+        causal = torch.arange(kv_len_b, device=device)[None, :] <= q_pos[:, None]  # (q_len, L)
+        prefill.append((cu[b], cu[b + 1], slots_b, causal))
+    return ReferencePlan(rows, slots, kv_len, mask, prefill)
 
 
 def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -339,46 +402,29 @@ def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 def paged_attention_reference(
     q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
-    max_seqlen_q: int | None = None,
+    max_seqlen_q: int | None = None, *, plan: ReferencePlan | None = None,
 ) -> torch.Tensor:
     """Plain-torch paged attention (the CPU path): gather each sequence's K/V, then SDPA.
 
-    Decode sequences (q_len 1) are batched in one SDPA call; the rest go one by one.
+    Decode sequences (q_len 1) are batched in one SDPA call; the rest go one by one. `plan` (from
+    `plan_reference` on the same metadata) skips recomputing the gather indices: a model's layers
+    all share one, which measured ~2.5x less attention time per SmolLM2 decode step (2-core CPU).
     """
     _validate(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    block_size = k_cache.shape[1]
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    q_lens = [cu[b + 1] - cu[b] for b in range(len(lens))]
-    for b, (q_len, kv_len) in enumerate(zip(q_lens, lens)):
-        if q_len < 0 or q_len > kv_len:
-            raise ValueError(f"sequence {b}: q_len {q_len} must be in [0, seq_lens[b]={kv_len}]")
+    if plan is None:
+        plan = plan_reference(cu_seqlens_q, block_tables, seq_lens, k_cache.shape[1])
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    # 1) decode rows, batched: pad every sequence to the longest and mask by length
-    decode = [b for b, q_len in enumerate(q_lens) if q_len == 1]
-    if decode:
-        idx = torch.tensor(decode, device=q.device)
-        rows = torch.tensor([cu[b] for b in decode], device=q.device)
-        kv_len = max(lens[b] for b in decode)
-        tables, lens_b = block_tables[idx, : triton.cdiv(kv_len, block_size)], seq_lens[idx]
-        k = _gather_kv_padded(k_cache, tables, lens_b, kv_len)  # (n, Hkv, L, D)
-        v = _gather_kv_padded(v_cache, tables, lens_b, kv_len)
-        mask = None
-        if any(lens[b] != kv_len for b in decode):
-            mask = (torch.arange(kv_len, device=q.device) < lens_b[:, None])[:, None, None, :]
-        o = _sdpa_grouped(q[rows].unsqueeze(2), k, v, mask, scale)
-        out[rows] = o.squeeze(2)
-    # 2) prefill chunks, one sequence at a time, causal with the cached-prefix offset
-    for b, (q_len, kv_len) in enumerate(zip(q_lens, lens)):
-        if q_len <= 1:
-            continue
-        table = block_tables[b, : triton.cdiv(kv_len, block_size)]
-        k, v = _gather_kv(k_cache, table, kv_len), _gather_kv(v_cache, table, kv_len)
-        q_b = q[cu[b] : cu[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, q_len, D)
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, L)
-        o = _sdpa_grouped(q_b, k, v, mask[None, None], scale)
-        out[cu[b] : cu[b + 1]] = o[0].transpose(0, 1)
+    if plan.decode_rows is not None:
+        n = plan.decode_rows.shape[0]
+        k, v = plan.gather(k_cache, plan.decode_slots, n, "k"), plan.gather(v_cache, plan.decode_slots, n, "v")
+        o = _sdpa_grouped(q[plan.decode_rows].unsqueeze(2), k, v, plan.decode_mask, scale)
+        out[plan.decode_rows] = o.squeeze(2)
+    for start, end, slots, causal in plan.prefill:
+        k, v = plan.gather(k_cache, slots, 1, "k1"), plan.gather(v_cache, slots, 1, "v1")
+        q_b = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, q_len, D)
+        o = _sdpa_grouped(q_b, k, v, causal[None, None], scale)
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 

@@ -30,6 +30,10 @@ class EngineConfig:
     """Reuse full KV blocks whose chained hash matches across prompts."""
     release_after_generate: bool = False
     """Free the KV pool when `generate` returns, so a training step can use the memory."""
+    cuda_graphs: bool = True
+    """CUDA only: decode steps replay CUDA graphs captured per bucketed batch size (cuda_graphs.py)."""
+    cuda_graph_max_batch: int = 256
+    """Largest decode batch run as a graph (capped at max_num_seqs); bigger steps run eagerly."""
     seed: int = 0
     """Seed of the sampling generator; each `generate` call advances it."""
     show_progress: bool = True
@@ -46,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be >= 1, got {self.cuda_graph_max_batch}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
+from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
 from cir.engine.model_runner import ModelRunner
 from cir.engine.scheduler import Scheduler
@@ -55,6 +56,10 @@ class Engine:
         self.kv_cache = KVCache(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                                 config.block_size, param.dtype, param.device)
         self.runner = ModelRunner(model, self.kv_cache, seed=config.seed)
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.runner.graphs = DecodeGraphs(model, self.kv_cache,
+                                              min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                              -(-self.max_model_len // config.block_size))
         self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         self.stats: dict[str, float] = {}
 
@@ -115,6 +120,8 @@ class Engine:
             self.kv_cache.dtype = dtype
             self.kv_cache.allocate(self._num_blocks())
         self.runner.new_call()
+        if self.runner.graphs is not None:
+            self.runner.graphs.check()  # a new pool or new parameter storage: capture again
         block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
                                      self.config.enable_prefix_caching)
         scheduler = Scheduler(self.config, block_manager)

@@ -4,14 +4,38 @@ Layout: `(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)`; layer
 `pool[l, 0]`, in the per-layer layout flash-attn and `kernels.paged_attention` take.
 Sizing: CPU from a configured number of bytes; CUDA from the memory left free after a warm-up
 forward, times `gpu_memory_utilization`. `release()` hands the memory back for a training step.
+
+Attention over the pool, per step (`attention_backend`):
+- "flash_attn": flash-attn >= 2.6 installed, CUDA, fp16/bf16, and pages of a multiple of 256 tokens
+  (flash-attn 2's paged layout): `flash_attn_varlen_func` with `block_table`, any prefill/decode mix;
+- "triton": other CUDA cases: `kernels.paged_attention`, any block size;
+- "torch": CPU: `kernels.paged_attention_reference` with one gather plan shared by all layers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from kernels.paged_attention import paged_attention, store_kv
+from kernels.paged_attention import (ReferencePlan, paged_attention, paged_attention_reference,
+                                     plan_reference, store_kv)
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # CPU machines, or CUDA without the `gpu` extra
+    flash_attn_varlen_func = None
+
+FLASH_ATTN_PAGE_MULTIPLE = 256
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype, block_size: int) -> str:
+    """Which paged attention a step on `device` with a `dtype` cache of `block_size` pages uses."""
+    if device.type != "cuda":
+        return "torch"
+    if (flash_attn_varlen_func is not None and dtype in (torch.float16, torch.bfloat16)
+            and block_size % FLASH_ATTN_PAGE_MULTIPLE == 0):
+        return "flash_attn"
+    return "triton"
 
 
 @dataclass
@@ -25,15 +49,28 @@ class PagedContext:
     block_tables: torch.Tensor  # (B, max_blocks) int32
     seq_lens: torch.Tensor  # (B,) int32: cached + new tokens of each sequence
     max_seqlen_q: int
+    backend: str = "torch"  # see attention_backend
+    cu_seqlens_k: torch.Tensor | None = None  # (B + 1,) int32: flash_attn only
+    max_seqlen_k: int = 0  # flash_attn only: any upper bound of seq_lens
+    plan: ReferencePlan | None = field(default=None, repr=False)  # torch: gather indices, all layers
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
         dtype = k_cache.dtype  # under autocast q/k/v may come out in mixed dtypes
         store_kv(k.to(dtype), v.to(dtype), k_cache, v_cache, self.slot_mapping)
-        return paged_attention(
-            q.to(dtype), self.cu_seqlens_q, k_cache, v_cache, self.block_tables, self.seq_lens,
-            max_seqlen_q=self.max_seqlen_q,
-        )  # (T, Hq, D)
+        if self.backend == "flash_attn":
+            # causal masks align to the end of each sequence's keys: a chunk after a cached prefix
+            # and a decode token see exactly their history
+            return flash_attn_varlen_func(
+                q.to(dtype), k_cache, v_cache, self.cu_seqlens_q, self.cu_seqlens_k,
+                self.max_seqlen_q, self.max_seqlen_k, causal=True, block_table=self.block_tables,
+            )  # (T, Hq, D)
+        args = (q.to(dtype), self.cu_seqlens_q, k_cache, v_cache, self.block_tables, self.seq_lens)
+        if self.backend == "triton":
+            return paged_attention(*args, max_seqlen_q=self.max_seqlen_q, backend="triton")
+        if self.plan is None:
+            self.plan = plan_reference(self.cu_seqlens_q, self.block_tables, self.seq_lens, k_cache.shape[1])
+        return paged_attention_reference(*args, max_seqlen_q=self.max_seqlen_q, plan=self.plan)
 
 
 class KVCache:
@@ -45,6 +82,7 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.pool: torch.Tensor | None = None
+        self.backend: str | None = None  # force "flash_attn" / "triton" / "torch"; None: attention_backend
 
     @property
     def bytes_per_block(self) -> int:
@@ -88,9 +126,19 @@ class KVCache:
             dst = torch.tensor([c[1] for c in copies], device=self.device)
             self.pool[:, :, dst] = self.pool[:, :, src]
 
+    @property
+    def attention_backend(self) -> str:
+        return self.backend or attention_backend(self.device, self.dtype, self.block_size)
+
     def context(self, **metadata) -> PagedContext:
+        """The attention context of one step. With flash_attn, `cu_seqlens_k` and `max_seqlen_k` are
+        also needed (the cumulative and the largest `seq_lens`)."""
+        backend = self.attention_backend
+        if backend == "flash_attn" and metadata.get("cu_seqlens_k") is None:
+            raise ValueError("the flash_attn backend needs cu_seqlens_k and max_seqlen_k")
         return PagedContext(
             k_caches=[self.pool[l, 0] for l in range(self.num_layers)],
             v_caches=[self.pool[l, 1] for l in range(self.num_layers)],
+            backend=backend,
             **metadata,
         )

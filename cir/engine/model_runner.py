@@ -2,7 +2,8 @@
 
 It runs the training model's own parameters (no copy). Per step:
 1) input ids, positions, slot mapping, block tables, sequence lengths of the scheduled tokens;
-2) `model.forward_hidden(ids, positions, ctx)` on the packed tokens (mixed prefill + decode);
+2) `model.forward_hidden(ids, positions, ctx)` on the packed tokens (mixed prefill + decode); on
+   CUDA a decode-only step replays the CUDA graph of its batch-size bucket instead (cuda_graphs.py);
 3) logits only for the rows that sample (the last token of each sequence that reaches its end),
    computed in float32; a group leader finishing its prompt gets one row per sample of its group;
 4) `kernels.sample` with each row's own temperature / top-p / top-k / min-p and its own seed (see
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
 from cir.engine.scheduler import ScheduledBatch
 from cir.engine.sequence import Sequence
@@ -47,13 +49,15 @@ class ModelRunner:
         self.generator = torch.Generator(device="cpu")  # one draw per generate call: the call seed
         self.generator.manual_seed(seed)
         self.call_seed = 0
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (EngineConfig.cuda_graphs)
 
     def new_call(self) -> None:
         """Draw this generate call's seed (the generator state is what checkpoints save)."""
         self.call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        input_ids, positions, slots, cu_seqlens, seq_lens = [], [], [], [0], []
+    def _step_inputs(self, batch: ScheduledBatch) -> tuple[list, list, list, list, list]:
+        """Host lists of one step: input ids, positions, KV slots, block tables, sequence lengths."""
+        input_ids, positions, slots, tables, seq_lens = [], [], [], [], []
         bs = self.block_size
         for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
             start, end = seq.num_cached_tokens, seq.num_cached_tokens + num_tokens
@@ -61,23 +65,35 @@ class ModelRunner:
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            cu_seqlens.append(cu_seqlens[-1] + num_tokens)
+            tables.append(table)
             seq_lens.append(end)
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
+        return input_ids, positions, slots, tables, seq_lens
+
+    def _forward_eager(self, batch: ScheduledBatch, input_ids, positions, slots, tables, seq_lens) -> torch.Tensor:
+        cu_seqlens = [0]
+        for num_tokens in batch.num_tokens:
+            cu_seqlens.append(cu_seqlens[-1] + num_tokens)
+        width = max(map(len, tables))
 
         def tensor(x: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(x, dtype=dtype, pin_memory=self.device.type == "cuda").to(
                 self.device, non_blocking=True)
 
-        metadata = dict(
+        keys = {}
+        if self.kv_cache.attention_backend == "flash_attn":
+            cu_seqlens_k = [0]
+            for n in seq_lens:
+                cu_seqlens_k.append(cu_seqlens_k[-1] + n)
+            keys = dict(cu_seqlens_k=tensor(cu_seqlens_k, torch.int32), max_seqlen_k=max(seq_lens))
+        ctx = self.kv_cache.context(
             slot_mapping=tensor(slots, torch.int64),
             cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-            block_tables=tensor(tables, torch.int32),
+            block_tables=tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
             seq_lens=tensor(seq_lens, torch.int32),
             max_seqlen_q=max(batch.num_tokens),
+            **keys,
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata
+        return self.model.forward_hidden(tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx)
 
     def _sampling_rows(self, batch: ScheduledBatch) -> tuple[list[int], list[Sequence]]:
         """Packed-token index of each row to sample, and the sequence the row belongs to."""
@@ -94,9 +110,12 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """One forward over the batch: the sequences that sample and their float32 logits (R, V)."""
         self.kv_cache.copy_blocks(batch.copies)
-        input_ids, positions, metadata = self._prepare(batch)
-        ctx = self.kv_cache.context(**metadata)
-        hidden = self.model.forward_hidden(input_ids, positions, ctx)  # (T, D)
+        inputs = self._step_inputs(batch)
+        graphs = self.graphs
+        if graphs is not None and len(batch) <= graphs.max_batch and all(n == 1 for n in batch.num_tokens):
+            hidden = graphs.run(*inputs)  # decode step: replay the bucket's graph
+        else:
+            hidden = self._forward_eager(batch, *inputs)  # (T, D)
         rows, owners = self._sampling_rows(batch)
         row_index = torch.tensor(rows, dtype=torch.int64, device=self.device)
         return owners, self.model.compute_logits(hidden[row_index]).float()
