@@ -22,6 +22,8 @@ Logits and sampling stay outside the graph (one matmul and one kernel on the row
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from cir.engine.kv_cache import KVCache
@@ -31,6 +33,16 @@ def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then multiples of 16 up to max_batch (and max_batch itself)."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return buckets + [max_batch]
+
+
+_unknown = itertools.count(1)
+
+
+def _storage_address(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage (e.g. a DTensor shard): assume it moved
+        return -next(_unknown)
 
 
 class DecodeGraphs:
@@ -63,7 +75,7 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch_size), None)
 
     def _signature(self) -> tuple:
-        params = tuple(p.data_ptr() for p in self.model.parameters())
+        params = tuple(_storage_address(p) for p in self.model.parameters())
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         return self.kv_cache.pool.data_ptr(), self.kv_cache.pool.dtype, dtype, params
 
@@ -72,10 +84,17 @@ class DecodeGraphs:
         Call once per generate, before the first step."""
         signature = self._signature()
         if signature != self.signature:
-            self.graphs.clear()
-            self.outputs.clear()
-            self.pool = None
+            self.reset()
             self.signature = signature
+
+    def reset(self) -> None:
+        """Forget every graph and give back their memory (the engine's `release()` calls this)."""
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+        self.signature = None
+        if self.capture:
+            torch.cuda.empty_cache()
 
     def _forward(self, bucket: int) -> torch.Tensor:
         ctx = self.kv_cache.context(

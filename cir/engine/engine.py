@@ -89,7 +89,10 @@ class Engine:
         torch.cuda.empty_cache()
 
     def release(self) -> None:
-        """Give the KV pool's memory back (e.g. to the training step); the next generate reallocates."""
+        """Give the KV pool's memory back (e.g. to the training step); the next generate reallocates.
+        Captured CUDA graphs go too (they point into the pool); they are captured again on use."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.reset()
         self.kv_cache.release()
 
     # 2) generation ---------------------------------------------------------------------------------
