@@ -129,7 +129,7 @@ def sample_reference(
             else:
                 z = x / torch.where(is_greedy, 1.0, temp)[:, None] if bool((temp != 1).any()) else x
                 m = z.amax(dim=1, keepdim=True)
-                weights = torch.exp(z - m)  # (R, V) unnormalised probabilities: the only exp pass
+                weights = (z - m).exp_()  # (R, V) unnormalised probabilities: the only exp pass
                 lse = m[:, 0] + weights.sum(dim=1).log()
                 filtered = (top_p[rows] < 1) | ((top_k[rows] > 0) & (top_k[rows] < vocab_size)) | (min_p[rows] > 0)
                 if bool(filtered.any()):

@@ -39,17 +39,23 @@ def logits(model, ids) -> torch.Tensor:
     return out
 
 
+def assert_same_model(theirs, ours) -> None:
+    """transformers' logits vs ours: equal up to float rounding (a few rows on CPU go through
+    transformer.linear's (W @ x^T)^T, another summation order than F.linear's)."""
+    torch.testing.assert_close(logits(theirs, IDS), logits(ours, IDS), rtol=0, atol=1e-5)
+
+
 IDS = torch.randint(0, VOCAB, (2, 21), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_save_reloads_in_transformers_with_identical_logits(family, tmp_path):
+def test_save_reloads_in_transformers_with_the_same_logits(family, tmp_path):
     ours = tiny_model(**FAMILIES[family])
     save_pretrained(ours, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(theirs).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
-    assert torch.equal(logits(theirs, IDS), logits(ours, IDS))
+    assert_same_model(theirs, ours)
     assert torch.equal(logits(from_pretrained(tmp_path), IDS), logits(ours, IDS))
 
 
@@ -61,7 +67,7 @@ def test_sharded_save_round_trips(tmp_path):
     assert len(shards) > 3 and all((tmp_path / s).exists() for s in shards)
     assert not (tmp_path / "model.safetensors").exists()
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert torch.equal(logits(theirs, IDS), logits(ours, IDS))
+    assert_same_model(theirs, ours)
     assert torch.equal(logits(from_pretrained(tmp_path), IDS), logits(ours, IDS))
     # saving again unsharded into the same directory leaves no stale shards behind
     save_pretrained(ours, tmp_path)

@@ -118,7 +118,7 @@ class ModelRunner:
             hidden = self._forward_eager(batch, *inputs)  # (T, D)
         rows, owners = self._sampling_rows(batch)
         row_index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        return owners, self.model.compute_logits(hidden[row_index]).float()
+        return owners, self.model.compute_logits(hidden[row_index]).float().contiguous()
 
     @torch.no_grad()
     def sample(self, owners: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[float]]:

@@ -24,6 +24,31 @@ from cir.model.config import ModelConfig
 from cir.model.rope import RotaryEmbedding, apply_rotary
 
 
+_SKINNY_ROWS = 64
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear; for a few rows on CPU without autograd (decode steps), (W @ x^T)^T instead.
+
+    Same math, another summation order. MKL runs the tall-skinny product faster: a SmolLM2 decode
+    step's 211 matmuls took 3.2x / 1.3x / 1.1x less time at 2 / 8 / 16 rows and never more up to 64,
+    and a 16-sequence engine decode step 9% less end to end (2-core AMD EPYC, interleaved runs).
+    The result is a transposed view (column-major); every torch op takes it as it is.
+    """
+    if x.dim() == 2 and x.shape[0] <= _SKINNY_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if bias is None:
+            return torch.mm(weight, x.t()).t()
+        return torch.addmm(bias[:, None], weight, x.t()).t()
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) computing through `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, the statistics in float32 (as Llama / Qwen do), result in x's dtype."""
 
@@ -47,10 +72,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         D, Dh = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(D, self.num_heads * Dh, bias=config.attention_bias)
-        self.k_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=config.attention_bias)
-        self.v_proj = nn.Linear(D, self.num_kv_heads * Dh, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * Dh, D, bias=config.attention_out_bias)
+        self.q_proj = Linear(D, self.num_heads * Dh, bias=config.attention_bias)
+        self.k_proj = Linear(D, self.num_kv_heads * Dh, bias=config.attention_bias)
+        self.v_proj = Linear(D, self.num_kv_heads * Dh, bias=config.attention_bias)
+        self.o_proj = Linear(self.num_heads * Dh, D, bias=config.attention_out_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
@@ -74,9 +99,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -108,7 +133,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else Linear(config.hidden_size, config.vocab_size, bias=False))
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                       config.max_position_embeddings)
 
@@ -119,7 +144,7 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden (..., D) -> logits (..., V)."""
-        return F.linear(hidden, self.lm_head_weight)
+        return linear(hidden, self.lm_head_weight)
 
     def forward_hidden(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
         """Packed tokens (T,) at `positions` (T,) -> final-norm hidden states (T, D)."""
