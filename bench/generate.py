@@ -221,8 +221,12 @@ def main() -> None:
     calls = sum(t.num_tool_calls for t in tool_trajs)
     tools_rate = tokens / seconds
 
-    # 3) decode roofline (CUDA)
-    roofline = [decode_roofline(engine, model, b, 1024) for b in (1, 32, 128)] if device.type == "cuda" else []
+    # 3) decode roofline (CUDA): its own engine, room for the largest batch
+    roofline = []
+    if device.type == "cuda":
+        engine.release()
+        wide = Engine(model, tokenizer, EngineConfig(show_progress=False, max_num_seqs=128))
+        roofline = [decode_roofline(wide, model, b, 1024) for b in (1, 32, 128)]
 
     print(f"{args.config} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
           f"<= {args.max_tokens} new tokens, temperature {args.temperature}, at most {args.concurrency} "

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_reference
+from kernels.paged_attention import paged_attention
+from kernels.paged_attention_reference import paged_attention_reference
 
 # HBM peak, bytes/s, from the vendors' data sheets (matched on the device name).
 HBM_PEAK = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,

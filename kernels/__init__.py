@@ -7,17 +7,16 @@ CUDA tensors go to the Triton kernels, CPU tensors to the torch references (same
 - sampling.py / sampling_reference.py: per-row temperature / top-k / top-p / min-p sampling
 - logprobs.py: online log-sum-exp row kernels, `logprobs_from_logits`
 - linear_logprobs.py: LM head + log-softmax + gather fused over vocabulary chunks
-- paged_attention.py: attention of varlen queries over a paged KV cache
+- paged_attention.py / paged_attention_reference.py: attention of varlen queries over a paged KV
+  cache, and the KV write into it (`store_kv`)
 """
 from kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from kernels.logprobs import logprobs_from_logits
 from kernels.sampling import sample
 from kernels.sampling_reference import sample_reference
 
-try:
-    from kernels.paged_attention import paged_attention, paged_attention_reference
-except ImportError:  # built separately; absent in a partial checkout
-    pass
+from kernels.paged_attention import paged_attention, store_kv
+from kernels.paged_attention_reference import paged_attention_reference, plan_reference
 
 __all__ = [
     "linear_logprobs",
@@ -25,6 +24,8 @@ __all__ = [
     "logprobs_from_logits",
     "paged_attention",
     "paged_attention_reference",
+    "plan_reference",
     "sample",
     "sample_reference",
+    "store_kv",
 ]

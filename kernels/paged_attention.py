@@ -32,14 +32,13 @@ Block-table and length reads are negligible. Decode at long context is bandwidth
 time ~= KV bytes / HBM bandwidth, which is what bench/paged_attention.py reports.
 """
 import math
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, pick_backend
+from kernels._checks import pick_backend
+from kernels.paged_attention_reference import paged_attention_reference, validate_paged_args
 
 # Tile sizes. Untuned: no GPU was available when this was written; bench/paged_attention.py is the
 # tool to tune them. BLOCK_N = KV tokens per inner step (independent of the cache's block size).
@@ -195,47 +194,6 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + dst, tl.load(v_ptr + src_v, mask=mask), mask=mask)
 
 
-def _validate(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be (T, Hq, D), got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be (num_blocks, block_size, Hkv, D), got {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {cache.dtype} != q dtype {q.dtype}")
-        if not cache.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got strides {cache.stride()}")
-        if cache.device != q.device:
-            raise ValueError(f"{name} is on {cache.device}, q on {q.device}")
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"q heads {num_q_heads} not a multiple of kv heads {num_kv_heads} (k_cache)")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
-    for name, t, ndim in (("cu_seqlens_q", cu_seqlens_q, 1), ("block_tables", block_tables, 2),
-                          ("seq_lens", seq_lens, 1)):
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
-        if t.dim() != ndim or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous {ndim}-d tensor, got shape {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    num_seqs = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, want B + 1 = {num_seqs + 1}")
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows, want B = {num_seqs}")
-    if max_seqlen_q is not None and max_seqlen_q < 0:
-        raise ValueError(f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a few splits, so tests exercise the combine step
@@ -308,126 +266,6 @@ def _paged_attention_triton(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq
     return out
 
 
-@dataclass
-class ReferencePlan:
-    """The CPU path's gather indices for one batch, shared by every layer (they depend only on the
-    block tables and lengths). Build it once per step with `plan_reference`.
-
-    Decode rows (q_len 1) are batched: each of the n sequences is padded to the longest history L
-    and masked by length; prefill chunks go one sequence at a time, causal with the cached prefix.
-    """
-
-    decode_rows: torch.Tensor | None  # (n,) packed-token index of each decode query
-    decode_slots: torch.Tensor | None  # (n * L,) flat cache slot of each (sequence, position)
-    decode_len: int  # L
-    decode_mask: torch.Tensor | None  # (n, 1, 1, L) bool; None when all n histories are L long
-    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (q_start, q_end, slots (L,), mask (q_len, L))
-    buffers: dict = field(default_factory=dict)  # reused gather outputs: no fresh pages per layer
-
-    def gather(self, cache: torch.Tensor, slots: torch.Tensor, num_seqs: int, key: str) -> torch.Tensor:
-        """Cache (nb, bs, Hkv, D) at flat slots (num_seqs * L,) -> (num_seqs, Hkv, L, D).
-
-        The output lands in a buffer kept by the plan (one per key, K or V, and size) and reused by
-        every layer: a fresh multi-MB tensor per layer page-faults on each allocation, which measured
-        ~15x slower than the copy itself (glibc hands large blocks back to the OS; 2-core CPU).
-        """
-        flat = cache.flatten(0, 1)
-        shape = (slots.shape[0], *flat.shape[1:])
-        buf = self.buffers.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != cache.dtype or buf.device != cache.device:
-            buf = self.buffers[key] = torch.empty(shape, dtype=cache.dtype, device=cache.device)
-        torch.index_select(flat, 0, slots, out=buf)
-        return buf.view(num_seqs, -1, *flat.shape[1:]).transpose(1, 2)
-
-
-def _slots(tables: torch.Tensor, kv_len: int, block_size: int) -> torch.Tensor:
-    """(n, nb) block ids -> (n, kv_len) int64 flat cache slots of positions 0..kv_len-1."""
-    pos = torch.arange(kv_len, device=tables.device)
-    return tables[:, pos // block_size].long() * block_size + pos % block_size
-
-
-def plan_reference(cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                   block_size: int) -> ReferencePlan:
-    """Gather indices of `paged_attention_reference` for one batch (reads the lengths on the host)."""
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    q_lens = [cu[b + 1] - cu[b] for b in range(len(lens))]
-    for b, (q_len, kv_len) in enumerate(zip(q_lens, lens)):
-        if q_len < 0 or q_len > kv_len:
-            raise ValueError(f"sequence {b}: q_len {q_len} must be in [0, seq_lens[b]={kv_len}]")
-    device = block_tables.device
-    decode = [b for b, q_len in enumerate(q_lens) if q_len == 1]
-    rows = slots = mask = None
-    kv_len = 0
-    if decode:
-        # positions past a sequence's end read its token 0: those slots hold stale data or (fresh
-        # memory) NaN, which would survive the mask (0 * NaN = NaN); token 0 is always written.
-        # A token-level index_select measured ~3x faster than block gather + masked_fill (2-core
-        # CPU, B 8, 2k context).
-        idx = torch.tensor(decode, device=device)
-        rows = torch.tensor([cu[b] for b in decode], device=device)
-        kv_len = max(lens[b] for b in decode)
-        lens_b = seq_lens[idx]
-        slots = _slots(block_tables[idx, : -(-kv_len // block_size)], kv_len, block_size)
-        valid = torch.arange(kv_len, device=device) < lens_b[:, None]  # (n, L)
-        slots = torch.where(valid, slots, slots[:, :1]).reshape(-1)
-        if any(lens[b] != kv_len for b in decode):
-            mask = valid[:, None, None, :]
-    prefill = []
-    for b, (q_len, kv_len_b) in enumerate(zip(q_lens, lens)):
-        if q_len <= 1:
-            continue
-        slots_b = _slots(block_tables[b : b + 1, : -(-kv_len_b // block_size)], kv_len_b, block_size)[0]
-        q_pos = torch.arange(kv_len_b - q_len, kv_len_b, device=device)
-        causal = torch.arange(kv_len_b, device=device)[None, :] <= q_pos[:, None]  # (q_len, L)
-        prefill.append((cu[b], cu[b + 1], slots_b, causal))
-    return ReferencePlan(rows, slots, kv_len, mask, prefill)
-
-
-def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  scale: float) -> torch.Tensor:
-    """GQA without repeating K/V: the G query heads of a kv head become G x more query rows.
-
-    q (n, Hq, M, D), k/v (n, Hkv, L, D), mask (n, 1, M, L) bool or None -> (n, Hq, M, D).
-    """
-    n, num_q_heads, rows, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
-    q = q.reshape(n, num_kv_heads, group * rows, head_dim)
-    if mask is not None and group > 1:
-        mask = mask.expand(n, group, rows, mask.shape[-1]).reshape(n, 1, group * rows, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.view(n, num_q_heads, rows, head_dim)
-
-
-def paged_attention_reference(
-    q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
-    max_seqlen_q: int | None = None, *, plan: ReferencePlan | None = None,
-) -> torch.Tensor:
-    """Plain-torch paged attention (the CPU path): gather each sequence's K/V, then SDPA.
-
-    Decode sequences (q_len 1) are batched in one SDPA call; the rest go one by one. `plan` (from
-    `plan_reference` on the same metadata) skips recomputing the gather indices: a model's layers
-    all share one, which measured ~2.5x less attention time per SmolLM2 decode step (2-core CPU).
-    """
-    _validate(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if plan is None:
-        plan = plan_reference(cu_seqlens_q, block_tables, seq_lens, k_cache.shape[1])
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    if plan.decode_rows is not None:
-        n = plan.decode_rows.shape[0]
-        k, v = plan.gather(k_cache, plan.decode_slots, n, "k"), plan.gather(v_cache, plan.decode_slots, n, "v")
-        o = _sdpa_grouped(q[plan.decode_rows].unsqueeze(2), k, v, plan.decode_mask, scale)
-        out[plan.decode_rows] = o.squeeze(2)
-    for start, end, slots, causal in plan.prefill:
-        k, v = plan.gather(k_cache, slots, 1, "k1"), plan.gather(v_cache, slots, 1, "v1")
-        q_b = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, q_len, D)
-        o = _sdpa_grouped(q_b, k, v, causal[None, None], scale)
-        out[start:end] = o[0].transpose(0, 1)
-    return out
-
-
 def paged_attention(
     q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
@@ -440,7 +278,7 @@ def paged_attention(
     the flash-decoding KV split count (Triton only). backend: None (CUDA -> "triton", else "torch").
     Rows with no visible key (seq_lens[b] < q_len_b, e.g. padding) give 0 on the Triton path.
     """
-    _validate(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q)
+    validate_paged_args(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if pick_backend(backend, q) == "torch":
         return paged_attention_reference(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens,

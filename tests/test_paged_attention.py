@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels.paged_attention import paged_attention, paged_attention_reference, store_kv
+from kernels.paged_attention import paged_attention, store_kv
+from kernels.paged_attention_reference import paged_attention_reference
 
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}  # (atol, rtol)
 # name -> (q_lens, seq_lens): q_len 1 = decode, q_len < seq_len = prefill chunk after a cached prefix

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.paged_attention import (ReferencePlan, paged_attention, paged_attention_reference,
-                                     plan_reference, store_kv)
+from kernels.paged_attention import paged_attention, store_kv
+from kernels.paged_attention_reference import ReferencePlan, paged_attention_reference, plan_reference
 
 try:
     from flash_attn import flash_attn_varlen_func
