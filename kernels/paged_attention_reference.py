@@ -73,6 +73,7 @@ class ReferencePlan:
     decode_len: int  # L
     decode_mask: torch.Tensor | None  # (n, 1, 1, L) bool; None when all n histories are L long
     prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (q_start, q_end, slots (L,), mask (q_len, L))
+    decode_only: bool = False  # every sequence decodes: the decode rows are all T queries, in order
     buffers: dict = field(default_factory=dict)  # reused gather outputs: no fresh pages per layer
 
     def gather(self, cache: torch.Tensor, slots: torch.Tensor, num_seqs: int, key: str) -> torch.Tensor:
@@ -89,6 +90,16 @@ class ReferencePlan:
             buf = self.buffers[key] = torch.empty(shape, dtype=cache.dtype, device=cache.device)
         torch.index_select(flat, 0, slots, out=buf)
         return buf.view(num_seqs, -1, *flat.shape[1:]).transpose(1, 2)
+
+    def grouped_decode_mask(self, group: int) -> torch.Tensor | None:
+        """decode_mask for G query heads per kv head, (n, 1, G, L), built once per plan."""
+        if self.decode_mask is None or group == 1:
+            return self.decode_mask
+        key = ("mask", group)
+        if key not in self.buffers:
+            n, length = self.decode_mask.shape[0], self.decode_mask.shape[-1]
+            self.buffers[key] = self.decode_mask.expand(n, group, 1, length).reshape(n, 1, group, length)
+        return self.buffers[key]
 
 
 def _slots(tables: torch.Tensor, kv_len: int, block_size: int) -> torch.Tensor:
@@ -131,7 +142,7 @@ def plan_reference(cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, seq_l
         q_pos = torch.arange(kv_len_b - q_len, kv_len_b, device=device)
         causal = torch.arange(kv_len_b, device=device)[None, :] <= q_pos[:, None]  # (q_len, L)
         prefill.append((cu[b], cu[b + 1], slots_b, causal))
-    return ReferencePlan(rows, slots, kv_len, mask, prefill)
+    return ReferencePlan(rows, slots, kv_len, mask, prefill, decode_only=len(decode) == len(lens))
 
 
 def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -144,7 +155,7 @@ def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
     q = q.reshape(n, num_kv_heads, group * rows, head_dim)
-    if mask is not None and group > 1:
+    if mask is not None and mask.shape[2] != group * rows:
         mask = mask.expand(n, group, rows, mask.shape[-1]).reshape(n, 1, group * rows, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.view(n, num_q_heads, rows, head_dim)
@@ -165,11 +176,17 @@ def paged_attention_reference(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if plan is None:
         plan = plan_reference(cu_seqlens_q, block_tables, seq_lens, k_cache.shape[1])
+    num_tokens, num_q_heads, head_dim = q.shape
+    mask = plan.grouped_decode_mask(num_q_heads // k_cache.shape[2])
+    if plan.decode_only and num_tokens > 0:  # a pure decode step: no gather of q, no scatter of out
+        k = plan.gather(k_cache, plan.decode_slots, num_tokens, "k")
+        v = plan.gather(v_cache, plan.decode_slots, num_tokens, "v")
+        return _sdpa_grouped(q.unsqueeze(2), k, v, mask, scale).reshape(num_tokens, num_q_heads, head_dim)
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     if plan.decode_rows is not None:
         n = plan.decode_rows.shape[0]
         k, v = plan.gather(k_cache, plan.decode_slots, n, "k"), plan.gather(v_cache, plan.decode_slots, n, "v")
-        o = _sdpa_grouped(q[plan.decode_rows].unsqueeze(2), k, v, plan.decode_mask, scale)
+        o = _sdpa_grouped(q[plan.decode_rows].unsqueeze(2), k, v, mask, scale)
         out[plan.decode_rows] = o.squeeze(2)
     for start, end, slots, causal in plan.prefill:
         k, v = plan.gather(k_cache, slots, 1, "k1"), plan.gather(v_cache, slots, 1, "v1")
