@@ -177,3 +177,22 @@ def test_per_row_seeds_follow_the_distribution(temperature, top_k, top_p, min_p)
     assert_matches_distribution(tokens, filtered_distribution(temperature, top_k, top_p, min_p))
     half = sample_reference(logits[:5000], temperature, top_p, top_k, min_p, generator=seeds[:5000])[0]
     assert torch.equal(half, tokens[:5000])  # a row's draw depends on its seed only
+
+
+def test_inverse_cdf_across_chunks_follows_the_weights():
+    # 3 x 256 + 5 weights: the mass sits on both sides of each chunk boundary and in the ragged last
+    # chunk, whole chunks are empty, zeros sit between kept tokens; also the two extremes of u
+    from kernels.sampling_reference import inverse_cdf
+
+    vocab = 3 * 256 + 5
+    weights = torch.zeros(vocab)
+    kept = {0: 1.0, 255: 3.0, 256: 2.0, 258: 0.5, 767: 1.5, 768: 2.5, 772: 0.25}
+    for i, w in kept.items():
+        weights[i] = w
+    draws = 40000
+    u = torch.rand(draws, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    tokens = inverse_cdf(weights.expand(draws, -1).contiguous(), u)
+    expected = weights.double().numpy() / weights.sum().item()
+    assert_matches_distribution(tokens, expected)
+    edges = inverse_cdf(weights.expand(2, -1).contiguous(), torch.tensor([[0.0], [1.0 - 2**-53]], dtype=torch.float64))
+    assert edges.tolist() == [0, 772]  # the first and the last kept token, never a zero weight
