@@ -77,6 +77,13 @@ def test_engine_flash_attn_arguments(monkeypatch):
     assert calls
 
 
+def test_unknown_backend_is_a_clear_error():
+    engine = make_engine(tiny_model())
+    engine.kv_cache.backend = "flash"
+    with pytest.raises(ValueError, match="KVCache.backend must be"):
+        engine.generate(prompts_of([3]), SamplingParams(max_tokens=1))
+
+
 def test_flash_attn_context_needs_key_lengths():
     engine = make_engine(tiny_model())
     engine.generate(prompts_of([3]), SamplingParams(max_tokens=1))

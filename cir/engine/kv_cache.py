@@ -128,6 +128,8 @@ class KVCache:
 
     @property
     def attention_backend(self) -> str:
+        if self.backend not in (None, "flash_attn", "triton", "torch"):
+            raise ValueError(f"KVCache.backend must be None, 'flash_attn', 'triton' or 'torch', got {self.backend!r}")
         return self.backend or attention_backend(self.device, self.dtype, self.block_size)
 
     def context(self, **metadata) -> PagedContext:
