@@ -14,155 +14,28 @@ Per data file, in --out: `<name>.jsonl`, one line per problem (id, problem, answ
 predicted boxed answers, rewards, tool calls and successes, response tokens, finish reasons); and
 `summary.json` with every file's metrics and pass@k curve. A table is printed at the end.
 
-The same code serves the trainer (`evaluate_problems(trainer, problems)`, every K steps on a
-held-out set, at the rollout's sampling settings and the current tool budget) and a notebook
-(`evaluate(engine, tokenizer, problems, n, params, tools, prompt_mode)`).
+The evaluation core lives in `cir.eval` (`evaluate(engine, tokenizer, problems, n, params, tools,
+prompt_mode)`, for a notebook too); the trainer's held-out evaluation in `cir.rl.evaluation`
+(`evaluate_problems(trainer, problems)`). This module is the command line around them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from cir.data.problems import Problem, load_problems
-from cir.data.prompts import build_prompt
+from cir.data.problems import load_problems
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
-from cir.eval_metrics import avg_at_n, pass_at_k_curve
-from cir.rewards import extract_boxed, score_many
+from cir.eval import evaluate, rollout_records, summarize  # noqa: F401  (the evaluation core, re-exported)
+from cir.rl.evaluation import evaluate_problems  # noqa: F401  (the trainer's, re-exported)
 
 TABLE_KS = (1, 2, 4, 8, 16, 32, 64)  # pass@k columns of the printed table (plus k = n)
 
 
-# 1) rollouts -> per-problem records ---------------------------------------------------------------
-def _encode_prompts(engine: Engine, tokenizer, problems: list[Problem], prompt_mode: str,
-                    max_prompt_tokens: int | None) -> tuple[list[list[int]], list[Problem]]:
-    """Prompt ids of the problems that fit. Too long: skipped when `max_prompt_tokens` is given
-    (the trainer's rule), else a ValueError naming the problem."""
-    limit = engine.max_model_len - 1 if max_prompt_tokens is None else min(max_prompt_tokens, engine.max_model_len - 1)
-    prompts, kept = [], []
-    for p in problems:
-        ids = tokenizer.encode(build_prompt(p, tokenizer, mode=prompt_mode))
-        if len(ids) > limit:
-            if max_prompt_tokens is None:
-                raise ValueError(f"problem {p.id}: prompt of {len(ids)} tokens leaves no room to answer "
-                                 f"(max_model_len {engine.max_model_len})")
-            print(f"evaluate: skipping problem {p.id}: prompt of {len(ids)} tokens > {limit}", flush=True)
-            continue
-        prompts.append(ids)
-        kept.append(p)
-    return prompts, kept
-
-
-def rollout_records(engine: Engine, tokenizer, problems: list[Problem], n: int, params: SamplingParams,
-                    tools: ToolConfig | None = None, prompt_mode: str = "raw",
-                    max_prompt_tokens: int | None = None) -> tuple[list[dict], dict]:
-    """Generate n responses per problem, score them; (one record per problem, timing metrics)."""
-    prompts, kept = _encode_prompts(engine, tokenizer, problems, prompt_mode, max_prompt_tokens)
-    t0 = time.perf_counter()
-    trajs = engine.generate(prompts, params, n=n, tools=tools) if prompts else []
-    t1 = time.perf_counter()
-    rewards = score_many([t.text for t in trajs], [p.answer for p in kept for _ in range(n)])
-    t2 = time.perf_counter()
-    records = []
-    for i, p in enumerate(kept):
-        group, group_rewards = trajs[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n]
-        records.append({
-            "id": p.id, "problem": p.problem, "answer": p.answer,
-            "num_correct": sum(r > 0 for r in group_rewards),
-            "rewards": group_rewards,
-            "predictions": [extract_boxed(t.text) for t in group],
-            "num_tool_calls": [t.num_tool_calls for t in group],
-            "num_tool_successes": [t.num_tool_successes for t in group],
-            "num_response_tokens": [len(t.response_ids) for t in group],
-            "finish_reasons": [t.finish_reason for t in group],
-            "responses": [t.text for t in group],
-        })
-    num_tokens = sum(len(t.response_ids) for t in trajs)
-    timing = {"time/generate": t1 - t0, "time/reward": t2 - t1,
-              "time/sandbox_wait": engine.stats.get("seconds_waiting_on_tools", 0.0) if trajs else 0.0,
-              "throughput/tokens_per_s": num_tokens / max(t1 - t0, 1e-9)}
-    return records, timing
-
-
-# 2) records -> metrics ---------------------------------------------------------------------------
-def summarize(records: list[dict], n: int) -> dict:
-    """{"metrics": flat scalars, "pass_at_k": [pass@1, ..., pass@n]} over per-problem records."""
-    if not records:
-        raise ValueError("no problems to summarize")
-    counts = [r["num_correct"] for r in records]
-
-    def flat(key: str) -> list:
-        return [v for r in records for v in r[key]]
-
-    calls, successes, lengths = flat("num_tool_calls"), flat("num_tool_successes"), flat("num_response_tokens")
-    num_responses = len(calls)
-    if num_responses != n * len(records):
-        raise ValueError(f"expected {n} responses per problem, got {num_responses} for {len(records)} problems")
-    curve = pass_at_k_curve(counts, n)
-    metrics = {
-        "num_problems": len(records), "n": n,
-        f"avg@{n}": avg_at_n(counts, n), f"pass@{n}": curve[-1],
-        "tools/calls_per_response": sum(calls) / num_responses,
-        "tools/success_rate": sum(successes) / max(sum(calls), 1),
-        "tools/responses_using_tool": sum(c > 0 for c in calls) / num_responses,
-        "answer/boxed_rate": sum(p is not None for p in flat("predictions")) / num_responses,
-        "response/length_mean": sum(lengths) / num_responses,
-        **{f"finish/{reason}": count / num_responses
-           for reason, count in sorted(Counter(flat("finish_reasons")).items())},
-    }
-    return {"metrics": metrics, "pass_at_k": curve}
-
-
-def evaluate(engine: Engine, tokenizer, problems: list[Problem], n: int, params: SamplingParams,
-             tools: ToolConfig | None = None, prompt_mode: str = "raw") -> dict:
-    """n responses per problem on `engine`: {"metrics", "pass_at_k", "records"} (see `summarize`)."""
-    records, timing = rollout_records(engine, tokenizer, problems, n, params, tools, prompt_mode)
-    summary = summarize(records, n)
-    summary["metrics"].update(timing)
-    summary["records"] = records
-    return summary
-
-
-def evaluate_problems(trainer, problems: list[Problem]) -> dict:
-    """The trainer's held-out evaluation: each rank its slice of the problems, at the rollout's
-    sampling settings and the current tool budget; metrics over all ranks (every rank returns them).
-
-    The engine's sampling generator is restored afterwards, so evaluating never changes the
-    training rollouts (a resumed run matches an uninterrupted one with or without evaluation).
-    """
-    from cir.rl import distributed
-
-    cfg = trainer.config.rollout
-    mine = problems[distributed.rank()::distributed.world_size()]
-    max_calls = trainer.budget.at(trainer.step)
-    tools = ToolConfig(trainer.sandbox, max_calls=max_calls, on_budget_spent=cfg.on_budget_spent) \
-        if max_calls > 0 and trainer.sandbox is not None else None
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_tokens)
-    generator = trainer.engine.runner.generator
-    rng_state, was_training = generator.get_state(), trainer.model.training
-    trainer.model.eval()
-    try:
-        with distributed.unsharded(trainer.policy), trainer._autocast():  # every rank: unshard is collective
-            records, timing = rollout_records(trainer.engine, trainer.tokenizer, mine, cfg.n, params, tools,
-                                              cfg.prompt_mode, max_prompt_tokens=cfg.max_prompt_tokens)
-    finally:
-        trainer.model.train(was_training)
-        generator.set_state(rng_state)
-    slim = [{k: v for k, v in r.items() if k not in ("problem", "responses")} for r in records]
-    gathered = [r for part in distributed.all_gather_object(slim) for r in part]
-    if not gathered:
-        return {"num_problems": 0}
-    metrics = summarize(gathered, cfg.n)["metrics"]
-    metrics.update(timing)  # this rank's seconds
-    return metrics
-
-
-# 3) the command ----------------------------------------------------------------------------------
+# the command --------------------------------------------------------------------------------------
 def format_table(results: dict[str, dict]) -> str:
     """One row per data file: accuracy, pass@k at powers of two (and n), tools, length, finish."""
     n = max(s["metrics"]["n"] for s in results.values())

@@ -14,8 +14,10 @@ from cir.data.prompts import build_prompt
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
 from cir.engine.tools import feedback_text
 from cir.eval_metrics import pass_at_k
-from cir.evaluate import _parse_args, _unique_names, evaluate, evaluate_problems, format_table, summarize
+from cir.eval import evaluate, summarize
+from cir.evaluate import _parse_args, _unique_names, format_table
 from cir.rl.budget import ToolBudget
+from cir.rl.evaluation import evaluate_problems
 from sandbox.result import Result, format_feedback
 
 

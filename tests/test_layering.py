@@ -34,3 +34,12 @@ def test_sandbox_imports_only_stdlib_and_seccomp():
         top = {m.split(".")[0] for m in imported_modules(f)}
         # warm modules (numpy, sympy) are imported by name at run time, never by an import statement
         assert top <= allowed, f"{f.name} imports {sorted(top - allowed)}"
+
+
+def test_library_modules_do_not_import_the_command_lines():
+    """`python -m cir.evaluate` / `cir.generate` sit on top: no module under cir/ imports them (the
+    trainer's evaluation goes through cir.eval and cir.rl.evaluation)."""
+    commands = {"cir.evaluate", "cir.generate"}
+    offenders = {str(f.relative_to(ROOT)): sorted(imported_modules(f) & commands)
+                 for f in sorted((ROOT / "cir").rglob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}, f"library modules import a command line: {offenders}"

@@ -29,6 +29,7 @@ from cir.rl.advantages import advantages as compute_advantages
 from cir.rl.advantages import groups_with_signal
 from cir.rl.batching import pack
 from cir.rl.budget import ToolBudget
+from cir.rl.evaluation import evaluate_problems
 from cir.rl.logger import MetricsLogger
 from cir.rl.loss import policy_loss
 from cir.rl.policy import PolicyForward
@@ -281,8 +282,6 @@ class Trainer:
         distributed.print0(f"resumed from {path} at step {self.step}")
 
     def evaluate(self) -> dict:
-        from cir.evaluate import evaluate_problems
-
         results = {}
         for path in self.config.train.eval_data:
             results[Path(path).stem] = evaluate_problems(self, load_problems(path))
