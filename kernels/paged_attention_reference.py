@@ -158,7 +158,9 @@ def _sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     if mask is not None and mask.shape[2] != group * rows:
         mask = mask.expand(n, group, rows, mask.shape[-1]).reshape(n, 1, group * rows, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.view(n, num_q_heads, rows, head_dim)
+    # reshape, not view: on CUDA the flash / efficient backends return (n, Hkv, G * M, D) with the
+    # heads innermost, i.e. not contiguous, and a view across the group split is then impossible.
+    return out.reshape(n, num_q_heads, rows, head_dim)
 
 
 def paged_attention_reference(

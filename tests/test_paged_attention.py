@@ -102,6 +102,28 @@ def test_strided_q_and_default_splits():
     assert_close(out, dense_attention(q, args[1].tolist(), ks, vs), torch.float32)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_reference_non_contiguous_sdpa_output_and_strided_q(case, monkeypatch):
+    """CUDA's flash / efficient SDPA backends return (n, H, M, D) laid out as (n, M, H, D): not
+    contiguous. The reference must accept that layout (a `.view` of it raised on CUDA with fp32), and
+    a q that is a strided view of a fused qkv projection. CPU SDPA returns contiguous tensors, so
+    the CUDA layout is imposed by a wrapper with the same values."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa_cuda_layout(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, heads innermost
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_cuda_layout)
+    q_lens, seq_lens = CASES[case]
+    args, ks, vs = make_case(q_lens, seq_lens, 8, 2, 16, block_size=16, dtype=torch.float32)
+    q = args[0]
+    q_view = torch.cat([q, torch.zeros_like(q)], dim=1)[:, : q.shape[1]]  # (T, Hq, D), strided
+    assert not q_view.is_contiguous()
+    out = paged_attention_reference(q_view, *args[1:])
+    assert_close(out, dense_attention(q, args[1].tolist(), ks, vs), torch.float32)
+
+
 def test_reference_matches_triton_bf16_mixed():
     args, _, _ = make_case([1, 4, 1], [33, 20, 64], 8, 2, 32, block_size=16, dtype=torch.bfloat16)
     ref = paged_attention_reference(*args)
