@@ -1,4 +1,5 @@
 """The sandbox client: concurrency, sessions, server restarts, the CLI."""
+import json
 import os
 import signal
 import subprocess
@@ -116,3 +117,38 @@ def test_a_missing_warm_module_is_skipped():
     with Sandbox(workers=1, warm_modules=("math", "no_such_module_for_cir_tests")) as small:
         assert small.info()["warm_modules"] == ["math"]
         assert small.run("import math\nprint(math.factorial(5))").stdout == "120\n"
+
+
+def test_a_module_on_the_callers_pythonpath_is_importable_warm(tmp_path):
+    """Dependencies that reach the caller only through PYTHONPATH (a `pip install --target` dir, a
+    cluster module system) must reach the server too: there a warm module imports, and a snippet
+    can import it. The caller here is a fresh process whose PYTHONPATH names a temp dir; this test's
+    own process cannot import the module."""
+    name = "cir_pythonpath_probe"
+    (tmp_path / f"{name}.py").write_text("VALUE = 6 * 7\n")
+    with pytest.raises(ImportError):
+        __import__(name)
+    caller = (
+        "import json\nfrom sandbox import Sandbox\n"
+        f"with Sandbox(workers=1, warm_modules=('math', {name!r})) as sb:\n"
+        f"    r = sb.run('import {name}\\nprint({name}.VALUE)')\n"
+        "    print(json.dumps({'warm': sb.info()['warm_modules'], 'stdout': r.stdout, 'error': r.error_line}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["warm"] == ["math", name], proc.stderr
+    assert out["stdout"] == "42\n", out
+
+
+def test_server_environment_carries_the_import_path_and_no_variable(monkeypatch, tmp_path):
+    from sandbox.environment import import_path, is_scrubbed, package_root, server_environment
+
+    monkeypatch.setenv("CIR_SANDBOX_TEST_SECRET", "s3cret")
+    env = server_environment(["", str(tmp_path), "/no/such/dir", str(tmp_path), package_root()])
+    assert env["PYTHONPATH"].split(os.pathsep) == [package_root(), str(tmp_path)]
+    assert "s3cret" not in "".join(env.values()) and "CIR_SANDBOX_TEST_SECRET" not in env
+    assert is_scrubbed(env) and not is_scrubbed({**env, "CIR_SANDBOX_TEST_SECRET": "s3cret"})
+    assert import_path() == import_path(import_path())  # a server re-reading its own path: no re-exec loop
