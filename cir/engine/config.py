@@ -34,6 +34,10 @@ class EngineConfig:
     """CUDA only: decode steps replay CUDA graphs captured per bucketed batch size (cuda_graphs.py)."""
     cuda_graph_max_batch: int = 256
     """Largest decode batch run as a graph (capped at max_num_seqs); bigger steps run eagerly."""
+    rollout_weight_copy: bool = True
+    """Under autocast with weights in another dtype (fp32 masters, bf16 autocast): decode reads one
+    persistent bf16 copy of the matmul weights, refreshed after each optimizer step (rollout_weights.py),
+    instead of casting the weights again in every step."""
     seed: int = 0
     """Seed of the sampling generator; each `generate` call advances it."""
     show_progress: bool = True

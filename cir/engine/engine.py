@@ -13,6 +13,7 @@ decoding; the feedback comes back as tokens with loss mask 0, prefilled as one c
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
 from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
 from cir.engine.model_runner import ModelRunner
+from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
 from cir.engine.tools import SegmentDecoder, feedback_text, find_closed_code, scan_start_hint
@@ -62,6 +64,7 @@ class Engine:
                                               -(-self.max_model_len // config.block_size))
         self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         self.stats: dict[str, float] = {}
+        self.rollout_weights: RolloutWeights | None = None  # bf16 copies of fp32 masters, under autocast
 
     # 1) the KV pool --------------------------------------------------------------------------------
     def _num_blocks(self) -> int:
@@ -87,6 +90,21 @@ class Engine:
         self.model.compute_logits(self.model.forward_packed(ids, cu)[-256:])
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
+
+    def refresh_rollout_weights(self) -> None:
+        """Copy the masters into the rollout copies in place; the trainer calls it after each optimizer
+        step. A no-op when no copy exists (no autocast rollout yet, or parameters in the autocast dtype)."""
+        if self.rollout_weights is not None:
+            self.rollout_weights.refresh()
+
+    def _rollout_weights(self) -> contextlib.AbstractContextManager:
+        """The bf16 copies swapped in for this rollout when autocast would cast fp32 weights, else nothing."""
+        dtype = RolloutWeights.wanted(self.model, self.device) if self.config.rollout_weight_copy else None
+        if dtype is None:
+            return contextlib.nullcontext()
+        if self.rollout_weights is None or self.rollout_weights.dtype != dtype:
+            self.rollout_weights = RolloutWeights(self.model, dtype)
+        return self.rollout_weights.swapped()
 
     def release(self) -> None:
         """Give the KV pool's memory back (e.g. to the training step); the next generate reallocates.
@@ -123,6 +141,14 @@ class Engine:
             self.kv_cache.dtype = dtype
             self.kv_cache.allocate(self._num_blocks())
         self.runner.new_call()
+        with self._rollout_weights():
+            trajs = self._generate(prompts, params, n, tools, prompt_keys)
+        if self.config.release_after_generate:
+            self.release()
+        return trajs
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, tools: ToolConfig | None,
+                  prompt_keys: list[int] | None) -> list[Trajectory]:
         if self.runner.graphs is not None:
             self.runner.graphs.check()  # a new pool or new parameter storage: capture again
         block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
@@ -172,8 +198,6 @@ class Engine:
                           num_preemptions=scheduler.num_preemptions,
                           num_prefix_cache_hit_tokens=block_manager.num_cache_hits,
                           seconds_waiting_on_tools=self._seconds_waiting)
-        if self.config.release_after_generate:
-            self.release()
         return [self._trajectory(seq) for group in groups for seq in group]
 
     def _max_response_tokens(self, seq: Sequence) -> int:

@@ -78,16 +78,23 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def wrap(policy: nn.Module, blocks: list[nn.Module], parallel: str, device: torch.device) -> nn.Module:
-    """DDP or FSDP2 around the training forward module; the identity on one process."""
+def wrap(policy: nn.Module, blocks: list[nn.Module], parallel: str, device: torch.device,
+         param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP or FSDP2 around the training forward module; the identity on one process.
+
+    `param_dtype` (FSDP2 only; e.g. bf16 with fp32 masters under autocast): unsharded parameters are
+    all-gathered in that dtype (`MixedPrecisionPolicy`, gradients reduced in fp32), so a rollout on
+    the unsharded parameters reads bf16 weights and the engine builds no copy of its own."""
     if not is_distributed():
         return policy
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        kw = {} if param_dtype is None else {
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
         for block in blocks:
-            fully_shard(block)
-        fully_shard(policy)
+            fully_shard(block, **kw)
+        fully_shard(policy, **kw)
         return policy
     from torch.nn.parallel import DistributedDataParallel
 

@@ -211,6 +211,7 @@ class Trainer:
                 sums[k] += float(st[k]) * count if st.get(k) is not None else 0.0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
+        self.engine.refresh_rollout_weights()  # fp32 masters under autocast: the bf16 rollout copy, in place
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values()), self.device)))
         sums["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
