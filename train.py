@@ -4,8 +4,12 @@
     python train.py --config configs/cpu-small.yaml --train.steps 5
     torchrun --nproc_per_node=8 train.py --config configs/cir-qwen2.5-math-7b.yaml
     python train.py --config ... --resume                      # continue from the latest checkpoint
+    python train.py --config ... --train.overwrite true        # start over in a used output_dir
 
-Overrides are `--section.field VALUE` (see cir/config.py for every field and its meaning).
+Overrides are `--section.field VALUE` (see cir/config.py for every field and its meaning). A run
+directory belongs to one run: starting without --resume where another run left checkpoints or
+metrics is an error. A mistake (bad config, missing file, used directory) is one `error:` line;
+--debug (or CIR_DEBUG=1) shows its traceback.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from cir.errors import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args, overrides = parser.parse_known_args(argv)
@@ -26,10 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from cir.rl.trainer import Trainer
 
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    try:
-        config = load_config(config_path, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"config error: {e}")
+    config = load_config(config_path, overrides)
     trainer = Trainer(config, resume=args.resume)
     try:
         trainer.train()
@@ -39,8 +42,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"curves: {plot_run(trainer.output_dir)}")
     finally:
         trainer.close()
+    sys.stdout.flush()
     os._exit(0)  # torchrun workers can abort in interpreter teardown; everything is flushed by now
 
 
 if __name__ == "__main__":
-    main()
+    from cir.errors import run_main
+
+    run_main(main)

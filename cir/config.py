@@ -3,8 +3,9 @@
     cfg = load_config("configs/cir-qwen2.5-math-7b.yaml", ["--rl.clip_high", "0.28", "--train.steps=5"])
 
 Sections: model, engine (cir.engine.EngineConfig), rollout, rl, optim, train. An unknown section or
-field, or a value of the wrong type, is a ValueError naming it. The resolved config is saved next to
-the run's outputs (`save_config`).
+field, a value of the wrong type, or a YAML syntax error is a `cir.errors.UserError` (a ValueError)
+naming it (a YAML error with its file:line); a missing file is a MissingPathError. The resolved config
+is saved next to the run's outputs (`save_config`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from cir.engine.config import EngineConfig
+from cir.errors import MissingPathError, UserError, location
 
 
 @dataclass
@@ -26,6 +28,9 @@ class ModelSection:
     dtype: str = "float32"
     """Parameter dtype: "float32" or "bfloat16". With float32 params, `train.autocast` picks bf16 math on GPU."""
     gradient_checkpointing: bool = False
+    batch_invariant: bool = False
+    """Exact mode (`Transformer.set_batch_invariant`): the engine's behaviour log-probs equal the training
+    forward's bit for bit, whatever the batching; slower (README, "Exact on-policy mode")."""
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -120,8 +125,14 @@ class TrainSection:
     """Token budget of one packed training micro-batch (per rank)."""
     seed: int = 0
     output_dir: str = "runs/cir"
+    """The run directory: config.yaml, metrics, samples, checkpoints. It belongs to one run: starting
+    without --resume where another run left checkpoints or metrics is an error (see `overwrite`)."""
+    overwrite: bool = False
+    """Start over in an output_dir that holds another run: its checkpoints, metrics, samples, eval
+    results, TensorBoard events and curves are deleted first. Not together with --resume."""
     save_every: int = 50
     keep_last: int = 2
+    """Checkpoints kept (>= 1); the one just written is always among them."""
     parallel: str = "ddp"
     """"ddp" (replicated) or "fsdp" (FSDP2 fully_shard) when more than one rank runs."""
     autocast: str = "auto"
@@ -136,6 +147,8 @@ class TrainSection:
             raise ValueError(f"train.autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError("train.steps and train.prompts_per_step must be >= 1")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1, got {self.keep_last}")
 
 
 @dataclass
@@ -176,7 +189,7 @@ def _coerce(value, annotation, where: str):
                 if not isinstance(parsed, (dict, list, tuple)) or (origin is dict) != isinstance(parsed, dict):
                     raise ValueError
                 return origin(parsed)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, yaml.YAMLError):
             continue
     raise ValueError(f"{where}: cannot use {value!r} as {annotation}")
 
@@ -191,15 +204,34 @@ def _build(section_cls, values: dict, where: str):
     return section_cls(**kwargs)
 
 
+def _read_yaml(path: str | Path) -> dict:
+    if not Path(path).is_file():
+        raise MissingPathError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:  # the library's own message spans several lines: keep its gist
+        mark = getattr(e, "problem_mark", None)
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise UserError(f"invalid YAML: {what}", where=location(path, mark.line + 1 if mark else None)) from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file is not UTF-8 text ({e.reason} at byte {e.start})", where=str(path)) from None
+    if not isinstance(raw, dict):
+        raise UserError("the config must be a mapping of sections", where=str(path))
+    return raw
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """YAML file (optional) + overrides like `--rl.clip_high 0.28` or `--rl.clip_high=0.28`."""
-    raw: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the config must be a mapping of sections")
+    try:
+        return _load(path, overrides)
+    except UserError:
+        raise
+    except ValueError as e:  # every section validates itself with ValueError: all of them are the user's
+        raise UserError(str(e)) from None
+
+
+def _load(path: str | None, overrides: list[str] | None) -> Config:
+    raw: dict = _read_yaml(path) if path is not None else {}
     args = list(overrides or [])
     while args:
         arg = args.pop(0)

@@ -7,16 +7,17 @@ Six panels: reward and accuracy (with held-out evaluation points), tool use, res
 clip fraction and entropy, grad norm and learning rate, and where the seconds of a step went.
 A metric the run did not log leaves its panel with a "not logged" note. A step logged twice
 (a resumed run re-logs the steps after its checkpoint) keeps its last record. A line that is not
-a JSON object with a numeric "step" is a ValueError naming the file and the line.
+a JSON object with a numeric "step" is a UserError (a ValueError) naming the file and the line;
+the command prints it as one `error:` line (--debug: with its traceback).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 from pathlib import Path
 
 from cir.data.problems import iter_jsonl
+from cir.errors import ArgumentParser, MissingPathError, UserError, location, run_main
 
 SMOOTH_MIN_POINTS = 20  # fewer points: the raw curve alone; more: a moving average drawn over it
 SCHEDULES = ("tools/budget", "train/lr")  # set, not measured: drawn as they are, never smoothed
@@ -28,10 +29,10 @@ def read_jsonl(path: Path) -> list[dict]:
     by_step: dict[float, dict] = {}
     for line_no, record in iter_jsonl(path):
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
+            raise UserError(f"expected a JSON object, got {type(record).__name__}", where=location(path, line_no))
         step = record.get("step")
         if isinstance(step, bool) or not isinstance(step, (int, float)):
-            raise ValueError(f"{path}: line {line_no}: missing or non-numeric \"step\" (got {step!r})")
+            raise UserError(f"missing or non-numeric \"step\" (got {step!r})", where=location(path, line_no))
         by_step[step] = record
     return [by_step[s] for s in sorted(by_step)]
 
@@ -148,10 +149,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+        hint = None if run_dir.is_dir() else "no such directory"
+        raise MissingPathError(f"no metrics.jsonl in {run_dir}", hint=hint)
     records = read_jsonl(metrics_path)
     if not records:
-        raise ValueError(f"{metrics_path}: no metrics records")
+        raise UserError("no metrics records", where=str(metrics_path))
     eval_path = run_dir / "eval.jsonl"
     evals = read_jsonl(eval_path) if eval_path.is_file() else []
 
@@ -183,16 +185,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Draw a run's training curves to a PNG.")
+    parser = ArgumentParser(prog="python -m cir.plot", description="Draw a run's training curves to a PNG.")
     parser.add_argument("run_dir", help="run output directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
-    try:
-        path = plot_run(args.run_dir, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(path)
+    print(plot_run(args.run_dir, args.out))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,6 +25,8 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from cir.errors import MissingPathError, UserError
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -246,11 +248,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path.parent
     tokenizer_file = path / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {str(path)!r}")
+        if not path.exists():
+            raise MissingPathError(f"model directory not found: {str(path)!r}")
+        from cir.model.checkpoint import model_dir_hint
+
+        raise MissingPathError(f"no tokenizer.json in {str(path)!r}", hint=model_dir_hint(path))
     try:
         backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # tokenizers raises a bare Exception on bad json
-        raise ValueError(f"cannot read {str(tokenizer_file)!r}: {e}") from e
+        raise UserError(f"cannot read {str(tokenizer_file)!r}: {e}") from e
 
     config = _read_json(path / "tokenizer_config.json")
     special_map = _read_json(path / "special_tokens_map.json")

@@ -49,20 +49,21 @@ def test_json_list(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"problem": "x", "answer": ', "line 2: invalid JSON"),
-    ('["problem", "answer"]', "line 2: expected a JSON object"),
-    ('{"answer": "3"}', "line 2: no problem text"),
-    ('{"problem": "x"}', "line 2: no answer"),
-    ('{"problem": "x", "answer": ""}', "line 2: `answer` is empty"),
-    ('{"problem": "x", "answer": [1, 2]}', "line 2: `answer` must be a string or a number"),
-    ('{"problem": "x", "solution": "A long worked solution.\\nWith no box at the end."}', r"line 2: `solution` has no"),
-    ('{"problem": "x", "solution": "ends in \\\\boxed{3"}', r"line 2: `solution` has no"),
+    ('{"problem": "x", "answer": ', "invalid JSON: Expecting value at column 28 \\(the end of the line\\)"),
+    ('{"problem": "x",, "answer": 1}', "invalid JSON: Expecting property name .* at column 17 \\("),
+    ('["problem", "answer"]', "expected a JSON object"),
+    ('{"answer": "3"}', "no problem text"),
+    ('{"problem": "x"}', "no answer"),
+    ('{"problem": "x", "answer": ""}', "`answer` is empty"),
+    ('{"problem": "x", "answer": [1, 2]}', "`answer` must be a string or a number"),
+    ('{"problem": "x", "solution": "A long worked solution.\\nWith no box at the end."}', r"`solution` has no"),
+    ('{"problem": "x", "solution": "ends in \\\\boxed{3"}', r"`solution` has no"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", ['{"problem": "ok", "answer": "1"}', line])
     with pytest.raises(ValueError, match=message) as info:
         load_problems(path)
-    assert str(path) in str(info.value)
+    assert str(info.value).endswith(f"({path}:2)")
 
 
 def test_missing_file_and_unknown_format(tmp_path):
@@ -100,7 +101,7 @@ def test_verl_parquet_bad_row_names_row(tmp_path):
             {"prompt": [{"role": "assistant", "content": "hi"}], "reward_model": {"ground_truth": "2"}}]
     path = tmp_path / "bad.parquet"
     pq.write_table(verl_table(rows), path)
-    with pytest.raises(ValueError, match=r"bad.parquet: row 1: `prompt` has no user message"):
+    with pytest.raises(ValueError, match=r"`prompt` has no user message \(.*bad.parquet: row 1\)"):
         load_problems(path)
 
 

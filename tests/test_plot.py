@@ -47,7 +47,7 @@ def test_malformed_line_names_file_and_line(tmp_path, bad, match):
     write_metrics(tmp_path, num_steps=3, extra_lines=(bad,))
     with pytest.raises(ValueError, match=match) as info:
         plot_run(tmp_path)
-    assert f"{tmp_path / 'metrics.jsonl'}: line 4" in str(info.value)
+    assert str(info.value).endswith(f"({tmp_path / 'metrics.jsonl'}:4)")
 
 
 def test_missing_metrics_file(tmp_path):

@@ -8,8 +8,9 @@ A record is read as
   (the AMC23 / OlymMATH files store answers that way), and is an error otherwise;
 - id: `id`, `unique_id`, `extra_info.index`, else `<file stem>-<line or row number>`.
 
-A malformed record raises ValueError naming the file, the line (JSONL) or row (parquet), and what
-is wrong with it.
+A malformed record or file raises `cir.errors.UserError` (a ValueError) saying what is wrong and
+where: `invalid JSON: Expecting ',' delimiter at column 42 (data/train.jsonl:3)`, `... (x.parquet: row 7)`;
+a missing file raises MissingPathError (a FileNotFoundError).
 
     problems = load_problems("data/train.jsonl")      # or .parquet
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cir.errors import MissingPathError, UserError, location
 from cir.rewards.boxed import extract_boxed
 
 MAX_BARE_SOLUTION_CHARS = 100  # longest un-boxed `solution` taken as the answer (OlymMATH's longest: 49)
@@ -104,15 +106,24 @@ def parse_record(record: Any, source: str, fallback_id: str) -> Problem:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; invalid JSON names the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
+    """(line number, parsed value) for each non-blank line; invalid JSON is a UserError naming the
+    file, the line and the column."""
+    line_no = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                text = line.rstrip("\r\n")  # with the newline, an error at its end reads "line 2 column 1"
+                if not text.strip():
+                    continue
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as e:
+                    end = " (the end of the line)" if e.pos >= len(text) else ""
+                    raise UserError(f"invalid JSON: {e.msg} at column {e.pos + 1}{end}",
+                                    where=location(path, line_no)) from None
+                yield line_no, value
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text (a binary file?)", where=location(path, line_no + 1)) from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -125,21 +136,28 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"invalid JSON: {e.msg} at column {e.colno}", where=location(path, e.lineno)) from None
+        except UnicodeDecodeError:
+            raise UserError("not UTF-8 text (a binary file?)", where=str(path)) from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        raise UserError(f"expected a JSON list of records, got {type(records).__name__}", where=str(path))
     for i, record in enumerate(records):
         yield f"record {i}", record
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            yield f"row {row}", record
-            row += 1
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"row {row}", record
+                row += 1
+    except (pa.ArrowException, OSError) as e:  # a truncated or foreign file: pyarrow's message lacks the name
+        raise UserError(f"cannot read the parquet file ({type(e).__name__}: {e})", where=str(path)) from None
 
 
 _READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
@@ -150,17 +168,22 @@ def load_problems(path: str | Path) -> list[Problem]:
     path = Path(path)
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(f"{path}: unknown problem-set format {path.suffix!r}; expected one of {sorted(_READERS)}")
+        raise UserError(f"unknown problem-set format {path.suffix!r}; expected one of {sorted(_READERS)}",
+                        where=str(path))
+    if path.is_dir():
+        raise UserError("a directory, not a problem-set file", where=str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"problem set not found: {path}")
+        raise MissingPathError(f"problem set not found: {path}")
     problems = []
     for where, record in reader(path):
         try:
             problems.append(parse_record(record, source=path.stem, fallback_id=f"{path.stem}-{where.split()[-1]}"))
         except ValueError as e:
-            raise ValueError(f"{path}: {where}: {e}") from None
+            line = where.removeprefix("line ")
+            place = location(path, int(line)) if line.isdigit() else f"{path}: {where}"
+            raise UserError(str(e), where=place) from None
     if not problems:
-        raise ValueError(f"{path}: no problems in file")
+        raise UserError("no problems in file", where=str(path))
     return problems
 
 

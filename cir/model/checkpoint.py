@@ -6,7 +6,9 @@
 Loading builds the model on the meta device, then reads each tensor straight onto `device` and casts
 it alone to `dtype`, so peak memory is the model plus one tensor (no float32 copy of the whole
 model). Our parameter names are Hugging Face's without the "model." prefix (lm_head.weight as is).
-Every way a checkpoint can be wrong raises an error naming the file or tensor at fault.
+Every way a checkpoint can be wrong raises an error naming the file or tensor at fault; a path that
+is not a model directory is a MissingPathError (cir.errors), with a hint when the model is near
+(a training checkpoint's `model/`, a run directory's latest checkpoint).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cir.errors import MissingPathError, UserError
 from cir.model.config import ModelConfig
 from cir.model.transformer import Transformer
 
@@ -36,26 +39,44 @@ def our_name(hf: str) -> str:
     return hf.removeprefix("model.")
 
 
+def model_dir_hint(path: str | os.PathLike) -> str | None:
+    """Where the model is when `path` is near one but is not one: a training checkpoint (step_K/,
+    the model in its model/) or a run directory (the latest checkpoint's model/)."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "model", "config.json")):
+        return f"it is a training checkpoint; its model is in {os.path.join(path, 'model')}"
+    steps = os.path.join(path, "checkpoints")
+    if os.path.isdir(steps):
+        done = sorted(n for n in os.listdir(steps) if n.startswith("step_") and not n.endswith(".tmp"))
+        if done:
+            return f"it is a run directory; its latest model is in {os.path.join(steps, done[-1], 'model')}"
+    return None
+
+
+def _not_a_model_dir(path: str, what: str) -> MissingPathError:
+    return MissingPathError(what, hint=model_dir_hint(path) if os.path.isdir(path) else None)
+
+
 def weight_files(path: str) -> list[str]:
     """The safetensors files of a checkpoint directory; FileNotFoundError naming what is missing."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise MissingPathError(f"checkpoint directory not found: {path}")
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
         with open(index) as f:
             try:
                 weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a safetensors index ({e!r})") from None
+                raise UserError(f"{index}: not a safetensors index ({e!r})") from None
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         for file in files:
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"missing shard file {file} (listed in {index})")
+                raise MissingPathError(f"missing shard file {file} (listed in {index})")
         return files
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(single):
         return [single]
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors checkpoints are read)")
+    raise _not_a_model_dir(path, f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors checkpoints are read)")
 
 
 def _resolve_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
@@ -73,8 +94,15 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     """Load an HF model directory (config.json + safetensors) into a Transformer, in eval mode."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    config = ModelConfig.from_file(os.path.join(path, "config.json"))
+        raise MissingPathError(f"checkpoint directory not found: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")) and model_dir_hint(path):
+        raise _not_a_model_dir(path, f"no config.json in {path}")
+    try:
+        config = ModelConfig.from_file(os.path.join(path, "config.json"))
+    except FileNotFoundError as e:
+        raise MissingPathError(str(e)) from None
+    except ValueError as e:  # config.json is the user's file: every complaint about it is theirs
+        raise UserError(str(e)) from None
     files = weight_files(path)
     dtype = _resolve_dtype(dtype, config)
     device = torch.device(device)
@@ -99,16 +127,16 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
                         continue
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != expected[name]:
-                        raise ValueError(f"shape mismatch for tensor {key} in {file}: "
+                        raise UserError(f"shape mismatch for tensor {key} in {file}: "
                                          f"expected {list(expected[name])}, got {list(shape)}")
                     state[name] = f.get_tensor(key).to(dtype)
         except SafetensorError as e:
-            raise ValueError(f"corrupt or truncated safetensors file {file}: {e}") from None
+            raise UserError(f"corrupt or truncated safetensors file {file}: {e}") from None
     if unexpected:
-        raise ValueError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(sorted(unexpected))}")
+        raise UserError(f"unexpected tensor(s) in checkpoint {path}: {', '.join(sorted(unexpected))}")
     missing = [hf_name(name) for name in expected if name not in state]
     if missing:
-        raise ValueError(f"missing tensor(s) in checkpoint {path}: {', '.join(missing)}")
+        raise UserError(f"missing tensor(s) in checkpoint {path}: {', '.join(missing)}")
 
     # 3) the loaded tensors become the parameters
     model.load_state_dict(state, strict=True, assign=True)

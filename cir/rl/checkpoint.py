@@ -7,7 +7,8 @@
                           numpy, the engine's sampling generator)
 
 Written into `step_K.tmp` and renamed when complete, so a run killed mid-save never leaves a
-checkpoint that looks whole. The last `keep_last` checkpoints are kept.
+checkpoint that looks whole. The last `keep_last` checkpoints (by step number) are kept, and the one
+just written always is one of them, whatever else the directory holds.
 """
 from __future__ import annotations
 
@@ -47,9 +48,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root` (no .tmp), by step number."""
+    steps = sorted((int(m.group(1)), p) for p in Path(root).glob("step_*") if (m := _STEP_DIR.match(p.name)))
+    return [p for _, p in steps]
+
+
 def latest(root: Path) -> Path | None:
-    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)))
-    return steps[-1][1] if steps else None
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def rotate(root: Path, keep: Path, keep_last: int) -> list[Path]:
+    """Keep `keep` (the checkpoint just written) and the `keep_last - 1` newest before it; delete the
+    rest, and any of a later step (they would shadow `keep` for --resume). Returns the deleted paths."""
+    found, step = checkpoints(root), int(_STEP_DIR.match(keep.name).group(1))
+    earlier = [p for p in found if int(_STEP_DIR.match(p.name).group(1)) < step]
+    kept = {keep, *earlier[max(len(earlier) - (max(keep_last, 1) - 1), 0):]}
+    doomed = [p for p in found if p not in kept]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
 
 
 def save(root: Path, step: int, policy: torch.nn.Module, model: torch.nn.Module, optimizer, extra: dict,
@@ -72,9 +91,7 @@ def save(root: Path, step: int, policy: torch.nn.Module, model: torch.nn.Module,
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        done = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name))
-        for old in done[: max(len(done) - keep_last, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate(root, final, keep_last)
     _barrier()
     return final
 

@@ -1,8 +1,10 @@
 """Rank-0 observability: per-step JSONL metrics, TensorBoard when installed, rollout samples.
 
     <output_dir>/metrics.jsonl   one JSON object per step ({"step": k, ...metrics})
-    <output_dir>/samples.jsonl   a few rollouts per step; interpreter feedback wrapped in
-                                 <<<feedback ... >>> so it is told apart from sampled text
+    <output_dir>/samples.jsonl   a few rollouts per step: step, problem_id, problem, reference answer,
+                                 extracted answer (last \\boxed{}), reward, tool calls (made / ran
+                                 cleanly), finish reason, response tokens, and the text with the
+                                 interpreter feedback wrapped in <<<feedback ... >>>
     <output_dir>/eval.jsonl      evaluation results, when evaluation runs
     <output_dir>/tb/             TensorBoard events (if `tensorboard` is importable)
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cir.engine.tools import marked_text
+from cir.rewards import extract_boxed
 
 
 class MetricsLogger:
@@ -34,16 +37,17 @@ class MetricsLogger:
         except ImportError:
             pass
 
-    def log(self, step: int, metrics: dict, samples: list, tokenizer) -> None:
+    def log(self, step: int, metrics: dict, samples: list, tokenizer, problems: list | None = None,
+            rewards=None) -> None:
+        """`samples`: trajectories of this step's rollout; `problems[traj.prompt_index]` is the problem of
+        each and `rewards[traj.prompt_index][traj.sample_index]` its reward ([G, n], tensor or lists)."""
         if not self.enabled:
             return
         self.metrics.write(json.dumps({"step": step, **metrics}) + "\n")
         self.metrics.flush()
         for traj in samples:
-            self.samples.write(json.dumps({
-                "step": step, "text": marked_text(traj, tokenizer), "finish_reason": traj.finish_reason,
-                "num_tool_calls": traj.num_tool_calls, "num_response_tokens": len(traj.response_ids),
-            }) + "\n")
+            self.samples.write(json.dumps(sample_record(step, traj, tokenizer, problems, rewards),
+                                          ensure_ascii=False) + "\n")
         self.samples.flush()
         if self.tb is not None:
             for key, value in metrics.items():
@@ -66,3 +70,19 @@ class MetricsLogger:
             self.samples.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def sample_record(step: int, traj, tokenizer, problems: list | None = None, rewards=None) -> dict:
+    """One samples.jsonl row: which problem, what the reference and the response's answers are, the
+    reward, tool use, how the response ended, and its text (feedback marked)."""
+    problem = problems[traj.prompt_index] if problems is not None else None
+    reward = None
+    if rewards is not None:
+        reward = float(rewards[traj.prompt_index][traj.sample_index])
+    return {
+        "step": step, "problem_id": getattr(problem, "id", None), "problem": getattr(problem, "problem", None),
+        "answer": getattr(problem, "answer", None), "extracted_answer": extract_boxed(traj.text),
+        "reward": reward, "num_tool_calls": traj.num_tool_calls, "num_tool_successes": traj.num_tool_successes,
+        "finish_reason": traj.finish_reason, "num_response_tokens": len(traj.response_ids),
+        "text": marked_text(traj, tokenizer),
+    }

@@ -24,7 +24,7 @@ from cir.data.prompts import build_prompt
 from cir.engine import Engine, SamplingParams, ToolConfig, Trajectory
 from cir.model import default_model_path, from_pretrained
 from cir.rewards import score_many
-from cir.rl import checkpoint, distributed
+from cir.rl import checkpoint, distributed, run_dir
 from cir.rl.advantages import advantages as compute_advantages
 from cir.rl.advantages import groups_with_signal
 from cir.rl.batching import pack
@@ -43,6 +43,7 @@ class Trainer:
         self.rank, self.world_size, self.device = distributed.init()
         torch.manual_seed(cfg.train.seed + self.rank)
         self.output_dir = Path(cfg.train.output_dir)
+        run_dir.claim(self.output_dir, resume, cfg.train.overwrite)  # never mix two runs in one directory
         # 1) the sandbox server first: a small separate process, before any heavy torch work
         self.budget = ToolBudget.parse(cfg.rollout.tool_budget or {0: 0})
         self.sandbox = sandbox
@@ -130,6 +131,7 @@ class Trainer:
             trajs = self.engine.generate(prompts, params, n=cfg.n, tools=tools, prompt_keys=keys) if prompts else []
         self.model.train()
         t1 = time.perf_counter()
+        self.rollout_problems = kept  # the problem of each group, for samples.jsonl
         answers = [p.answer for p in kept for _ in range(cfg.n)]
         rewards = score_many([t.text for t in trajs], answers)
         t2 = time.perf_counter()
@@ -233,7 +235,8 @@ class Trainer:
         t2 = time.perf_counter()
         self.step += 1
         metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
-        self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer)
+        self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer,
+                        problems=self.rollout_problems, rewards=rewards)
         if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
             self.save()
         if cfg.eval_every and cfg.eval_data and self.step % cfg.eval_every == 0:
