@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--parallel", default="ddp")
     parser.add_argument("--agg", default="token_mean")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--groups", default="", help="FIRST:END: train on these prompt groups only, one rank "
+                        "(what a rank whose gradients are never synchronised would compute)")
     args = parser.parse_args()
     from engine_utils import ByteTokenizer, tiny_model
 
@@ -67,13 +69,22 @@ def main() -> None:
     trajs, rewards = synthetic_batch(num_groups=8, n=2)
     bounds = [0, 8] if trainer.world_size == 1 else [0, 6, 8]
     groups = range(bounds[trainer.rank], bounds[trainer.rank + 1])
+    if args.groups:
+        groups = range(*map(int, args.groups.split(":")))
     mine = [trajs[g * 2 + j] for g in groups for j in range(2)]
+    lrs = []  # the learning rate of every optimizer step: the size of the update, for the test's tolerance
+    trainer.optimizer.register_step_pre_hook(lambda opt, *_: lrs.append(max(g["lr"] for g in opt.param_groups)))
     for _ in range(2):
         trainer.update(mine, rewards[list(groups)])
     state = distributed.full_state_dict(trainer.model)
     if state:
-        name = f"weights_{args.parallel}_{args.agg}_w{trainer.world_size}_r{trainer.rank}.pt"
-        torch.save(state, os.path.join(args.out, name))
+        tag = f"{args.parallel}_{args.agg}_w{trainer.world_size}_r{trainer.rank}{'_g' + args.groups if args.groups else ''}"
+        torch.save(state, os.path.join(args.out, f"weights_{tag}.pt"))
+        mc = trainer.model.config
+        update = {"lrs": lrs, "num_tokens": sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs),
+                  "width": max(mc.hidden_size, mc.intermediate_size, mc.vocab_size)}
+        with open(os.path.join(args.out, f"update_{tag}.json"), "w") as f:
+            json.dump(update, f)
     distributed.finish()
     os._exit(0)
 
