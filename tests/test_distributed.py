@@ -75,6 +75,8 @@ def test_two_ranks_match_one_rank(parallel, tmp_path):
     initial = tiny_model(seed=0).state_dict()
     moved = max((rank0[k] - initial[k]).abs().max().item() for k in rank0)
     assert moved > 10 * tol, "the updates barely changed the weights: the comparison would be vacuous"
+    if parallel == "ddp":
+        return  # one control is enough: the tolerance is the same formula for both
     # control: rank 0's data alone (what a rank whose gradients are never synchronised computes)
     # must end outside the tolerance, or the tolerance could not tell diverged ranks apart
     unsynced, _ = load(tmp_path, launch(tmp_path, "ddp", 1, agg, groups="0:6"))
