@@ -168,8 +168,9 @@ def logits_grad(
         else:  # -(g + h (z - E_p[z])) p / T; 0 where p = 0 and z = -inf
             dz = (zz - mean_z[rows, None]).mul_(grad_entropy[rows, None]).add_(g).mul_(p).mul_(-inv_t).nan_to_num_(nan=0.0)
         local = targets[rows] - col_start
-        hit = ((local >= 0) & (local < num_cols)).nonzero().squeeze(1)
-        dz[hit, local[hit]] += grad_logp[rows][hit] * inv_t  # + g [v = t] / T
+        inside = (local >= 0) & (local < num_cols)  # no nonzero(): the CPU twin stays sync-free too
+        hit = torch.where(inside, grad_logp[rows] * inv_t, 0.0)[:, None]
+        dz.scatter_add_(1, local.clamp(0, num_cols - 1)[:, None], hit)  # + g [v = t] / T
         out[rows] = dz
 
 

@@ -158,3 +158,53 @@ def test_logprobs_from_logits_bad_input_names_argument():
         logprobs_from_logits(logits, targets - 1)
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(logits, targets, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_linear_logprobs_several_tiles_splits_and_chunks(backend):
+    """More rows than one 128-row tile, a hidden size of several K steps, a vocabulary of several
+    forward splits and backward chunks: every tile-boundary and merge path of the fused GEMMs."""
+    gen = torch.Generator().manual_seed(3)
+    n, d, v = 203, 150, 1100
+    hidden, weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) * 0.2
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[:5] = torch.tensor([0, v - 1, 127, 128, 1023])  # first / last column, tile and split edges
+    mask = torch.rand(n, generator=gen) > 0.2
+    targets[~mask] = -100
+    grad_logp, grad_entropy = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    h1, w1 = leaves(hidden, weight)
+    logp, entropy = linear_logprobs(h1, w1, targets, 0.9, mask, True, chunk_size=300, backend=backend)
+    (logp * grad_logp + entropy * grad_entropy).sum().backward()
+    h2, w2 = leaves(hidden, weight)
+    ref_logp, ref_entropy = naive(h2 @ w2.t(), targets.clamp(min=0), 0.9)
+    (ref_logp * mask * grad_logp + ref_entropy * mask * grad_entropy).sum().backward()
+    # fp32: sums over D = 150 and V = 1100 terms in another order than torch's
+    assert_close("logp", logp, ref_logp * mask, 1e-4, 1e-5)
+    assert_close("entropy", entropy, ref_entropy * mask, 1e-4, 1e-5)
+    for name, got, want in (("grad_hidden", h1.grad, h2.grad), ("grad_weight", w1.grad, w2.grad)):
+        assert_close(name, got, want, 1e-5 * want.abs().max().item(), 1e-4)
+    assert bool((h1.grad[~mask] == 0).all())
+
+
+def test_linear_logprobs_never_reads_the_device_back():
+    """With check_targets=False (the training loop) a masked call makes no nonzero / item / bool."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
+               torch.ops.aten.masked_select.default}
+
+    class Count(TorchDispatchMode):
+        calls: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in syncing:
+                self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight = torch.randn(9, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    targets, mask = torch.randint(0, 40, (9,)), torch.rand(9) > 0.5
+    with Count() as count:
+        logp, entropy = linear_logprobs(hidden, weight, targets, mask=mask, return_entropy=True, chunk_size=16,
+                                        check_targets=False)
+        (logp + entropy).sum().backward()
+    assert count.calls == []

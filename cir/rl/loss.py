@@ -42,12 +42,14 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str 
 
 
 def _aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, seq_ids: torch.Tensor | None,
-               num_tokens: float | None, num_seqs: float | None) -> torch.Tensor:
+               num_tokens: float | None, num_seqs: float | None, num_seq_ids: int | None) -> torch.Tensor:
     masked = torch.where(mask, values, torch.zeros_like(values))
     if agg == "token_mean":
         denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
         return masked.sum() / denom
-    num_ids = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+    if num_seq_ids is None:  # reads the largest id back from the device: pass it to stay sync-free
+        num_seq_ids = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+    num_ids = num_seq_ids
     zeros = torch.zeros(num_ids, dtype=values.dtype, device=values.device)
     seq_sum = zeros.index_add(0, seq_ids, masked)  # (S,)
     seq_len = zeros.index_add(0, seq_ids, mask.to(values.dtype))  # (S,)
@@ -73,6 +75,7 @@ def policy_loss(
     entropy_coef: float = 0.0,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    num_seq_ids: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy loss (scalar) and detached statistics over the masked tokens.
 
@@ -81,6 +84,8 @@ def policy_loss(
     grad when entropy_coef > 0). Stats (means over this call's masked tokens): clip_frac (tokens
     whose clipped branch is active), dual_clip_frac, approx_kl (k3 of old vs current), ratio_mean,
     ratio_max, pg_loss, kl (to ref), entropy, num_masked_tokens.
+    num_seq_ids: a host bound on seq_ids (all < num_seq_ids) for the seq-mean modes; without it the
+    bound is read from the device (one host synchronisation). Nothing else here synchronises.
     """
     # 1) check arguments
     if agg not in AGG_MODES:
@@ -128,7 +133,7 @@ def policy_loss(
     if entropy is not None and entropy_coef != 0.0:
         loss = loss - entropy_coef * entropy
 
-    total = _aggregate(loss, mask, agg, seq_ids, num_tokens, num_seqs)
+    total = _aggregate(loss, mask, agg, seq_ids, num_tokens, num_seqs, num_seq_ids)
 
     # 4) statistics over this call's masked tokens
     with torch.no_grad():

@@ -64,8 +64,11 @@ class Trainer:
             self.reference = PolicyForward(copy.deepcopy(self.model).requires_grad_(False).eval())
         self.policy = distributed.wrap(PolicyForward(self.model), list(self.model.layers), cfg.train.parallel,
                                        self.device)
+        # one fused kernel for all parameters on CUDA; foreach (a few multi-tensor ops) elsewhere
+        fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                           weight_decay=cfg.optim.weight_decay)
+                                           weight_decay=cfg.optim.weight_decay, fused=fused or None,
+                                           foreach=None if fused else True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if cfg.train.parallel == "fsdp" and self.world_size > 1:
             self._forward_through_root()  # after the optimizer took the sharded parameters
@@ -163,10 +166,10 @@ class Trainer:
         for mb in range(rl.mini_batches):
             mine = groups[mb::rl.mini_batches]
             sel = [g * n + j for g in mine for j in range(n)]
-            micro = pack([trajs[i] for i in sel], [float(adv.view(-1)[i]) for i in sel],
-                         self.config.train.micro_batch_tokens)
+            flat_adv = adv.reshape(-1).tolist()  # one read, not one per trajectory
+            micro = pack([trajs[i] for i in sel], [flat_adv[i] for i in sel], self.config.train.micro_batch_tokens)
             # global normalisers: any split over ranks and micro-batches gives the same gradient
-            local = [sum(float(m.mask.sum()) for m in micro), sum(any(trajs[i].loss_mask) for i in sel)]
+            local = [sum(m.num_loss_tokens for m in micro), sum(any(trajs[i].loss_mask) for i in sel)]
             global_tokens, global_seqs = distributed.all_reduce_sum(local, self.device)
             # every rank runs as many micro-batches as the busiest one (FSDP collectives must pair up)
             (num_micro,) = distributed.all_reduce_max([len(micro)], self.device)
@@ -182,42 +185,48 @@ class Trainer:
 
     def _policy_step(self, micro: list, global_tokens: float, global_seqs: float, num_micro: int) -> dict:
         """Forward/backward over `num_micro` micro-batches (this rank's, then zero-loss padding so every
-        rank runs the same collectives), then one optimizer step."""
+        rank runs the same collectives), then one optimizer step.
+
+        No host synchronisation inside the loop: the batches go to the device up front, every count
+        the loss needs was taken on the host by `pack`, statistics accumulate as device tensors and
+        are read back once, after the optimizer step (tests/test_update_sync.py counts the reads)."""
         rl, temperature = self.config.rl, self.config.rollout.temperature or 1.0
         num_real = len(micro)
-        micro = micro + pack([_DUMMY], [0.0], 1) * (num_micro - num_real)
-        sums = {"clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
+        micro = [mb.to(self.device) for mb in micro + pack([_DUMMY], [0.0], 1) * (num_micro - num_real)]
+        sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float32, device=self.device)  # token-weighted sums
         for i, mb in enumerate(micro):
             dummy = i >= num_real
-            mb = mb.to(self.device)
             with distributed.gradient_sync(self.policy, enabled=i == len(micro) - 1), self._autocast():
                 logprobs, entropy = self.policy(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask,
-                                                temperature)
+                                                temperature, mb.positions, mb.seq_lens)
                 old = logprobs.detach() if rl.recompute_old_logprobs else mb.old_logprobs
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad():
                         ref = self.reference(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask,
-                                             temperature)[0]
+                                             temperature, mb.positions, mb.seq_lens)[0]
                 loss, st = policy_loss(logprobs, old, mb.advantages, mb.mask, clip_low=rl.clip_low,
                                        clip_high=rl.clip_high, dual_clip=rl.dual_clip, agg=rl.loss_agg,
                                        seq_ids=mb.seq_ids, ref_logprobs=ref, kl_coef=rl.kl_coef,
                                        entropy=entropy, entropy_coef=rl.entropy_coef, num_tokens=global_tokens,
-                                       num_seqs=global_seqs)
+                                       num_seqs=global_seqs, num_seq_ids=mb.num_seqs)
                 loss = loss * self.world_size  # gradients are averaged over ranks
                 if dummy:
                     loss = loss * 0.0
                 loss.backward()
-            count = 0.0 if dummy else float(mb.mask.sum())
-            for k in sums:
-                sums[k] += float(st[k]) * count if st.get(k) is not None else 0.0
+            if not dummy:
+                zero = sums.new_zeros(())
+                sums += torch.stack([st[k].float() if st.get(k) is not None else zero for k in _STAT_KEYS]) \
+                    * float(mb.num_loss_tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.engine.refresh_rollout_weights()  # fp32 masters under autocast: the bf16 rollout copy, in place
         self.optimizer.zero_grad(set_to_none=True)
-        sums = dict(zip(sums, distributed.all_reduce_sum(list(sums.values()), self.device)))
-        sums["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        return sums
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        values = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device)]).tolist()  # the one read
+        out = dict(zip(_STAT_KEYS, distributed.all_reduce_sum(values[:-1], self.device)))
+        out["grad_norm"] = values[-1]
+        return out
 
     # 4) the loop ----------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -296,6 +305,9 @@ class Trainer:
         if self.sandbox is not None and hasattr(self.sandbox, "close"):
             self.sandbox.close()
         distributed.finish()
+
+
+_STAT_KEYS = ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl")
 
 
 class _Dummy:

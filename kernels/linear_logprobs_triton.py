@@ -1,0 +1,199 @@
+"""Triton GEMMs with the log-prob math in their epilogue: the CUDA path of `kernels.linear_logprobs`.
+
+    state = lse_gemm(hidden, weight, targets, inv_t)                         # (4, N): m, s, w, z_target
+    dz_gemm(hidden, weight[c0:c1], c0, targets, inv_t, lse, mean_z, g, h, dz)  # dz (N, c1 - c0)
+
+`lse_gemm` computes z = hidden @ weight^T / T one [BLOCK_M, BLOCK_N] tile at a time (tl.dot, inputs
+in their own dtype, fp32 accumulation) and folds each tile straight into the online log-sum-exp
+state of its rows (`kernels.logprobs` writes the math): the logits never reach memory. A program
+owns BLOCK_M rows and one of `num_splits` vocabulary ranges; the splits' states are merged after:
+  m = max_i m_i,  s = sum_i e^(m_i - m) s_i,  w = sum_i e^(m_i - m) (w_i + (m_i - m) s_i).
+Program ids run split-fastest, so the ~132 programs resident at once are ~16 row blocks x 8 splits:
+16 hidden blocks (16 x BLOCK_M x D x 2 bytes = 15 MB at D = 3584) stay in L2 while 8 weight tiles
+stream, i.e. the GEMM reads the weight ~M / (16 BLOCK_M) times and each hidden block once.
+`dz_gemm` recomputes one vocabulary chunk's z tile by tile and writes only dz = d loss / d z in the
+hidden dtype (2 bytes per logit in bf16, against 4 + 4 + 2 through an fp32 chunk and a row kernel);
+the two gradient GEMMs (dz^T h, dz W) stay with cuBLAS.
+
+Tiles are sized for Hopper's wgmma (128 x 128 output tiles, K steps of 64, 8 warps = 2 warpgroups,
+3-4 stages of shared-memory pipelining: (128 + 128) x 64 x 2 bytes = 32 KiB per stage); owed: a
+sweep on the device (bench/kernels.py). fp32 inputs use IEEE fp32 dots (no TF32), as torch does.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 128, 128, 64
+_NUM_WARPS, _LSE_STAGES, _DZ_STAGES = 8, 3, 4
+_MIN_SPLITS = 8  # vocabulary splits per row block: the L2 reuse pattern above
+_TARGET_PROGRAMS = 4 * 132  # ~4 waves on an H100 / H200 (132 SMs)
+_GROUP_M = 8  # dz_gemm: row blocks that sweep the columns together (L2 reuse of the weight chunk)
+
+
+@triton.jit
+def _tile_logits(h_ptr, h_stride, w_ptr, w_stride, rows, row_ok, cols, col_ok, hidden_size,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 tile of hidden[rows] @ weight[cols]^T."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * h_stride
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * w_stride
+    for k0 in range(0, hidden_size, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < hidden_size
+        a = tl.load(h_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+        b = tl.load(w_cols + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # (BK, BN)
+        if DOT_FP32:  # fp32 inputs, or the interpreter (its bf16 dot is wrong): exact products, IEEE sums
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _lse_gemm_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, targets_ptr, part_ptr, z_target_ptr,
+    num_rows, vocab_size, hidden_size, cols_per_split, num_splits, inv_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """(m, s, w) of rows [BLOCK_M block] over columns [split range] -> part (splits, 3, rows); z_target
+    written by the one program whose range holds the row's target."""
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    rows = (pid // num_splits) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    t = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    w = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    hit = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    col_lo = split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, vocab_size)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_hi
+        acc = _tile_logits(h_ptr, h_stride, w_ptr, w_stride, rows, row_ok, cols, col_ok, hidden_size,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32)
+        z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp(m - m_safe)
+        dev = z - m_safe[:, None]
+        e = tl.exp(dev)
+        w = a * tl.where(s > 0.0, w + (m - m_safe) * s, 0.0) + tl.sum(tl.where(col_ok[None, :], e * dev, 0.0), axis=1)
+        s = a * s + tl.sum(e, axis=1)
+        m = m_new
+        is_t = cols[None, :] == t[:, None]
+        z_t += tl.sum(tl.where(is_t, z, 0.0), axis=1)
+        hit = hit | tl.max(is_t.to(tl.int32), axis=1)
+    base = part_ptr + split * 3 * num_rows + rows
+    tl.store(base, m, mask=row_ok)
+    tl.store(base + num_rows, s, mask=row_ok)
+    tl.store(base + 2 * num_rows, w, mask=row_ok)
+    tl.store(z_target_ptr + rows, z_t, mask=row_ok & (hit > 0))
+
+
+@triton.jit
+def _dz_gemm_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, dz_ptr, dz_stride,
+    targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
+    num_rows, num_cols, hidden_size, col_start, inv_t,
+    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """dz (rows, chunk columns) = (g ([v = t] - p) - h p (z - E_p[z])) / T, z recomputed per tile."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(num_rows, BLOCK_M)
+    num_n = tl.cdiv(num_cols, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < num_rows, cols < num_cols
+    acc = _tile_logits(h_ptr, h_stride, w_ptr, w_stride, rows, row_ok, cols, col_ok, hidden_size,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32)
+    z = acc * inv_t
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    t = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    g = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
+    is_t = (cols[None, :] + col_start) == t[:, None]
+    dz = g[:, None] * (is_t.to(tl.float32) - p)
+    if HAS_GRAD_ENTROPY:
+        mean_z = tl.load(mean_z_ptr + rows, mask=row_ok, other=0.0)
+        g_h = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+        dz -= g_h[:, None] * tl.where(p > 0.0, p * (z - mean_z[:, None]), 0.0)
+    out = dz_ptr + rows.to(tl.int64)[:, None] * dz_stride + cols[None, :]
+    tl.store(out, (dz * inv_t).to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _dot_fp32(hidden: torch.Tensor) -> bool:
+    return hidden.dtype == torch.float32 or hidden.device.type != "cuda"
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    assert hidden.stride(1) == 1 and weight.stride(1) == 1 and hidden.dtype == weight.dtype
+    assert hidden.shape[1] == weight.shape[1]
+
+
+def num_splits(num_rows: int, vocab_size: int) -> int:
+    """Vocabulary splits of lse_gemm: >= _MIN_SPLITS, more when few row blocks would leave SMs idle."""
+    num_m, num_n = triton.cdiv(num_rows, _BLOCK_M), triton.cdiv(vocab_size, _BLOCK_N)
+    return max(1, min(num_n, max(_MIN_SPLITS, triton.cdiv(_TARGET_PROGRAMS, max(num_m, 1)))))
+
+
+def lse_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """(4, N) float32 state (max m, s, w, z_target) of z = hidden @ weight^T * inv_t over all V columns;
+    z_target stays NaN for a target outside [0, V)."""
+    _check(hidden, weight)
+    num_rows, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    state = torch.empty(4, num_rows, dtype=torch.float32, device=hidden.device)
+    state[3] = float("nan")
+    if num_rows == 0:
+        return state
+    splits = num_splits(num_rows, vocab_size)
+    cols_per_split = triton.cdiv(triton.cdiv(vocab_size, _BLOCK_N), splits) * _BLOCK_N
+    splits = triton.cdiv(vocab_size, cols_per_split)  # no empty split
+    part = torch.empty(splits, 3, num_rows, dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(num_rows, _BLOCK_M) * splits,)
+    _lse_gemm_kernel[grid](
+        hidden, hidden.stride(0), weight, weight.stride(0), targets, part, state[3],
+        num_rows, vocab_size, hidden_size, cols_per_split, splits, inv_t,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, DOT_FP32=_dot_fp32(hidden),
+        num_warps=_NUM_WARPS, num_stages=_LSE_STAGES,
+    )
+    m_i, s_i, w_i = part.unbind(1)  # (splits, N) each
+    m = m_i.amax(0)
+    m_safe = torch.where(m == float("-inf"), 0.0, m)
+    a = torch.exp(m_i - m_safe)
+    state[0] = m
+    state[1] = (a * s_i).sum(0)
+    state[2] = (a * torch.where(s_i > 0, w_i + (m_i - m_safe) * s_i, 0.0)).sum(0)
+    return state
+
+
+def dz_gemm(hidden: torch.Tensor, weight_chunk: torch.Tensor, col_start: int, targets: torch.Tensor, inv_t: float,
+            lse: torch.Tensor, mean_z: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+            out: torch.Tensor) -> None:
+    """out (N, C) in hidden's dtype = d loss / d raw logits of columns col_start .. col_start + C."""
+    _check(hidden, weight_chunk)
+    num_rows, hidden_size = hidden.shape
+    num_cols = weight_chunk.shape[0]
+    assert out.shape == (num_rows, num_cols) and out.stride(1) == 1
+    if num_rows == 0 or num_cols == 0:
+        return
+    has_entropy = grad_entropy is not None
+    grid = (triton.cdiv(num_rows, _BLOCK_M) * triton.cdiv(num_cols, _BLOCK_N),)
+    _dz_gemm_kernel[grid](
+        hidden, hidden.stride(0), weight_chunk, weight_chunk.stride(0), out, out.stride(0),
+        targets, lse, mean_z, grad_logp, grad_entropy if has_entropy else grad_logp,
+        num_rows, num_cols, hidden_size, col_start, inv_t,
+        HAS_GRAD_ENTROPY=has_entropy, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M,
+        DOT_FP32=_dot_fp32(hidden), num_warps=_NUM_WARPS, num_stages=_DZ_STAGES,
+    )
