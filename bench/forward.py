@@ -3,7 +3,8 @@
     python bench/forward.py                       # CPU: SmolLM2-135M (cir.model.default_model_path()), fp32
     python bench/forward.py --model DIR --shapes 1x128,4x256 --reps 7
     OMP_NUM_THREADS=1 python bench/forward.py          # steadier on a shared machine
-    python bench/forward.py                       # on CUDA: also a random-weight Qwen2.5-1.5B-shaped model, bf16
+    python bench/forward.py                       # on CUDA: a random-weight Qwen2.5-1.5B-shaped model, bf16
+    python bench/forward.py --device cpu          # the CPU part on a GPU machine
 
 Both models run the plain causal forward over a (B, T) batch and return logits for every position
 (transformers with use_cache=False and SDPA attention), under inference_mode. Repetitions alternate
@@ -11,6 +12,9 @@ between the two (the order flips every repetition) so that load from other work 
 both alike; the ratio is the median of per-repetition time ratios. Warm-up passes are not timed.
 Throughput comes with achieved GFLOP/s (CPU) or MFU against the bf16 dense peak (CUDA), counting
 2 * (matmul parameters) per token plus causal attention (2 * 2 * T^2 / 2 * heads * head_dim per layer).
+On CUDA (`--device auto` when a GPU is present) only the GPU part runs, on a model built directly on
+the GPU with random weights and its transformers twin given the same tensors (bench/models.py): no
+checkpoint, no CPU build, no save and reload (which took minutes for 1.5B parameters).
 Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -29,21 +33,13 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from cir.model import from_pretrained
+from bench.models import hf_twin, random_model
 
-# SmolLM2-135M shapes, for when the converted checkpoint is not available
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-                    tie_word_embeddings=True, max_position_embeddings=8192)
-QWEN25_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                   num_attention_heads=12, num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                   tie_word_embeddings=True, max_position_embeddings=32768)
+GPU_SHAPES = [(1, 2048), (4, 2048), (8, 1024)]  # logits of 8k tokens x 152k vocab: 2.5 GB each
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -71,8 +67,26 @@ def time_once(fn, device: torch.device) -> float:
 
 def compare(path: str, label: str, dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int]],
             reps: int, warmup: int) -> list[dict]:
+    """A checkpoint directory, loaded by both."""
+    from transformers import AutoModelForCausalLM
+
+    from cir.model import from_pretrained
+
     ours = from_pretrained(path, dtype=dtype, device=device)
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return compare_models(ours, theirs, label, shapes, reps, warmup)
+
+
+def compare_random(shape: str, dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int]],
+                   reps: int, warmup: int) -> list[dict]:
+    """A random-weight model of a published shape, built on `device`, and its transformers twin."""
+    ours = random_model(shape, dtype, device)
+    return compare_models(ours, hf_twin(ours), f"{shape}(random)", shapes, reps, warmup)
+
+
+def compare_models(ours, theirs, label: str, shapes: list[tuple[int, int]], reps: int, warmup: int) -> list[dict]:
+    param = next(ours.parameters())
+    dtype, device = param.dtype, param.device
     rows = []
     for batch, length in shapes:
         ids = torch.randint(0, ours.config.vocab_size, (batch, length), device=device)
@@ -99,16 +113,7 @@ def compare(path: str, label: str, dtype: torch.dtype, device: torch.device, sha
             row["ours_mfu"] = row["ours_gflop_s"] * 1e9 / peak if peak else None
             row["hf_mfu"] = flops * row["hf_tok_s"] / tokens / peak if peak else None
         rows.append(row)
-    del ours, theirs
     return rows
-
-
-def random_checkpoint(config_kwargs: dict, family: str, dtype: torch.dtype, directory: str) -> str:
-    torch.manual_seed(0)
-    config = (LlamaConfig if family == "llama" else Qwen2Config)(**config_kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(directory)
-    return directory
 
 
 def main() -> None:
@@ -117,11 +122,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="1x32,1x128,4x128,1x512", help="comma-separated BxT (CPU)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU part alone when CUDA is available, else the CPU part")
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
-    cpu = torch.device("cpu")
-
-    with tempfile.TemporaryDirectory() as tmp:
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        rows = compare_random("qwen2.5-1.5b", torch.bfloat16, torch.device("cuda"), GPU_SHAPES, args.reps, args.warmup)
+    else:
         path, label = args.model, args.model and os.path.basename(os.path.normpath(args.model))
         if path is None:
             try:
@@ -129,14 +137,10 @@ def main() -> None:
                 path, label = default_model_path(), "SmolLM2-135M-Instruct"
             except (ImportError, RuntimeError, OSError) as e:  # no GGUF package reachable (e.g. offline GPU node)
                 print(f"# default model unavailable ({e}); using random SmolLM2-135M-shaped weights")
-                path = random_checkpoint(SMOLLM2_135M, "llama", torch.float32, os.path.join(tmp, "smol"))
-                label = "SmolLM2-135M-shape(random)"
-        rows = compare(path, label, torch.float32, cpu, shapes, args.reps, args.warmup)
-        if torch.cuda.is_available():
-            qwen = random_checkpoint(QWEN25_1_5B, "qwen2", torch.bfloat16, os.path.join(tmp, "qwen"))
-            gpu_shapes = [(1, 2048), (4, 2048), (8, 1024)]  # logits of 8k tokens x 152k vocab: 2.5 GB each
-            rows += compare(qwen, "Qwen2.5-1.5B-shape(random)", torch.bfloat16, torch.device("cuda"), gpu_shapes,
-                            args.reps, args.warmup)
+        if path is None:
+            rows = compare_random("smollm2-135m", torch.float32, torch.device("cpu"), shapes, args.reps, args.warmup)
+        else:
+            rows = compare(path, label, torch.float32, torch.device("cpu"), shapes, args.reps, args.warmup)
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"# cpu={platform.machine()} threads={torch.get_num_threads()} torch={torch.__version__} gpu={gpu}")
@@ -147,9 +151,9 @@ def main() -> None:
         shape = f"{r['batch']}x{r['length']}"
         print(f"{r['model']:<28} {r['dtype']:<9} {shape:<8} {r['ours_tok_s']:>11.0f} "
               f"{r['hf_tok_s']:>10.0f} {r['ratio']:>5.2f}x {r['ours_gflop_s']:>8.1f} {mfu:>12} {r['max_abs_logit_diff']:>11.2e}")
-    cpu_ratios = [r["ratio"] for r in rows if r["dtype"] == "float32"]
-    print(json.dumps({"bench": "forward", "threads": torch.get_num_threads(), "cpu_min_ratio": min(cpu_ratios),
-                      "cpu_geomean_ratio": statistics.geometric_mean(cpu_ratios), "rows": rows}))
+    ratios = [r["ratio"] for r in rows]
+    print(json.dumps({"bench": "forward", "device": device, "threads": torch.get_num_threads(),
+                      "min_ratio": min(ratios), "geomean_ratio": statistics.geometric_mean(ratios), "rows": rows}))
 
 
 if __name__ == "__main__":
