@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.batch_invariant import paged_attention_invariant
 from kernels.paged_attention import paged_attention, store_kv
 from kernels.paged_attention_reference import ReferencePlan, paged_attention_reference, plan_reference
 
@@ -71,6 +72,14 @@ class PagedContext:
         if self.plan is None:
             self.plan = plan_reference(self.cu_seqlens_q, self.block_tables, self.seq_lens, k_cache.shape[1])
         return paged_attention_reference(*args, max_seqlen_q=self.max_seqlen_q, plan=self.plan)
+
+    def attend_invariant(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Exact mode (any device): the keys reduced in the fixed order of the training forward."""
+        k_cache, v_cache = self.k_caches[layer_idx], self.v_caches[layer_idx]
+        store_kv(k.to(k_cache.dtype), v.to(k_cache.dtype), k_cache, v_cache, self.slot_mapping)
+        if self.plan is None:
+            self.plan = plan_reference(self.cu_seqlens_q, self.block_tables, self.seq_lens, k_cache.shape[1])
+        return paged_attention_invariant(q.to(k_cache.dtype), k_cache, v_cache, self.plan)
 
 
 class KVCache:

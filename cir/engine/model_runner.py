@@ -8,6 +8,9 @@ It runs the training model's own parameters (no copy). Per step:
    computed in float32; a group leader finishing its prompt gets one row per sample of its group;
 4) `kernels.sample` with each row's own temperature / top-p / top-k / min-p and its own seed (see
    `sequence_seed`), no host sync until the tokens are read back.
+Exact mode (`model.batch_invariant`, see Transformer.set_batch_invariant): eager steps only, and the
+recorded behaviour log-prob of each sampled token comes from `model.token_logprobs`, the training
+forward's own reduction, instead of the sampler's softmax (`exact_logprobs`).
 """
 from __future__ import annotations
 
@@ -111,14 +114,15 @@ class ModelRunner:
         """One forward over the batch: the sequences that sample and their float32 logits (R, V)."""
         self.kv_cache.copy_blocks(batch.copies)
         inputs = self._step_inputs(batch)
-        graphs = self.graphs
+        graphs = None if getattr(self.model, "batch_invariant", False) else self.graphs
         if graphs is not None and len(batch) <= graphs.max_batch and all(n == 1 for n in batch.num_tokens):
             hidden = graphs.run(*inputs)  # decode step: replay the bucket's graph
         else:
             hidden = self._forward_eager(batch, *inputs)  # (T, D)
         rows, owners = self._sampling_rows(batch)
         row_index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        return owners, self.model.compute_logits(hidden[row_index]).float().contiguous()
+        self.sampled_hidden = hidden[row_index]  # (R, D): exact mode recomputes the log-probs from it
+        return owners, self.model.compute_logits(self.sampled_hidden).float().contiguous()
 
     @torch.no_grad()
     def sample(self, owners: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -142,4 +146,19 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[float]]:
         """Forward, then sample: the sequences that sampled, their tokens and behaviour log-probs."""
         owners, logits = self.forward(batch)
-        return owners, *self.sample(owners, logits)
+        tokens, logprobs = self.sample(owners, logits)
+        if owners and getattr(self.model, "batch_invariant", False):
+            logprobs = self.exact_logprobs(owners, tokens)
+        return owners, tokens, logprobs
+
+    @torch.no_grad()
+    def exact_logprobs(self, owners: list[Sequence], tokens: list[int]) -> list[float]:
+        """The sampled tokens' log-probs by the training forward's reduction (`model.token_logprobs`
+        at the temperature the trainer uses: the row's own, 1 for greedy rows)."""
+        temperatures = [seq.params.temperature or 1.0 for seq in owners]
+        targets = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        logprobs = torch.empty(len(owners), dtype=torch.float32, device=self.device)
+        for temperature in sorted(set(temperatures)):
+            idx = torch.tensor([i for i, t in enumerate(temperatures) if t == temperature], device=self.device)
+            logprobs[idx] = self.model.token_logprobs(self.sampled_hidden[idx], targets[idx], temperature)
+        return logprobs.tolist()

@@ -10,6 +10,10 @@ one batched call when all sequences have the same length (the plain [B, T] forwa
 per sequence. Measured on the 2-core CPU, 6 sequences of 24..300 tokens (9 q / 3 kv heads, D=64):
 loop 12 ms vs one call with a block-diagonal mask 54 ms (the mask only wins below ~100 tokens total).
 The engine adds a PagedContext (writes k/v into the paged KV cache, attends over block tables).
+
+Each context also has `attend_invariant`, the exact mode's attention (`Transformer.set_batch_invariant`):
+`kernels.batch_invariant`'s fixed-order reduction over the keys, so a query gets the same bits in
+the packed training forward, a prefill chunk and a paged decode step.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.batch_invariant import causal_attention_invariant
+
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # CPU machines, or CUDA without the `gpu` extra
@@ -29,6 +35,10 @@ except ImportError:  # CPU machines, or CUDA without the `gpu` extra
 class AttentionContext(Protocol):
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) of this forward's tokens -> (T, Hq, D); scale D ** -0.5."""
+        ...
+
+    def attend_invariant(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`attend` with a batch-invariant reduction over the keys (exact mode)."""
         ...
 
 
@@ -73,6 +83,13 @@ class VarlenContext:
             out[start:start + n] = _sdpa_uniform(q[start:start + n], k[start:start + n], v[start:start + n], 1)
             start += n
         return out
+
+    def attend_invariant(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        outs, start = [], 0
+        for n in self.seq_lens:
+            outs.append(causal_attention_invariant(q[start:start + n], k[start:start + n], v[start:start + n]))
+            start += n
+        return torch.cat(outs) if outs else torch.empty_like(q)
 
 
 def _sdpa_uniform(q: Tensor, k: Tensor, v: Tensor, num_seqs: int) -> Tensor:

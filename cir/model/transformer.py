@@ -11,6 +11,11 @@ checkpoint.py maps names one to one.
     logits = model(input_ids)                                   # (B, T) -> (B, T, V)
     hidden = model.forward_packed(input_ids, cu_seqlens)        # (T,) -> (T, D), after the final norm
     logits = model.compute_logits(hidden)
+
+Exact mode, `model.set_batch_invariant(True)`: every op gives a token the same bits whatever else
+runs in the call (decode step of any batch, prefill chunk of any size, packed training forward of
+any micro-batch), so the engine's behaviour log-probs equal the training forward's exactly; the ops
+are in kernels/batch_invariant.py. Off by default (it costs speed, see bench/exact.py).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from cir.model.attention import AttentionContext, VarlenContext
 from cir.model.config import ModelConfig
 from cir.model.rope import RotaryEmbedding, apply_rotary
+from kernels.batch_invariant import linear_invariant, linear_logprobs_invariant
+from kernels.linear_logprobs import linear_logprobs
 
 
 _SKINNY_ROWS = 64
@@ -52,12 +59,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoint names) computing through `linear`."""
 
+    batch_invariant = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.batch_invariant:
+            return linear_invariant(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, the statistics in float32 (as Llama / Qwen do), result in x's dtype."""
+    """x / rms(x) * weight, the statistics in float32 (as Llama / Qwen do), result in x's dtype.
+
+    Exact mode divides by the sqrt: torch's CPU rsqrt rounds differently in its vector and scalar-tail
+    code, so a row's bits would depend on where the tensor's length put it."""
+
+    batch_invariant = False
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -67,11 +83,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.batch_invariant:
+            x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
 class Attention(nn.Module):
+    batch_invariant = False  # exact mode: ctx.attend_invariant (a fixed order over the keys)
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -97,12 +118,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = ctx.attend(self.layer_idx, q, k, v)  # (T, Hq, Dh)
+        attend = ctx.attend_invariant if self.batch_invariant else ctx.attend
+        out = attend(self.layer_idx, q, k, v)  # (T, Hq, Dh)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Exact mode writes silu as g / (1 + exp(-g)): torch's CPU
+    silu, like rsqrt, rounds its scalar tail differently from its vector body."""
+
+    batch_invariant = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -111,7 +136,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        act = gate / (1 + torch.exp(-gate)) if self.batch_invariant else F.silu(gate)
+        return self.down_proj(act * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -132,6 +159,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Embedding -> blocks -> final norm; the LM head is applied by compute_logits (tied or not)."""
 
+    batch_invariant = False
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -149,9 +178,31 @@ class Transformer(nn.Module):
         """(V, D): the output projection; the embedding matrix itself when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def set_batch_invariant(self, enabled: bool = True) -> Transformer:
+        """Switch the exact mode on or off for the whole model (engine and trainer share it)."""
+        for module in self.modules():
+            if hasattr(type(module), "batch_invariant"):
+                module.batch_invariant = bool(enabled)
+        return self
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden (..., D) -> logits (..., V)."""
+        if self.batch_invariant:
+            return linear_invariant(hidden, self.lm_head_weight)
         return linear(hidden, self.lm_head_weight)
+
+    def token_logprobs(self, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
+                       mask: Tensor | None = None, return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """log_softmax(compute_logits(hidden) / temperature)[targets] (N,), float32, without the [N, V]
+        logits: `kernels.linear_logprobs`, or in exact mode its batch-invariant form. The training
+        forward and the engine's recorded behaviour log-probs both come from here. Under autocast the
+        hidden states and the head are cast to its dtype (as F.linear would be)."""
+        weight = self.lm_head_weight
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        fn = linear_logprobs_invariant if self.batch_invariant else linear_logprobs
+        return fn(hidden.to(dtype), weight.to(dtype), targets, temperature=temperature, mask=mask,
+                  return_entropy=return_entropy)
 
     def forward_hidden(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
         """Packed tokens (T,) at `positions` (T,) -> final-norm hidden states (T, D)."""

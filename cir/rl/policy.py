@@ -13,6 +13,7 @@ from torch import nn
 
 from cir.model.attention import VarlenContext
 from kernels import linear_logprobs
+from kernels.batch_invariant import linear_logprobs_invariant
 
 
 class PolicyForward(nn.Module):
@@ -37,5 +38,7 @@ class PolicyForward(nn.Module):
         # one dtype for the kernel: autocast's (as F.linear would cast) else the weight's (.to is a no-op
         # where it matches); no CPU target-range check (a host read per micro-batch; ids come from the vocabulary)
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        return linear_logprobs(hidden.to(dtype), weight.to(dtype), targets, temperature=temperature, mask=mask,
-                               return_entropy=True, check_targets=False)
+        # exact mode (Transformer.set_batch_invariant): the reduction the engine's behaviour log-probs use
+        logprobs = linear_logprobs_invariant if getattr(self.model, "batch_invariant", False) else linear_logprobs
+        return logprobs(hidden.to(dtype), weight.to(dtype), targets, temperature=temperature, mask=mask,
+                        return_entropy=True, check_targets=False)

@@ -58,6 +58,8 @@ class Trainer:
         dtype = getattr(torch, cfg.model.dtype)
         self.model = model if model is not None else from_pretrained(path, dtype=dtype, device=self.device)
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        if cfg.model.batch_invariant:  # exact mode: behaviour log-probs == the training forward's, bit for bit
+            self.model.set_batch_invariant(True)
         # the KL reference: a frozen copy of the starting weights, only when the KL term is on
         self.reference = None
         if cfg.rl.kl_coef:
@@ -173,7 +175,11 @@ class Trainer:
             global_tokens, global_seqs = distributed.all_reduce_sum(local, self.device)
             # every rank runs as many micro-batches as the busiest one (FSDP collectives must pair up)
             (num_micro,) = distributed.all_reduce_max([len(micro)], self.device)
-            sums = self._policy_step(micro, max(global_tokens, 1.0), max(global_seqs, 1.0), max(int(num_micro), 1))
+            sums = self._policy_step(micro, max(global_tokens, 1.0), max(global_seqs, 1.0), max(int(num_micro), 1),
+                                     first=mb == 0)
+            if mb == 0:  # recomputed at the behaviour weights: how off-policy the rollout's log-probs are
+                for k in ("logprob_abs_mean", "logprob_abs_max", "clip_frac_first"):
+                    stats[f"mismatch/{k}"] = sums[k]
             for k in ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl"):
                 stats[k] += sums[k] / max(global_tokens, 1.0) / rl.mini_batches
             stats["grad_norm"] += sums["grad_norm"] / rl.mini_batches
@@ -183,17 +189,22 @@ class Trainer:
         self.scheduler.step()
         return stats
 
-    def _policy_step(self, micro: list, global_tokens: float, global_seqs: float, num_micro: int) -> dict:
+    def _policy_step(self, micro: list, global_tokens: float, global_seqs: float, num_micro: int,
+                     first: bool = False) -> dict:
         """Forward/backward over `num_micro` micro-batches (this rank's, then zero-loss padding so every
         rank runs the same collectives), then one optimizer step.
 
         No host synchronisation inside the loop: the batches go to the device up front, every count
         the loss needs was taken on the host by `pack`, statistics accumulate as device tensors and
-        are read back once, after the optimizer step (tests/test_update_sync.py counts the reads)."""
+        are read back once, after the optimizer step (tests/test_update_sync.py counts the reads).
+        `first`: the parameters are still the behaviour policy's, so the log-probs are also compared to
+        the recorded ones (mismatch: sum and max of |behaviour - recomputed|, tokens whose ratio to the
+        behaviour policy is outside the clip range)."""
         rl, temperature = self.config.rl, self.config.rollout.temperature or 1.0
         num_real = len(micro)
         micro = [mb.to(self.device) for mb in micro + pack([_DUMMY], [0.0], 1) * (num_micro - num_real)]
         sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float32, device=self.device)  # token-weighted sums
+        mismatch = torch.zeros(3, dtype=torch.float32, device=self.device)  # |gap| sum, |gap| max, outside clip
         for i, mb in enumerate(micro):
             dummy = i >= num_real
             with distributed.gradient_sync(self.policy, enabled=i == len(micro) - 1), self._autocast():
@@ -214,6 +225,12 @@ class Trainer:
                 if dummy:
                     loss = loss * 0.0
                 loss.backward()
+            if first and not dummy:
+                gap = torch.where(mb.mask > 0, (logprobs.detach().float() - mb.old_logprobs).abs(), 0.0)
+                ratio = torch.exp(torch.where(mb.mask > 0, logprobs.detach().float() - mb.old_logprobs, 0.0))
+                outside = (mb.mask > 0) & ((ratio < 1 - rl.clip_low) | (ratio > 1 + rl.clip_high))
+                mismatch = torch.stack([mismatch[0] + gap.sum(), torch.maximum(mismatch[1], gap.amax()),
+                                        mismatch[2] + outside.sum()])
             if not dummy:
                 zero = sums.new_zeros(())
                 sums += torch.stack([st[k].float() if st.get(k) is not None else zero for k in _STAT_KEYS]) \
@@ -223,9 +240,15 @@ class Trainer:
         self.engine.refresh_rollout_weights()  # fp32 masters under autocast: the bf16 rollout copy, in place
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        values = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device)]).tolist()  # the one read
-        out = dict(zip(_STAT_KEYS, distributed.all_reduce_sum(values[:-1], self.device)))
-        out["grad_norm"] = values[-1]
+        values = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device), mismatch]).tolist()  # the one read
+        num_stats = len(_STAT_KEYS)
+        out = dict(zip(_STAT_KEYS, distributed.all_reduce_sum(values[:num_stats], self.device)))
+        out["grad_norm"] = values[num_stats]
+        if first:
+            gap_sum, outside = distributed.all_reduce_sum([values[-3], values[-1]], self.device)
+            (gap_max,) = distributed.all_reduce_max([values[-2]], self.device)
+            out.update(logprob_abs_mean=gap_sum / global_tokens, logprob_abs_max=gap_max,
+                       clip_frac_first=outside / global_tokens)
         return out
 
     # 4) the loop ----------------------------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Exact mode (Transformer.set_batch_invariant): every behaviour log-prob the engine records equals the
+training forward's log-prob of the same token bit for bit, whatever the batching.
+
+The ops (kernels/batch_invariant*.py) are checked against plain torch (values within float32
+tolerance) and against themselves over row counts, row positions, key padding (bits equal); then
+end to end: random prompts with shared prefixes, chunked prefill, preemption, several samples per
+prompt and tool feedback, against `PolicyForward` on the packed trajectories and the trainer's
+first mini-batch.
+"""
+import json
+from concurrent.futures import Future
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_utils import ByteTokenizer, tiny_model
+
+from cir.config import load_config
+from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
+from cir.rl.batching import pack
+from cir.rl.policy import PolicyForward
+from cir.rl.trainer import Trainer
+from kernels import linear_logprobs
+from kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
+                                     linear_logprobs_invariant)
+from kernels.batch_invariant_triton import bmm_triton
+from sandbox import Result
+
+
+def assert_close(got, want, atol, rtol=1e-5):
+    err = (got - want).abs()
+    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"max err {err.max().item():.3g}, mean {err.mean().item():.3g}"
+
+
+# 1) the ops -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_invariant_rows_have_the_same_bits_in_any_call(bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(75, 96), torch.randn(130, 96) * 0.1
+    b = torch.randn(130) if bias else None
+    full = linear_invariant(x, w, b)
+    # fp32, K = 96 terms of size ~0.1 * |x|: a few ulp of the ~1-sized outputs
+    assert_close(full, F.linear(x, w, b), atol=1e-5)
+    for start, end in [(0, 1), (3, 4), (5, 7), (10, 41), (40, 75), (0, ROW_TILE + 1), (74, 75)]:
+        assert torch.equal(linear_invariant(x[start:end], w, b), full[start:end]), (start, end)
+    assert torch.equal(linear_invariant(x[None, 2:9], w, b)[0], full[2:9])  # leading dims
+
+
+def test_linear_invariant_gradient_is_f_linear_gradient():
+    torch.manual_seed(1)
+    x, w, b = torch.randn(37, 24), torch.randn(20, 24), torch.randn(20)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)] + [t.clone().requires_grad_() for t in (x, w, b)]
+    g = torch.randn(37, 20)
+    linear_invariant(*leaves[:3]).backward(g)
+    F.linear(*leaves[3:]).backward(g)
+    for got, want in zip(leaves[:3], leaves[3:]):
+        assert_close(got.grad, want.grad, atol=1e-5)
+
+
+def test_triton_bmm_rows_and_batches_are_invariant():
+    torch.manual_seed(2)
+    a, b = torch.randn(3, 70, 40), torch.randn(3, 40, 24)  # crosses BLOCK_M (64) and BLOCK_K (32)
+    full = bmm_triton(a, b)
+    assert_close(full, torch.bmm(a, b), atol=1e-5)  # fp32 throughout (ieee dot), K = 40
+    assert torch.equal(bmm_triton(a[1:2, 65:66], b[1:2]), full[1:2, 65:66])
+    assert torch.equal(bmm_triton(a[2:, 3:9], b[2:]), full[2:, 3:9])
+    assert torch.equal(bmm_triton(a[:, :5], b.transpose(1, 2).contiguous().transpose(1, 2))[0], full[0, :5])
+    with pytest.raises(ValueError, match="do not chain"):
+        bmm_triton(a, b[:, :3])
+
+
+def test_attention_invariant_matches_sdpa_and_ignores_key_padding():
+    torch.manual_seed(3)
+    L, Hq, Hkv, D = 45, 4, 2, 16
+    q, k, v = torch.randn(L, Hq, D), torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
+    full = causal_attention_invariant(q, k, v)  # the training forward: all L queries over L keys
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         is_causal=True, enable_gqa=True).transpose(0, 1)
+    assert_close(full, ref, atol=1e-5)  # fp32 softmax over <= 45 keys
+    for start, end in [(0, 1), (7, 8), (44, 45), (10, 33), (31, 45)]:
+        # a prefill chunk (queries start..end over keys 0..end) or a decode step (one query)
+        assert torch.equal(causal_attention_invariant(q[start:end], k[:end], v[:end]), full[start:end]), (start, end)
+    # a batch of decode queries with histories padded to the longest one, masked by length
+    lens = [9, 45, 30]
+    qd = torch.stack([q[n - 1] for n in lens]).view(3, Hkv, Hq // Hkv, D)
+    kd, vd = (torch.stack([t.transpose(0, 1)] * 3) for t in (k, v))
+    mask = (torch.arange(L)[None, :] < torch.tensor(lens)[:, None])[:, None, None].expand(3, 1, Hq // Hkv, L)
+    out = attention_invariant(qd, kd, vd, mask.contiguous()).reshape(3, Hq, D)
+    for i, n in enumerate(lens):
+        assert torch.equal(out[i], full[n - 1])
+
+
+def test_linear_logprobs_invariant_values_rows_and_gradients():
+    torch.manual_seed(4)
+    h, w = torch.randn(70, 32), torch.randn(300, 32) * 0.3
+    targets, mask = torch.randint(0, 300, (70,)), (torch.rand(70) > 0.3).float()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp, ent = linear_logprobs_invariant(h1, w1, targets, 0.7, mask, return_entropy=True)
+    ref, ref_ent = linear_logprobs(h2, w2, targets, 0.7, mask, return_entropy=True)
+    assert_close(logp, ref, atol=1e-5)
+    assert_close(ent, ref_ent, atol=1e-5)
+    assert torch.equal(logp[mask == 0], torch.zeros(int((mask == 0).sum())))
+    (logp.sum() + ent.sum()).backward()
+    (ref.sum() + ref_ent.sum()).backward()
+    assert_close(h1.grad, h2.grad, atol=1e-5)
+    assert_close(w1.grad, w2.grad, atol=1e-5)
+    with torch.no_grad():
+        for start, end in [(0, 1), (5, 6), (3, 40), (33, 70)]:
+            part = linear_logprobs_invariant(h[start:end], w, targets[start:end], 0.7)
+            assert torch.equal(part, linear_logprobs_invariant(h, w, targets, 0.7)[start:end])
+    with pytest.raises(ValueError, match="targets must lie"):
+        linear_logprobs_invariant(h, w, targets + 300)
+
+
+def test_model_exact_mode_keeps_the_math_and_switches_off():
+    model = tiny_model(seed=5).eval()
+    ids = torch.randint(0, 257, (2, 19))
+    with torch.no_grad():
+        default = model(ids)
+        exact = model.set_batch_invariant(True)(ids)
+        assert all(m.batch_invariant for m in model.modules() if hasattr(type(m), "batch_invariant"))
+        # fp32, 2 layers, logits of size ~10: a few ulp through each op
+        assert_close(exact, default, atol=1e-4)
+        assert torch.equal(model.set_batch_invariant(False)(ids), default)
+
+
+# 2) end to end: engine -> trainer ---------------------------------------------------------------------
+class PhraseTokenizer(ByteTokenizer):
+    """Bytes, EOS, plus whole-phrase tokens, so a random tiny model writes and closes code blocks."""
+
+    phrases = {257: "```python\n", 258: "print(7)\n", 259: "```", 260: "so "}
+    vocab_size = 261
+
+    def decode(self, ids: list[int]) -> str:
+        text, run = [], []
+        for i in ids + [None]:
+            if i is not None and i < 256:
+                run.append(i)
+                continue
+            text.append(bytes(run).decode("utf-8", errors="replace") + self.phrases.get(i, ""))
+            run = []
+        return "".join(text)
+
+
+class FakeTools:
+    """Answers each snippet at once, with an output that depends on the code."""
+
+    def submit(self, code: str) -> Future:
+        future = Future()
+        future.set_result(Result(status="ok", stdout=f"ran {len(code)} chars"))
+        return future
+
+
+def phrase_model(seed: int = 0):
+    model = tiny_model(seed=seed, vocab_size=PhraseTokenizer.vocab_size)
+    with torch.no_grad():  # bytes get logit 0, phrases large random ones: code blocks open and close
+        model.lm_head.weight[:256] = 0.0
+        model.lm_head.weight[257:] *= 3.0
+    return model.eval()
+
+
+def rollout(model, n=3, max_tokens=40, temperature=1.0, **engine_kw):
+    tok = PhraseTokenizer()
+    config = dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=7, show_progress=False)
+    engine = Engine(model, tok, EngineConfig(**{**config, **engine_kw}))
+    torch.manual_seed(6)
+    shared = tok.encode("Problem: compute ")
+    prompts = [shared + torch.randint(32, 127, (int(torch.randint(1, 12, ())),)).tolist() for _ in range(4)]
+    trajs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=max_tokens), n=n,
+                            tools=ToolConfig(FakeTools(), max_calls=2))
+    return trajs, engine.stats
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_behaviour_logprobs_equal_the_training_forward_exactly(temperature):
+    model = phrase_model().set_batch_invariant(True)
+    trajs, stats = rollout(model, temperature=temperature)
+    # the run exercised what it should: tools, preemption, prefix sharing, chunked prefill (budget 7)
+    assert sum(t.num_tool_calls for t in trajs) >= 3, [t.num_tool_calls for t in trajs]
+    assert stats["num_preemptions"] > 0 and stats["num_prefix_cache_hit_tokens"] > 0
+    assert max(len(t.prompt_ids) for t in trajs) > 7
+    for budget in (10**6, 90):  # one micro-batch, then several of other sizes
+        for mb in pack(trajs, [0.0] * len(trajs), budget):
+            with torch.no_grad():
+                logp, _ = PolicyForward(model)(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask, temperature)
+            sampled = mb.mask > 0
+            assert torch.equal(logp[sampled], mb.old_logprobs[sampled]), \
+                f"max gap {(logp - mb.old_logprobs)[sampled].abs().max().item():.3g}"
+            assert torch.equal(torch.exp(logp - mb.old_logprobs)[sampled], torch.ones(int(sampled.sum())))
+    # and the bits do not depend on the schedule: a roomy pool, one big step budget, no preemption
+    roomy, roomy_stats = rollout(model, temperature=temperature, num_kv_blocks=256, max_num_batched_tokens=512)
+    assert roomy_stats["num_preemptions"] == 0
+    assert [(t.response_ids, t.logprobs) for t in roomy] == [(t.response_ids, t.logprobs) for t in trajs]
+
+
+def test_default_mode_stays_within_float_tolerance():
+    model = phrase_model()
+    trajs, _ = rollout(model, n=2, max_tokens=25)
+    (mb,) = pack(trajs, [0.0] * len(trajs), 10**6)
+    with torch.no_grad():
+        logp, _ = PolicyForward(model)(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask)
+    sampled = mb.mask > 0
+    # fp32 log-softmax over 261 logits of size ~10 after 2 layers, different summation orders
+    assert_close(logp[sampled], mb.old_logprobs[sampled], atol=1e-4)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_trainer_first_minibatch_ratio_is_exactly_one(tmp_path, exact):
+    data = tmp_path / "p.jsonl"
+    data.write_text("\n".join(json.dumps({"problem": f"{i}+{i}", "answer": str(2 * i)}) for i in range(4)))
+    cfg = load_config(None, [
+        "--train.data", str(data), "--train.output_dir", str(tmp_path / "run"), "--train.steps", "1",
+        "--train.prompts_per_step", "2", "--rollout.n", "3", "--rollout.max_response_tokens", "24",
+        "--rollout.prompt_mode", "plain", "--rollout.tool_budget", "{0: 2}", "--train.save_every", "0",
+        "--train.autocast", "off", "--engine.num_kv_blocks", "24", "--engine.block_size", "4",
+        "--engine.max_num_batched_tokens", "9", "--engine.show_progress", "false", "--rl.mini_batches", "1",
+        "--train.micro_batch_tokens", "64", "--model.batch_invariant", str(exact).lower(),
+    ])
+    model = phrase_model(seed=1)
+    trainer = Trainer(cfg, model=model, tokenizer=PhraseTokenizer(), sandbox=FakeTools())
+    assert model.batch_invariant == exact
+    trainer.train()
+    (row,) = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert row["train/num_loss_tokens"] > 0 and row["tools/calls_per_response"] > 0
+    gap_max, gap_mean = row["train/mismatch/logprob_abs_max"], row["train/mismatch/logprob_abs_mean"]
+    if exact:
+        assert gap_max == 0.0 and gap_mean == 0.0
+        assert row["train/mismatch/clip_frac_first"] == 0.0 and row["train/clip_frac"] == 0.0
+    else:  # reported, and within float32 tolerance of the recorded log-probs (as test_default_mode_...)
+        assert 0.0 <= gap_mean <= gap_max < 1e-4 and row["train/mismatch/clip_frac_first"] == 0.0
