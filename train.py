@@ -27,12 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args, overrides = parser.parse_known_args(argv)
-    # the sandbox server starts inside Trainer before heavy torch work; cir imports torch lazily enough
     from cir.config import load_config
-    from cir.rl.trainer import Trainer
 
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides)  # a config mistake is reported before the heavy imports
+    # the sandbox server starts inside Trainer before heavy torch work; cir imports torch lazily enough
+    from cir.rl.trainer import Trainer
+
     trainer = Trainer(config, resume=args.resume)
     try:
         trainer.train()

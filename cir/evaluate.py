@@ -29,6 +29,7 @@ import torch
 
 from cir.data.problems import load_problems
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
+from cir.errors import ArgumentParser, run_main
 from cir.eval import evaluate, rollout_records, summarize  # noqa: F401  (the evaluation core, re-exported)
 from cir.rl.evaluation import evaluate_problems  # noqa: F401  (the trainer's, re-exported)
 
@@ -72,7 +73,8 @@ def _unique_names(paths: list[str]) -> list[str]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m cir.evaluate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF model directory (default: the embedded model)")
     parser.add_argument("--data", nargs="+", required=True, help="problem sets: .jsonl, .json or verl .parquet")
     parser.add_argument("--n", type=int, default=None, help="samples per problem (default 16; 1 with --greedy)")
@@ -104,6 +106,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.max_tool_calls < 0:
         parser.error(f"--max-tool-calls must be >= 0, got {args.max_tool_calls}")
+    if args.sandbox_workers < 1 or args.sandbox_timeout <= 0:
+        parser.error("--sandbox-workers must be >= 1 and --sandbox-timeout > 0, got "
+                     f"{args.sandbox_workers} and {args.sandbox_timeout}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    try:  # temperature, top-p, max-new-tokens: checked where they are defined
+        SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
+    except ValueError as e:
+        parser.error(f"{e} (from --temperature, --top-p, --max-new-tokens)")
     if args.prompt_mode is None:
         args.prompt_mode = "raw" if args.model else "chat"
     return args
@@ -156,4 +167,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

