@@ -302,20 +302,6 @@ def _top_functions(engine, prompts, params, n, tools, top: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["own_ms_per_step"])[:top]
 
 
-class ByteTokenizer:
-    """One token per UTF-8 byte, EOS = 256 (the engine tests' tokenizer)."""
-
-    eos_token_id = 256
-    eos_token_ids = [256]
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
 def tiny_model(vocab_size: int = 257, max_len: int = 1024):
     """A 2-layer random model whose forward costs little next to the host work of a step."""
     from cir.model.config import ModelConfig
@@ -357,6 +343,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode; the best per-step mean is kept")
     parser.add_argument("--top", type=int, default=0, help="also list the N functions with the most own time")
     args = parser.parse_args()
+    from bench.models import ByteTokenizer
     from cir.engine import Engine, EngineConfig
 
     torch.manual_seed(0)

@@ -15,6 +15,10 @@ EOS / the length limit and cuts after the first closed python block, so every to
 that fence is wasted (measured here by generating without stopping on the same prompts);
 (4) on CUDA, decode-step time against the HBM roofline: (weight bytes + KV bytes read) / bandwidth.
 Useful tokens only: tokens after a row's EOS (transformers pads finished rows) are not counted.
+Each result is printed as soon as it is measured; --budget-s bounds the run: a phase that would
+start past the budget is skipped and says so. The CUDA configs are random-weight models built on the
+GPU (bench/models.py), with the transformers twin given the same tensors (no save and reload); the
+tokenizer is the embedded default's when it is at hand, else bytes (token ids are all that matter).
 The last line is one JSON object.
 """
 from __future__ import annotations
@@ -43,13 +47,12 @@ QUESTIONS = [
     "What is {a} * {b}? Use python to compute it.", "Compute the sum of the integers from {a} to {b} with python.",
     "Is {b}{a} a prime number? Check it with python code.", "What is the gcd of {a}{b} and {b}{a}? Write python.",
 ]
-GPU_CONFIGS = {  # random weights; shapes of the published checkpoints
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
+GPU_CONFIGS = {"qwen2-1.5b": "qwen2.5-1.5b", "qwen2-7b": "qwen2.5-7b"}  # random weights: bench/models.py
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def say(*args) -> None:
+    print(*args, flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -58,22 +61,27 @@ def sync(device: torch.device) -> None:
 
 
 def build(args) -> tuple:
-    from cir.model import default_model_path, from_pretrained
-    from cir.tokenizer import load_tokenizer
+    from bench.models import ByteTokenizer, model_config, random_model
 
-    tok_path = default_model_path()
-    tokenizer = load_tokenizer(tok_path)
+    try:
+        from cir.model import default_model_path
+        from cir.tokenizer import load_tokenizer
+
+        tok_path = default_model_path()
+        tokenizer = load_tokenizer(tok_path)
+    except Exception as e:  # offline GPU node without the embedded model: bytes will do
+        if args.config == "smollm2":
+            raise
+        say(f"# default tokenizer unavailable ({type(e).__name__}: {e}); byte tokenizer")
+        tok_path, tokenizer = None, ByteTokenizer()
     if args.config == "smollm2":
-        return from_pretrained(tok_path), tokenizer, tok_path
-    from cir.model.config import ModelConfig
-    from cir.model.transformer import Transformer
+        from cir.model import from_pretrained
 
-    fields = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
-                  attention_bias=True, eos_token_id=tokenizer.eos_token_ids, **GPU_CONFIGS[args.config])
-    fields["vocab_size"] = max(fields["vocab_size"], tokenizer.vocab_size)
-    with torch.device("cuda"):
-        model = Transformer(ModelConfig(**fields)).to(torch.bfloat16)
-    return model, tokenizer, None
+        return from_pretrained(tok_path), tokenizer
+    shape = GPU_CONFIGS[args.config]
+    config = model_config(shape, eos_token_id=list(tokenizer.eos_token_ids))
+    config.vocab_size = max(config.vocab_size, tokenizer.vocab_size)
+    return random_model(config, torch.bfloat16, "cuda"), tokenizer
 
 
 def prompts_for(tokenizer, count: int) -> list[list[int]]:
@@ -166,11 +174,21 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true", help="ours only (no transformers installed)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="phases that would start later are skipped")
     args = parser.parse_args()
     if args.prompts * args.n > args.concurrency:
         parser.error(f"the batch workload ({args.prompts} x {args.n}) must fit --concurrency {args.concurrency}")
+    deadline = time.perf_counter() + args.budget_s
+
+    def in_budget(what: str) -> bool:
+        if time.perf_counter() < deadline:
+            return True
+        say(f"# budget of {args.budget_s:.0f}s spent: skipping {what}")
+        return False
+
     torch.manual_seed(0)
-    model, tokenizer, hf_path = build(args)
+    say(f"# building {args.config} ...")
+    model, tokenizer = build(args)
     device = next(model.parameters()).device
     engine = Engine(model, tokenizer, EngineConfig(kv_cache_memory_gb=1.0, show_progress=False,
                                                    max_num_seqs=args.concurrency))
@@ -179,74 +197,77 @@ def main() -> None:
     eos = set(tokenizer.eos_token_ids)
     ref = None
     if not args.skip_hf:
-        import transformers
+        if args.config == "smollm2":
+            import transformers
 
-        if hf_path is not None:
-            ref = transformers.AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
+            from cir.model import default_model_path
+            ref = transformers.AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
         else:
-            from cir.model import save_pretrained
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                save_pretrained(model, tmp)
-                ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(device)
-        ref.eval()
+            from bench.models import hf_twin
+            ref = hf_twin(model)
 
     # 1) ours vs transformers, per workload, repetitions interleaved
+    say(f"# {args.config} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: <= {args.max_tokens} "
+        f"new tokens, temperature {args.temperature}, at most {args.concurrency} sequences at once")
     run_ours(engine, prompts[:1], SamplingParams(max_tokens=4), 1)
     workloads = [("batch", prompts[: args.prompts])]
     if args.queue_prompts:
         workloads.append(("queue", prompts[: args.queue_prompts]))
     results = {}
+    batch_trajs = []
+    say(f"{'workload':<10}{'sequences':>10}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}")
     for name, workload in workloads:
         ours, hf = [], []
-        for _ in range(args.repeats):
+        for rep in range(args.repeats):
+            if rep and not in_budget(f"{name} repetition {rep + 1}"):
+                break
             seconds, tokens, trajs = run_ours(engine, workload, params, args.n)
             ours.append(tokens / seconds)
-            if ref is not None:
+            if ref is not None and in_budget(f"transformers on {name}"):
                 seconds, tokens = run_hf(ref, tokenizer, workload, args, eos)
                 hf.append(tokens / seconds)
-        results[name] = dict(sequences=len(workload) * args.n, ours=statistics.median(ours),
-                             transformers=statistics.median(hf) if hf else None)
+        r = results[name] = dict(sequences=len(workload) * args.n, ours=statistics.median(ours),
+                                 transformers=statistics.median(hf) if hf else None, repeats=len(ours))
+        r["ratio"] = r["ours"] / r["transformers"] if r["transformers"] else None
+        hf_rate = f"{r['transformers']:.1f}" if r["transformers"] else "-"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        say(f"{name:<10}{r['sequences']:>10}{r['ours']:>12.1f}{hf_rate:>12}{ratio:>8}")
         if name == "batch":
             batch_trajs = trajs
+        if not in_budget("the remaining workloads"):
+            break
     waste, num_wasted = wasted_fraction(batch_trajs, tokenizer)
+    say(f"paper-style rollout would discard {waste:.1%} of generated tokens ({num_wasted})")
 
     # 2) with the sandbox in the loop
-    from sandbox import Sandbox
+    tools_rate = calls_rate = None
+    if in_budget("the tools run"):
+        from sandbox import Sandbox
 
-    with Sandbox(workers=4, timeout=10.0) as box:
-        seconds, tokens, tool_trajs = run_ours(engine, prompts[: args.prompts], params, args.n,
-                                               ToolConfig(box, max_calls=2))
-    calls = sum(t.num_tool_calls for t in tool_trajs)
-    tools_rate = tokens / seconds
+        with Sandbox(workers=4, timeout=10.0) as box:
+            seconds, tokens, tool_trajs = run_ours(engine, prompts[: args.prompts], params, args.n,
+                                                   ToolConfig(box, max_calls=2))
+        calls = sum(t.num_tool_calls for t in tool_trajs)
+        tools_rate, calls_rate = tokens / seconds, calls / seconds
+        say(f"batch + tools: {tools_rate:.1f} tokens/s; tool calls: {calls} in {seconds:.1f}s = {calls_rate:.1f}/s")
 
     # 3) decode roofline (CUDA): its own engine, room for the largest batch
     roofline = []
     if device.type == "cuda":
         engine.release()
         wide = Engine(model, tokenizer, EngineConfig(show_progress=False, max_num_seqs=128))
-        roofline = [decode_roofline(wide, model, b, 1024) for b in (1, 32, 128)]
-
-    print(f"{args.config} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: "
-          f"<= {args.max_tokens} new tokens, temperature {args.temperature}, at most {args.concurrency} "
-          f"sequences at once, median of {args.repeats}")
-    print(f"{'workload':<10}{'sequences':>10}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}")
-    for name, r in results.items():
-        r["ratio"] = r["ours"] / r["transformers"] if r["transformers"] else None
-        hf_rate = f"{r['transformers']:.1f}" if r["transformers"] else "-"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
-        print(f"{name:<10}{r['sequences']:>10}{r['ours']:>12.1f}{hf_rate:>12}{ratio:>8}")
-    print(f"batch + tools: {tools_rate:.1f} tokens/s; tool calls: {calls} in {seconds:.1f}s = {calls / seconds:.1f}/s")
-    print(f"paper-style rollout would discard {waste:.1%} of generated tokens ({num_wasted})")
-    for r in roofline:
-        print(f"decode b={r['batch']} ctx={r['context']}: {r['step_ms']:.2f} ms/step, {r['GB_per_s']:.0f} GB/s, "
-              f"{(r['roofline_fraction'] or 0):.0%} of HBM roofline")
+        for b in (1, 32, 128):
+            if not in_budget(f"the decode roofline at batch {b}"):
+                break
+            r = decode_roofline(wide, model, b, 1024)
+            roofline.append(r)
+            say(f"decode b={r['batch']} ctx={r['context']}: {r['step_ms']:.2f} ms/step, {r['GB_per_s']:.0f} GB/s, "
+                f"{(r['roofline_fraction'] or 0):.0%} of HBM roofline")
     print(json.dumps({
         "config": args.config, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-        "workloads": results, "tools_tokens_per_s": tools_rate, "tool_calls_per_s": calls / seconds,
+        "workloads": results, "tools_tokens_per_s": tools_rate, "tool_calls_per_s": calls_rate,
         "paper_rollout_waste_fraction": waste, "roofline": roofline,
-    }))
+    }), flush=True)
 
 
 if __name__ == "__main__":

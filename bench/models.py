@@ -85,5 +85,25 @@ def hf_twin(model: Transformer, attn_implementation: str = "sdpa"):
     return twin.eval()
 
 
+class ByteTokenizer:
+    """One token per UTF-8 byte, EOS = 256: a tokenizer for random-weight models (token ids are all
+    that matter), with a plain chat template."""
+
+    eos_token_id = 256
+    eos_token_ids = [256]
+    pad_token_id = None
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
+        return text + ("<assistant>\n" if add_generation_prompt else "")
+
+
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
