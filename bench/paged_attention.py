@@ -77,6 +77,31 @@ def flash_attn_fn(args):
                                            block_table=block_tables, causal=True)
 
 
+def measure_decode(grid: list[tuple[int, int]], heads: tuple[int, int], head_dim: int, block_size: int,
+                   dtype: torch.dtype, device: torch.device, impls: tuple[str, ...] = ("torch", "triton", "flash_attn")) -> list[dict]:
+    """One row per (batch, context) of `grid` and implementation: ms, KV GB/s, fraction of HBM peak."""
+    peak = hbm_peak(device) if device.type == "cuda" else None
+    rows = []
+    for num_seqs, context in grid:
+        args = make_decode_batch(num_seqs, context, *heads, head_dim, block_size, dtype, device)
+        kv_bytes = num_seqs * context * heads[1] * head_dim * 2 * dtype.itemsize
+        fns = {"torch": lambda: paged_attention_reference(*args, max_seqlen_q=1)}
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            fns["triton"] = lambda: paged_attention(*args, max_seqlen_q=1, backend="triton")
+        if device.type == "cuda" and (fa := flash_attn_fn(args)) is not None:
+            fns["flash_attn"] = fa
+        for impl, fn in fns.items():
+            if impl not in impls:
+                continue
+            ms = time_ms(fn, device)
+            gbps = kv_bytes / ms / 1e6
+            rows.append({"impl": impl, "batch": num_seqs, "context": context, "ms": round(ms, 4),
+                         "GB/s": round(gbps, 1),
+                         "peak_frac": round(gbps * 1e9 / peak, 3) if peak else None})
+        del args
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-size", type=int, default=256)
@@ -91,22 +116,7 @@ def main() -> None:
         heads, head_dim, dtype = (14, 2), 64, torch.float32
         grid = [(b, c) for b in (1, 8, 32) for c in (512, 2048)]
         peak = None
-    rows = []
-    for num_seqs, context in grid:
-        args = make_decode_batch(num_seqs, context, *heads, head_dim, opts.block_size, dtype, device)
-        kv_bytes = num_seqs * context * heads[1] * head_dim * 2 * dtype.itemsize
-        fns = {"torch": lambda: paged_attention_reference(*args, max_seqlen_q=1)}
-        if device.type == "cuda":
-            fns["triton"] = lambda: paged_attention(*args, max_seqlen_q=1, backend="triton")
-            if (fa := flash_attn_fn(args)) is not None:
-                fns["flash_attn"] = fa
-        for impl, fn in fns.items():
-            ms = time_ms(fn, device)
-            gbps = kv_bytes / ms / 1e6
-            rows.append({"impl": impl, "batch": num_seqs, "context": context, "ms": round(ms, 4),
-                         "GB/s": round(gbps, 1),
-                         "peak_frac": round(gbps * 1e9 / peak, 3) if peak else None})
-        del args
+    rows = measure_decode(grid, heads, head_dim, opts.block_size, dtype, device)
     print(f"paged-attention decode on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f" ({torch.get_num_threads()} threads), heads {heads[0]}q/{heads[1]}kv, D {head_dim}, {dtype},"
           f" block_size {opts.block_size}")
