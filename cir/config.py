@@ -211,7 +211,7 @@ def _read_yaml(path: str | Path) -> dict:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:  # the library's own message spans several lines: keep its gist
         mark = getattr(e, "problem_mark", None)
-        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        what = ": ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
         raise UserError(f"invalid YAML: {what}", where=location(path, mark.line + 1 if mark else None)) from None
     except UnicodeDecodeError as e:
         raise UserError(f"config file is not UTF-8 text ({e.reason} at byte {e.start})", where=str(path)) from None

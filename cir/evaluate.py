@@ -109,6 +109,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.sandbox_workers < 1 or args.sandbox_timeout <= 0:
         parser.error("--sandbox-workers must be >= 1 and --sandbox-timeout > 0, got "
                      f"{args.sandbox_workers} and {args.sandbox_timeout}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; it names the directory for the results")
     if not 0 < args.gpu_memory_utilization <= 1:
         parser.error(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     try:  # temperature, top-p, max-new-tokens: checked where they are defined

@@ -149,7 +149,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
-        hint = None if run_dir.is_dir() else "no such directory"
+        hint = None if run_dir.is_dir() else "give the run directory, not a file" if run_dir.exists() \
+            else "no such directory"
         raise MissingPathError(f"no metrics.jsonl in {run_dir}", hint=hint)
     records = read_jsonl(metrics_path)
     if not records:

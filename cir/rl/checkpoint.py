@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from cir.errors import MissingPathError
 from cir.model import save_pretrained
 from cir.rl import distributed as dist_utils
 
@@ -100,7 +101,8 @@ def load(path: Path, policy: torch.nn.Module, optimizer) -> dict:
     """Restore model + optimizer in place; returns this rank's extra state (with "step")."""
     rank_file = path / f"rank_{dist_utils.rank()}.pt"
     if not rank_file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no {rank_file.name} (was it written by another world size?)")
+        raise MissingPathError(f"checkpoint {path} has no {rank_file.name}",
+                               hint="it was written by fewer ranks; resume with the world size that wrote it")
     state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
     dcp.load(state, checkpoint_id=str(path / "train_state"))
     set_model_state_dict(policy, state["model"])
