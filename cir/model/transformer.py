@@ -207,7 +207,11 @@ class Transformer(nn.Module):
     def forward_hidden(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
         """Packed tokens (T,) at `positions` (T,) -> final-norm hidden states (T, D)."""
         x = self.embed_tokens(input_ids)  # (T, D)
-        cos, sin = self.rotary(positions, x.dtype)  # (T, 1, Dh // 2) each
+        # under autocast the residual stream stays fp32 while q / k leave their projections in the autocast
+        # dtype: rotate them in it, so attention gets one dtype (flash-attn's; no fp32 q / k copies)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        cos, sin = self.rotary(positions, dtype)  # (T, 1, Dh // 2) each
         use_checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_checkpointing:
