@@ -129,8 +129,12 @@ def test_what_counts_as_another_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")  # a run killed before its first step
     assert run_dir.previous_run(tmp_path) is None
     run_dir.claim(tmp_path, resume=False, overwrite=False)
+    fake_checkpoints(tmp_path / "checkpoints", 3)
+    (tmp_path / "checkpoints" / "step_000004.tmp").mkdir()  # a save killed midway is not a checkpoint
     (tmp_path / "eval.jsonl").write_text('{"step": 5}\n')  # evaluation appends: it would mix too
-    assert run_dir.previous_run(tmp_path) == "eval.jsonl"
+    assert run_dir.previous_run(tmp_path) == "1 checkpoint (last step_000003), eval.jsonl"
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        run_dir.claim(tmp_path / "config.yaml", resume=True, overwrite=False)
 
 
 def test_train_py_refuses_a_used_run_dir_in_one_line(tmp_path):

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from cir.errors import UserError
-from cir.rl import distributed
+from cir.rl import checkpoint, distributed
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval.jsonl", "curves.png")
 RUN_DIRS = ("checkpoints", "tb")
@@ -30,10 +30,9 @@ def previous_run(output_dir: str | Path) -> str | None:
     or None when it holds none (a config.yaml alone, or nothing, is no run)."""
     root = Path(output_dir)
     found = []
-    checkpoints = sorted(p.name for p in (root / "checkpoints").glob("step_*") if p.is_dir()) \
-        if (root / "checkpoints").is_dir() else []
-    if checkpoints:
-        found.append(f"{len(checkpoints)} checkpoint{'s' * (len(checkpoints) > 1)} (last {checkpoints[-1]})")
+    done = checkpoint.checkpoints(root / "checkpoints")  # complete ones: a step_K.tmp is no checkpoint
+    if done:
+        found.append(f"{len(done)} checkpoint{'s' * (len(done) > 1)} (last {done[-1].name})")
     found += [name for name in _RECORD_FILES if (root / name).is_file() and (root / name).stat().st_size > 0]
     return ", ".join(found) if found else None
 
@@ -53,6 +52,8 @@ def claim(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise UserError("--resume continues the run in the output directory and --train.overwrite true "
                         "deletes it", hint="choose one")
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"train.output_dir {output_dir} is a file, not a directory")
     if resume:
         return
     verdict = None
