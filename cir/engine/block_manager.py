@@ -115,8 +115,11 @@ class BlockManager:
         """`num_tokens` more tokens of `seq` have their K/V in the cache; hash blocks that filled."""
         start = seq.num_cached_tokens
         seq.num_cached_tokens += num_tokens
-        if not self.enable_prefix_caching:
-            return
+        if self.enable_prefix_caching:
+            self.hash_full_blocks(seq, start)
+
+    def hash_full_blocks(self, seq: Sequence, start: int) -> None:
+        """Hash the blocks filled between token `start` and `seq.num_cached_tokens`."""
         for i in range(start // self.block_size, seq.num_cached_tokens // self.block_size):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from cir.engine.kv_cache import KVCache
@@ -123,32 +124,37 @@ class DecodeGraphs:
         self.graphs[bucket] = graph
 
     @torch.no_grad()
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            seq_lens: list[int]) -> torch.Tensor:
-        """One decode step of B <= max_batch sequences (one token each) -> hidden states (B, D)."""
+    def run(self, input_ids: torch.Tensor, positions: np.ndarray, slots: np.ndarray, block_tables: np.ndarray,
+            seq_lens: np.ndarray) -> torch.Tensor:
+        """One decode step of B <= max_batch sequences (one token each) -> hidden states (B, D).
+        input_ids (B,) on the device (the previous step's tokens need no trip to the host); the rest
+        host arrays: positions and slots (B,), block tables (B, W) zero-padded, lengths (B,)."""
         batch_size = len(input_ids)
         bucket = self.bucket_for(batch_size)
         if bucket is None:
             raise ValueError(f"{batch_size} sequences > the largest graph bucket {self.max_batch}")
-        width = max(map(len, tables))
+        width = block_tables.shape[1]
         if width > self.block_tables.shape[1]:
             raise ValueError(f"a block table of {width} blocks > the graphs' {self.block_tables.shape[1]}")
         pin = self.device.type == "cuda"
 
-        def put(dst: torch.Tensor, values: list) -> None:
-            dst.copy_(torch.tensor(values, dtype=dst.dtype, pin_memory=pin), non_blocking=True)
+        def put(dst: torch.Tensor, values: np.ndarray, pad: int) -> None:
+            src = torch.from_numpy(np.ascontiguousarray(values)).to(dst.dtype)
+            dst[:batch_size].copy_(src.pin_memory() if pin else src, non_blocking=True)
+            dst[batch_size:bucket].fill_(pad)
 
-        pad = bucket - batch_size
-        put(self.input_ids[:bucket], input_ids + [0] * pad)
-        put(self.positions[:bucket], positions + [0] * pad)
-        put(self.slot_mapping[:bucket], slots + [-1] * pad)
-        put(self.seq_lens[:bucket], seq_lens + [1] * pad)
+        self.input_ids[:batch_size].copy_(input_ids)
+        self.input_ids[batch_size:bucket].fill_(0)
+        put(self.positions, positions, 0)
+        put(self.slot_mapping, slots, -1)
+        put(self.seq_lens, seq_lens, 1)
         if self.kv_cache.attention_backend == "flash_attn":
-            cumulative = [0]
-            for n in seq_lens + [1] * pad:
-                cumulative.append(cumulative[-1] + n)
-            put(self.cu_seqlens_k[: bucket + 1], cumulative)
-        put(self.block_tables[:bucket, :width], [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad)
+            cumulative = np.arange(bucket + 1, dtype=np.int64)  # pad rows: one key each
+            cumulative[1 : batch_size + 1] = np.cumsum(seq_lens)
+            cumulative[batch_size + 1 :] += cumulative[batch_size] - batch_size
+            src = torch.from_numpy(cumulative).to(torch.int32)
+            self.cu_seqlens_k[: bucket + 1].copy_(src.pin_memory() if pin else src, non_blocking=True)
+        put(self.block_tables[:, :width], block_tables, 0)
         if not self.capture:
             return self._forward(bucket)[:batch_size]
         if bucket not in self.graphs:

@@ -17,6 +17,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,7 +29,7 @@ from cir.engine.model_runner import ModelRunner
 from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
-from cir.engine.tools import SegmentDecoder, feedback_text, find_closed_code, scan_start_hint
+from cir.engine.tools import SegmentDecoder, feedback_text, fence_token_table, find_closed_code, scan_start_hint
 from sandbox import format_feedback
 
 
@@ -44,6 +45,16 @@ class Trajectory:
     text: str  # the response decoded, for display only
     prompt_index: int = 0
     sample_index: int = 0
+
+
+@dataclass
+class _Step:
+    """A launched step whose tokens are not read yet: row i of `tokens` belongs to `owners[i]`."""
+
+    owners: list[Sequence]
+    tokens: torch.Tensor  # (R,) int64, on the device
+    logprobs: torch.Tensor  # (R,) float32
+    ended: list[Sequence]  # owners whose token is their last (length limit), already out of the batch
 
 
 class Engine:
@@ -64,6 +75,9 @@ class Engine:
                                               -(-self.max_model_len // config.block_size))
         self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         self.stats: dict[str, float] = {}
+        self._fence_table = None  # per token: may it close a code block (tools.fence_token_table)
+        self._must_check: set[Sequence] = set()
+        self._pending: _Step | None = None
         self.rollout_weights: RolloutWeights | None = None  # bf16 copies of fp32 masters, under autocast
 
     # 1) the KV pool --------------------------------------------------------------------------------
@@ -164,35 +178,23 @@ class Engine:
         if tools is not None:
             for seq in (s for group in groups for s in group):
                 seq.decoder = SegmentDecoder(self.tokenizer)
+        limit = self.max_model_len
+        for seq in (s for group in groups for s in group):
+            seq.max_response_tokens = min(params.max_tokens, limit - seq.num_prompt_tokens)
         num_seqs = len(prompts) * n
         bar = tqdm(total=num_seqs, desc="rollout", unit="seq", leave=False,
                    disable=not self.config.show_progress or num_seqs < 8)
-        num_steps = num_generated = 0
         self._seconds_waiting = 0.0
-        while scheduler.has_work:
-            self._collect_tool_results(scheduler, bar, block=False)
-            if not scheduler.has_work:  # the feedback just collected ended the last sequence
-                break
-            batch = scheduler.schedule()
-            if not batch.seqs:
-                if scheduler.paused:
-                    self._collect_tool_results(scheduler, bar, block=True)
-                    continue
-                raise RuntimeError("scheduler produced an empty step with no sequence waiting on a tool")
-            owners, tokens, logprobs = self.runner.run(batch)
-            num_steps += 1
-            for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
-                block_manager.mark_computed(seq, num_tokens)
-            for seq in owners:
-                if seq.followers:  # a leader finished its prompt: its samples share the prompt blocks
-                    for follower in seq.followers:
-                        block_manager.share(seq, follower)
-                        follower.status = SequenceStatus.RUNNING
-                        scheduler.running.append(follower)
-                    seq.followers = []
-            for seq, token, logprob in zip(owners, tokens, logprobs):
-                self._on_sampled(seq, token, logprob, scheduler, tools, bar)
-            num_generated += len(tokens)
+        self._stop_ids = [] if params.ignore_eos else sorted(self.eos_token_ids | set(params.stop_token_ids))
+        if tools is not None and self._fence_table is None:
+            self._fence_table = fence_token_table(self.tokenizer)
+        self._must_check: set[Sequence] = set()
+        self._pending: _Step | None = None
+        self.runner.on_launch = lambda: self._read_pending(scheduler, tools, bar)
+        try:
+            num_steps, num_generated = self._loop(scheduler, tools, bar)
+        finally:
+            self.runner.on_launch = self.runner.prev_tokens = self._pending = None
         bar.close()
         self.stats = dict(num_steps=num_steps, num_generated_tokens=num_generated,
                           num_preemptions=scheduler.num_preemptions,
@@ -200,21 +202,104 @@ class Engine:
                           seconds_waiting_on_tools=self._seconds_waiting)
         return [self._trajectory(seq) for group in groups for seq in group]
 
-    def _max_response_tokens(self, seq: Sequence) -> int:
-        return min(seq.params.max_tokens, self.max_model_len - seq.num_prompt_tokens)
+    def _loop(self, scheduler: Scheduler, tools: ToolConfig | None, bar) -> tuple[int, int]:
+        """Steps until every sequence ended: (steps, tokens kept). Step t + 1 is launched before step
+        t's tokens are read (`runner.on_launch` -> `_read_pending`), so stops are seen one step late."""
+        bm = scheduler.block_manager
+        bs, caching, running = bm.block_size, bm.enable_prefix_caching, SequenceStatus.RUNNING
+        num_steps = num_generated = 0
+        while scheduler.has_work or self._pending is not None:
+            self._collect_tool_results(scheduler, bar, block=False)
+            if not scheduler.has_work and self._pending is None:  # feedback ended the last sequence
+                break
+            batch = scheduler.schedule()
+            if not batch.seqs:
+                if self._pending is not None:  # nothing to overlap with: read the last step now
+                    self._read_pending(scheduler, tools, bar)
+                    continue
+                if scheduler.paused:
+                    self._collect_tool_results(scheduler, bar, block=True)
+                    continue
+                raise RuntimeError("scheduler produced an empty step with no sequence waiting on a tool")
+            # 1) launch: placeholders gather the previous step's tokens on the device
+            self.runner.prev_tokens = None if self._pending is None else self._pending.tokens
+            owners, logits = self.runner.forward(batch)
+            self._read_pending(scheduler, tools, bar)  # a no-op: forward's on_launch read it
+            num_steps += 1
+            # 2) K/V written; sequences that ended or paused at the previous step drop out of this one
+            for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+                if seq.status is running:
+                    start = seq.num_cached_tokens
+                    seq.num_cached_tokens = start + num_tokens
+                    if caching and (start + num_tokens) // bs > start // bs:
+                        bm.hash_full_blocks(seq, start)
+            for seq in [s for s in batch.seqs if s.followers and s.status is running]:
+                for follower in seq.followers:  # a leader finished its prompt: its samples share the blocks
+                    bm.share(seq, follower)
+                    follower.status = running
+                    scheduler.running.append(follower)
+                seq.followers = []
+            # 3) sample on the device; each running owner gets a placeholder, filled one step later
+            tokens, logprobs = self.runner.sample(owners, logits)
+            kept = [i for i, seq in enumerate(owners) if seq.status is running]
+            if len(kept) < len(owners):
+                index = torch.tensor(kept, dtype=torch.int64, device=tokens.device)
+                owners, tokens, logprobs = [owners[i] for i in kept], tokens[index], logprobs[index]
+            ended = []
+            for row, seq in enumerate(owners):
+                seq.token_ids.append(-1)
+                seq.pending_row = row
+                if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
+                    ended.append(seq)
+            for seq in ended:  # known without the token: out of the next step, blocks back now
+                scheduler.retire(seq)
+            self._pending = _Step(owners, tokens, logprobs, ended)
+            num_generated += len(owners)
+        return num_steps, num_generated
 
-    def _on_sampled(self, seq: Sequence, token: int, logprob: float, scheduler: Scheduler,
-                    tools: ToolConfig | None, bar) -> None:
-        seq.append_sampled(token, logprob)
-        params = seq.params
-        if not params.ignore_eos and (token in self.eos_token_ids or token in params.stop_token_ids):
+    def _read_pending(self, scheduler: Scheduler, tools: ToolConfig | None, bar) -> None:
+        """Read the pending step's tokens back (the one host sync), fill the placeholders, then end,
+        pause or go on with each sequence whose token may stop it."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        tokens = step.tokens.tolist()
+        for seq, token, logprob in zip(step.owners, tokens, step.logprobs.tolist()):
+            seq.token_ids[-1] = token
+            seq.loss_mask.append(1)
+            seq.logprobs.append(logprob)
+            seq.pending_row = -1
+        ids = np.asarray(tokens, dtype=np.int64)
+        check = np.zeros(len(ids), dtype=bool)
+        if self._stop_ids:
+            check |= np.isin(ids, self._stop_ids)
+        if tools is not None:
+            table = self._fence_table
+            check |= True if table is None else table[np.minimum(ids, len(table) - 1)]
+        rows = np.flatnonzero(check).tolist()
+        extra = step.ended + [s for s in self._must_check if s.status is SequenceStatus.RUNNING]
+        if extra:
+            row_of = {seq: i for i, seq in enumerate(step.owners)}
+            rows = sorted(set(rows).union(row_of[s] for s in extra if s in row_of))
+        for i in rows:
+            self._on_sampled(step.owners[i], tokens[i], scheduler, tools, bar)
+
+    def _on_sampled(self, seq: Sequence, token: int, scheduler: Scheduler, tools: ToolConfig | None,
+                    bar) -> None:
+        """A sequence whose new token may end or pause it: EOS, the length limit, a closed code block."""
+        if token in self._stop_ids:
             return self._finish(seq, "eos", scheduler, bar)
-        if seq.num_response_tokens >= self._max_response_tokens(seq):
+        if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
             return self._finish(seq, "length", scheduler, bar)
         if tools is None:
             return
         decoder = seq.decoder
-        if not decoder.push(token):
+        new = decoder.extend(seq.token_ids[seq.segment_start + len(decoder.ids):])
+        if decoder.is_holding_back:
+            self._must_check.add(seq)
+        else:
+            self._must_check.discard(seq)
+        if not new:
             return
         found = find_closed_code(decoder.text, seq.scan_offset)
         if found is None:
@@ -224,6 +309,7 @@ class Engine:
         if seq.num_tool_calls < tools.max_calls:
             seq.num_tool_calls += 1
             seq.pending_tool = tools.executor.submit(code)
+            self._must_check.discard(seq)
             scheduler.pause_for_tool(seq)
         elif tools.on_budget_spent == "stop":
             self._finish(seq, "budget", scheduler, bar)
@@ -246,15 +332,17 @@ class Engine:
                 continue
             seq.num_tool_successes += result.status == "ok"
             feedback = self.tokenizer.encode(feedback_text(format_feedback(result)))
-            room = self._max_response_tokens(seq) - seq.num_response_tokens
+            room = seq.max_response_tokens - seq.num_response_tokens
             seq.append_feedback(feedback[:room])
             scheduler.resume_from_tool(seq)
             if len(feedback) >= room:
                 self._finish(seq, "length", scheduler, bar)
             else:
                 seq.decoder = SegmentDecoder(self.tokenizer)
+                seq.segment_start = len(seq.token_ids)
 
     def _finish(self, seq: Sequence, reason: str, scheduler: Scheduler, bar) -> None:
+        self._must_check.discard(seq)
         if seq in scheduler.waiting:
             scheduler.waiting.remove(seq)
         scheduler.finish(seq, reason)

@@ -1,19 +1,29 @@
 """Model runner: turns a scheduled batch into tensors, runs the model on the paged cache, samples.
 
 It runs the training model's own parameters (no copy). Per step:
-1) input ids, positions, slot mapping, block tables, sequence lengths of the scheduled tokens;
+1) input ids, positions, slot mapping, block tables, sequence lengths of the scheduled tokens, built
+   as numpy arrays (one list comprehension per field, no Python call per sequence). A token the
+   previous step sampled is not on the host yet: its id is -1 in `seq.token_ids` and
+   `seq.pending_row` its row in the previous step's tokens (`prev_tokens`), gathered on the device;
 2) `model.forward_hidden(ids, positions, ctx)` on the packed tokens (mixed prefill + decode); on
    CUDA a decode-only step replays the CUDA graph of its batch-size bucket instead (cuda_graphs.py);
 3) logits only for the rows that sample (the last token of each sequence that reaches its end),
    computed in float32; a group leader finishing its prompt gets one row per sample of its group;
 4) `kernels.sample` with each row's own temperature / top-p / top-k / min-p and its own seed (see
-   `sequence_seed`), no host sync until the tokens are read back.
+   `sequence_seeds`, vectorised), no host sync: tokens and log-probs stay on the device.
+After launching a step's kernels and before returning, `forward` calls `on_launch`: the engine reads
+and inspects the previous step's tokens there, while the device computes this one.
 Exact mode (`model.batch_invariant`, see Transformer.set_batch_invariant): eager steps only, and the
 recorded behaviour log-prob of each sampled token comes from `model.token_logprobs`, the training
 forward's own reduction, instead of the sampler's softmax (`exact_logprobs`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
 import torch
 
 from cir.engine.cuda_graphs import DecodeGraphs
@@ -43,6 +53,34 @@ def sequence_seed(call_seed: int, seq: Sequence) -> int:
     return h >> 1  # non-negative int64
 
 
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps like the & _MASK64 above
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sequence_seeds(call_seed: int, keys: list[int], samples: list[int], positions: list[int]) -> np.ndarray:
+    """`sequence_seed` of many draws at once (int64, equal draw by draw)."""
+    h = np.full(len(keys), call_seed & _MASK64, dtype=np.uint64)
+    for part in (keys, samples, positions):
+        h = _splitmix64_array(h ^ np.asarray(part, dtype=np.int64).astype(np.uint64))
+    return (h >> np.uint64(1)).astype(np.int64)
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs: token ids on the device, the rest host arrays."""
+
+    input_ids: torch.Tensor  # (T,) int64, on the device
+    positions: np.ndarray  # (T,) int64
+    slots: np.ndarray  # (T,) int64: flat KV slot of each token
+    block_tables: np.ndarray  # (B, W) int32, zero-padded
+    seq_lens: np.ndarray  # (B,) int32: cached + new tokens
+    cu_seqlens_q: np.ndarray  # (B + 1,) int32
+    max_seqlen_q: int
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, seed: int = 0):
         self.model = model
@@ -53,112 +91,148 @@ class ModelRunner:
         self.generator.manual_seed(seed)
         self.call_seed = 0
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (EngineConfig.cuda_graphs)
+        self.prev_tokens: torch.Tensor | None = None  # (R,) the previous step's tokens, on the device
+        self.on_launch: Callable[[], None] | None = None  # run once a step's kernels are launched
 
     def new_call(self) -> None:
         """Draw this generate call's seed (the generator state is what checkpoints save)."""
         self.call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
-    def _step_inputs(self, batch: ScheduledBatch) -> tuple[list, list, list, list, list]:
-        """Host lists of one step: input ids, positions, KV slots, block tables, sequence lengths."""
-        input_ids, positions, slots, tables, seq_lens = [], [], [], [], []
-        bs = self.block_size
-        for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
-            start, end = seq.num_cached_tokens, seq.num_cached_tokens + num_tokens
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            tables.append(table)
-            seq_lens.append(end)
-        return input_ids, positions, slots, tables, seq_lens
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
-    def _forward_eager(self, batch: ScheduledBatch, input_ids, positions, slots, tables, seq_lens) -> torch.Tensor:
-        cu_seqlens = [0]
-        for num_tokens in batch.num_tokens:
-            cu_seqlens.append(cu_seqlens[-1] + num_tokens)
-        width = max(map(len, tables))
+    def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        seqs, num_tokens, bs = batch.seqs, batch.num_tokens, self.block_size
+        starts = [s.num_cached_tokens for s in seqs]
+        tables = [s.block_table for s in seqs]
+        if max(num_tokens) == 1:  # decode: one token per sequence
+            ids = np.array([s.token_ids[p] for s, p in zip(seqs, starts)], dtype=np.int64)
+            positions = np.array(starts, dtype=np.int64)
+            slots = np.array([t[p // bs] for t, p in zip(tables, starts)], dtype=np.int64) * bs + positions % bs
+            seq_of_token = None
+            cu_seqlens_q = np.arange(len(seqs) + 1, dtype=np.int32)
+        else:
+            ids = np.array(list(chain.from_iterable(
+                [s.token_ids[p : p + n] for s, p, n in zip(seqs, starts, num_tokens)])), dtype=np.int64)
+            counts = np.array(num_tokens, dtype=np.int64)
+            cu_seqlens_q = np.zeros(len(seqs) + 1, dtype=np.int32)
+            np.cumsum(counts, out=cu_seqlens_q[1:])
+            seq_of_token = np.repeat(np.arange(len(seqs)), counts)
+            positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu_seqlens_q[:-1] - np.array(starts), counts)
+            widths = np.array([len(t) for t in tables])
+            flat = np.array(list(chain.from_iterable(tables)), dtype=np.int64)
+            table_start = np.concatenate(([0], np.cumsum(widths)[:-1]))
+            slots = flat[table_start[seq_of_token] + positions // bs] * bs + positions % bs
+        widths = np.array([len(t) for t in tables])
+        block_tables = np.zeros((len(seqs), widths.max()), dtype=np.int32)
+        block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = list(chain.from_iterable(tables))
+        input_ids = self._to_device(ids)
+        pending = np.flatnonzero(ids < 0)  # tokens the previous step sampled: still on the device
+        if len(pending):
+            rows = np.array([s.pending_row for s in seqs], dtype=np.int64)
+            rows = rows[pending if seq_of_token is None else seq_of_token[pending]]
+            input_ids[self._to_device(pending)] = self.prev_tokens[self._to_device(rows)]
+        seq_lens = (np.array(starts, dtype=np.int64) + np.array(num_tokens)).astype(np.int32)
+        return StepInputs(input_ids, positions, slots, block_tables, seq_lens, cu_seqlens_q, max(num_tokens))
 
-        def tensor(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype, pin_memory=self.device.type == "cuda").to(
-                self.device, non_blocking=True)
-
+    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         keys = {}
         if self.kv_cache.attention_backend == "flash_attn":
-            cu_seqlens_k = [0]
-            for n in seq_lens:
-                cu_seqlens_k.append(cu_seqlens_k[-1] + n)
-            keys = dict(cu_seqlens_k=tensor(cu_seqlens_k, torch.int32), max_seqlen_k=max(seq_lens))
+            cu_seqlens_k = np.zeros(len(inputs.seq_lens) + 1, dtype=np.int32)
+            np.cumsum(inputs.seq_lens, out=cu_seqlens_k[1:])
+            keys = dict(cu_seqlens_k=self._to_device(cu_seqlens_k), max_seqlen_k=int(inputs.seq_lens.max()))
         ctx = self.kv_cache.context(
-            slot_mapping=tensor(slots, torch.int64),
-            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-            block_tables=tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            max_seqlen_q=max(batch.num_tokens),
+            slot_mapping=self._to_device(inputs.slots),
+            cu_seqlens_q=self._to_device(inputs.cu_seqlens_q),
+            block_tables=self._to_device(inputs.block_tables),
+            seq_lens=self._to_device(inputs.seq_lens),
+            max_seqlen_q=inputs.max_seqlen_q,
             **keys,
         )
-        return self.model.forward_hidden(tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx)
+        return self.model.forward_hidden(inputs.input_ids, self._to_device(inputs.positions), ctx)
 
-    def _sampling_rows(self, batch: ScheduledBatch) -> tuple[list[int], list[Sequence]]:
-        """Packed-token index of each row to sample, and the sequence the row belongs to."""
+    def _sampling_rows(self, batch: ScheduledBatch) -> tuple[np.ndarray | None, list[Sequence]]:
+        """Packed-token index of each row to sample (None: every token, in order) and its sequence.
+        A leader that finishes its prompt samples one row per member of its group."""
+        seqs, num_tokens = batch.seqs, batch.num_tokens
+        ends = [s.num_cached_tokens + n == len(s.token_ids) for s, n in zip(seqs, num_tokens)]
+        leaders = [s for s in seqs if s.followers]
+        if not leaders and max(num_tokens) == 1 and all(ends):
+            return None, list(seqs)
         rows, owners, end = [], [], 0
-        for i, (seq, num_tokens) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            end += num_tokens
-            if batch.samples(i):
+        for seq, n, samples in zip(seqs, num_tokens, ends):
+            end += n
+            if samples:
                 for member in [seq, *seq.followers]:
                     rows.append(end - 1)
                     owners.append(member)
-        return rows, owners
+        return np.array(rows, dtype=np.int64), owners
 
     @torch.no_grad()
     def forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """One forward over the batch: the sequences that sample and their float32 logits (R, V)."""
+        """One forward over the batch: the sequences that sample and their float32 logits (R, V).
+        `on_launch` runs after the kernels are launched, before this returns."""
         self.kv_cache.copy_blocks(batch.copies)
         inputs = self._step_inputs(batch)
         graphs = None if getattr(self.model, "batch_invariant", False) else self.graphs
-        if graphs is not None and len(batch) <= graphs.max_batch and all(n == 1 for n in batch.num_tokens):
-            hidden = graphs.run(*inputs)  # decode step: replay the bucket's graph
+        if graphs is not None and len(batch) <= graphs.max_batch and inputs.max_seqlen_q == 1:
+            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.slots, inputs.block_tables,
+                                inputs.seq_lens)  # decode step: replay the bucket's graph
         else:
-            hidden = self._forward_eager(batch, *inputs)  # (T, D)
+            hidden = self._forward_eager(inputs)  # (T, D)
         rows, owners = self._sampling_rows(batch)
-        row_index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        self.sampled_hidden = hidden[row_index]  # (R, D): exact mode recomputes the log-probs from it
-        return owners, self.model.compute_logits(self.sampled_hidden).float().contiguous()
+        # (R, D); exact mode recomputes the log-probs from it
+        self.sampled_hidden = hidden if rows is None else hidden[self._to_device(rows)]
+        logits = self.model.compute_logits(self.sampled_hidden).float().contiguous()
+        if self.on_launch is not None:
+            self.on_launch()
+        return owners, logits
 
     @torch.no_grad()
-    def sample(self, owners: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    def sample(self, owners: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (R,) int64 and behaviour log-probs (R,) float32, left on the device."""
         if not owners:
-            return [], []
+            empty = torch.empty(0, device=self.device)
+            return empty.long(), empty
         params = [seq.params for seq in owners]
+        shared = params[0] if all(p is params[0] for p in params) else None
 
-        def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
+        def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            if shared is not None:
+                return torch.full((len(owners),), getattr(shared, name), dtype=dtype, device=self.device)
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=self.device)
 
+        seeds = sequence_seeds(self.call_seed, [s.seed_key for s in owners], [s.sample_idx for s in owners],
+                               [len(s.token_ids) - s.num_prompt_tokens for s in owners])
         tokens, logprobs = sample(
             logits,
-            temperature=column([p.temperature for p in params]),
-            top_p=column([p.top_p for p in params]),
-            top_k=column([p.top_k for p in params], torch.int64),
-            min_p=column([p.min_p for p in params]),
-            generator=column([sequence_seed(self.call_seed, seq) for seq in owners], torch.int64),
+            temperature=column("temperature"),
+            top_p=column("top_p"),
+            top_k=column("top_k", torch.int64),
+            min_p=column("min_p"),
+            generator=self._to_device(seeds),
         )
-        return tokens.tolist(), logprobs.tolist()
+        if getattr(self.model, "batch_invariant", False):
+            logprobs = self.exact_logprobs(owners, tokens)
+        return tokens, logprobs
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[float]]:
         """Forward, then sample: the sequences that sampled, their tokens and behaviour log-probs."""
         owners, logits = self.forward(batch)
         tokens, logprobs = self.sample(owners, logits)
-        if owners and getattr(self.model, "batch_invariant", False):
-            logprobs = self.exact_logprobs(owners, tokens)
-        return owners, tokens, logprobs
+        return owners, tokens.tolist(), logprobs.tolist()
 
     @torch.no_grad()
-    def exact_logprobs(self, owners: list[Sequence], tokens: list[int]) -> list[float]:
+    def exact_logprobs(self, owners: list[Sequence], tokens: torch.Tensor) -> torch.Tensor:
         """The sampled tokens' log-probs by the training forward's reduction (`model.token_logprobs`
         at the temperature the trainer uses: the row's own, 1 for greedy rows)."""
         temperatures = [seq.params.temperature or 1.0 for seq in owners]
-        targets = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        targets = tokens.to(torch.int64)
         logprobs = torch.empty(len(owners), dtype=torch.float32, device=self.device)
         for temperature in sorted(set(temperatures)):
             idx = torch.tensor([i for i, t in enumerate(temperatures) if t == temperature], device=self.device)
             logprobs[idx] = self.model.token_logprobs(self.sampled_hidden[idx], targets[idx], temperature)
-        return logprobs.tolist()
+        return logprobs

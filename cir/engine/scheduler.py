@@ -68,12 +68,22 @@ class Scheduler:
 
         # 1) running sequences: decode tokens and the rest of chunked prefills
         scheduled: set[int] = set()
+        bs, blocks, running = bm.block_size, bm.blocks, SequenceStatus.RUNNING
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted by an earlier one this step
+            if seq.status is not running:  # preempted by an earlier one this step
                 continue
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            start = seq.num_cached_tokens
+            num_tokens = min(len(seq.token_ids) - start, budget)
+            table = seq.block_table
+            if start + num_tokens <= len(table) * bs and (start % bs == 0 or blocks[table[start // bs]].ref_count == 1):
+                # fast path (most decode steps): the slots exist and the block written is not shared
+                batch.seqs.append(seq)
+                batch.num_tokens.append(num_tokens)
+                scheduled.add(seq.seq_id)
+                budget -= num_tokens
+                continue
             while not bm.can_append(seq, num_tokens):
                 if self._reclaim(seq, num_tokens):  # idle sequences' blocks go first
                     break
@@ -90,7 +100,7 @@ class Scheduler:
             budget -= num_tokens
 
         # 2) waiting sequences: new prompts, returns from the sandbox, preempted ones
-        num_running = sum(self._num_seqs(s) for s in self.running)
+        num_running = len(self.running) + sum([len(s.followers) for s in self.running]) if self.waiting else 0
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if num_running + self._num_seqs(seq) > self.config.max_num_seqs and self.running:
@@ -141,9 +151,18 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def retire(self, seq: Sequence) -> None:
+        """Out of the running batch with its blocks freed, before `finish` (its last token is sampled
+        but not read yet, so the reason is not known)."""
+        self.block_manager.free(seq)
+        self.running.remove(seq)
+
     def pause_for_tool(self, seq: Sequence) -> None:
         """Leave the running batch (blocks kept) until the sandbox answers."""
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:  # preempted while its last token was on the device: it recomputes after the tool
+            self.waiting.remove(seq)
         self.paused.append(seq)
         seq.status = SequenceStatus.TOOL
 

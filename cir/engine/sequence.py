@@ -38,12 +38,17 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.followers: list[Sequence] = []  # samples 1..n-1 of the group, forked after this one's prefill
+        # a token sampled but not yet read back: token_ids[-1] is -1 and this is its row in the step's
+        # tokens on the device (the engine fills it one step later)
+        self.pending_row = -1
+        self.max_response_tokens = params.max_tokens  # the engine lowers it to fit max_model_len
         # tool state
         self.num_tool_calls = 0
         self.num_tool_successes = 0
         self.pending_tool: Future | None = None
         self.scan_offset = 0  # chars of the segment's text already scanned for a closing fence
         self.decoder = None  # tools.SegmentDecoder of the current segment, when tools are on
+        self.segment_start = len(prompt_ids)  # index in token_ids where the decoder's segment begins
 
     def __len__(self) -> int:
         return len(self.token_ids)

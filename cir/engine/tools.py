@@ -6,6 +6,8 @@ rollout: newline, ```output, the sandbox's formatted result, the closing fence, 
 """
 from __future__ import annotations
 
+import numpy as np
+
 from cir.tokenizer import decode_incremental
 
 CODE_OPEN = "```python"
@@ -28,11 +30,35 @@ class SegmentDecoder:
         self.read_offset = 0
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
+        return self.extend([token_id])
+
+    def extend(self, token_ids: list[int]) -> str:
+        """Several tokens in one decode: the same text as pushing them one by one."""
+        self.ids.extend(token_ids)
         new, self.prefix_offset, self.read_offset = decode_incremental(
             self.tokenizer, self.ids, self.prefix_offset, self.read_offset)
         self.text += new
         return new
+
+    @property
+    def is_holding_back(self) -> bool:
+        """Whether some pushed tokens are not in `text` yet (an incomplete UTF-8 character)."""
+        return self.read_offset < len(self.ids)
+
+
+def fence_token_table(tokenizer) -> np.ndarray | None:
+    """(V + 1,) bool: whether a token's text holds a backtick. A code block closes only when the text
+    gains its last backtick, so the engine decodes a sequence's segment (all tokens since the last
+    decode, at once) and scans it only at such tokens, or while the decoder holds back an incomplete
+    character (which may hide a backtick). The last entry (any id beyond the tokenizer's vocabulary)
+    is True. None when the tokenizer has no `vocab_size`: then every token is checked."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(size, int) or size <= 0:
+        return None
+    table = np.ones(size + 1, dtype=bool)
+    for i in range(size):
+        table[i] = "`" in tokenizer.decode([i])
+    return table
 
 
 def find_closed_code(text: str, start: int = 0) -> tuple[str, int] | None:
