@@ -8,7 +8,8 @@ CUDA (bf16 hidden/weight, D = 3584, V = 152064):
   log-probs fwd+bwd, N = 4096 .. 32768: `linear_logprobs` vs the baseline full logits -> float ->
   log_softmax -> gather; time = triton.testing.do_bench median (20/80 % quantiles), memory = peak
   torch.cuda allocation during one fwd+bwd minus the allocation before it (inputs excluded, the two
-  gradients included in both).
+  gradients included in both; "-grads %" compares what is left without them); "unfused" is
+  `linear_logprobs(fused=False)`, cuBLAS into fp32 chunks + Triton row kernels (the earlier path).
   sampling, B = 1 .. 512, fp32 logits, V = 152064: `sample` vs sort + cumsum + exponential race.
 CPU (float32, N = 8192, V = 49152, D = 576): each variant runs in its own process; its peak extra
   memory = the process's peak resident set (VmHWM, reset through /proc/self/clear_refs once the
@@ -145,7 +146,8 @@ def cuda_bench(quick: bool) -> dict:
     device, d, v = "cuda", 3584, 152064
     results: dict = {"device": torch.cuda.get_device_name(), "logprobs": [], "sampling": []}
     print(f"linear_logprobs fwd+bwd, bf16, D={d} V={v} ({results['device']})")
-    print(f"{'N':>6}{'torch ms':>10}{'kernel ms':>11}{'torch MiB':>11}{'kernel MiB':>12}{'mem %':>7}{'speedup':>9}")
+    print(f"{'N':>6}{'torch ms':>10}{'kernel ms':>11}{'torch MiB':>11}{'kernel MiB':>12}{'mem %':>7}{'-grads %':>9}"
+          f"{'speedup':>9}{'unfused ms':>12}{'unfused MiB':>13}")
     for n in (1024, 4096) if quick else (4096, 8192, 16384, 32768):
         hidden = torch.randn(n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
         weight = (torch.randn(v, d, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
@@ -157,12 +159,18 @@ def cuda_bench(quick: bool) -> dict:
 
         t_ms, t_mib = _cuda_measure(run(naive_logprobs), [hidden, weight])
         k_ms, k_mib = _cuda_measure(run(linear_logprobs), [hidden, weight])
-        row = {"n": n, "torch_ms": t_ms, "kernel_ms": k_ms, "torch_mib": t_mib, "kernel_mib": k_mib}
+        # the path before the fused GEMMs: cuBLAS into fp32 chunks + the Triton row kernels
+        u_ms, u_mib = _cuda_measure(run(lambda h, w, t: linear_logprobs(h, w, t, fused=False)), [hidden, weight])
+        grad_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / MIB  # both paths must hold them
+        row = {"n": n, "torch_ms": t_ms, "kernel_ms": k_ms, "torch_mib": t_mib, "kernel_mib": k_mib,
+               "unfused_ms": u_ms, "unfused_mib": u_mib, "grad_mib": grad_mib}
         results["logprobs"].append(row)
         pct = f"{100 * k_mib / t_mib:.1f}" if t_mib and k_mib else "-"
+        pct_minus = f"{100 * (k_mib - grad_mib) / (t_mib - grad_mib):.1f}" if t_mib and k_mib else "-"
         speed = f"{t_ms / k_ms:.2f}x" if t_ms and k_ms else "-"
         fmt = lambda x: "OOM" if x is None else f"{x:.1f}"  # noqa: E731
-        print(f"{n:>6}{fmt(t_ms):>10}{fmt(k_ms):>11}{fmt(t_mib):>11}{fmt(k_mib):>12}{pct:>7}{speed:>9}")
+        print(f"{n:>6}{fmt(t_ms):>10}{fmt(k_ms):>11}{fmt(t_mib):>11}{fmt(k_mib):>12}{pct:>7}{pct_minus:>9}{speed:>9}"
+              f"{fmt(u_ms):>12}{fmt(u_mib):>13}")
         del hidden, weight
 
     print(f"sampling, fp32 logits, V={v}: (temperature 1, top_p 0.95) and (+ top_k 50)")

@@ -97,13 +97,13 @@ def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 class LinearLogprobs(torch.autograd.Function):
-    """Every row is computed (a mask is applied outside, without a host sync). backend "triton": the
-    fused GEMMs of `linear_logprobs_triton`; "torch": torch GEMMs + the torch row ops (CPU path)."""
+    """Every row is computed (a mask is applied outside, without a host sync). fused: the Triton GEMMs
+    of `linear_logprobs_triton`; else torch GEMMs into an fp32 chunk + the row ops of `backend`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_t: float, chunk: int, backend: str):
+    def forward(ctx, hidden, weight, targets, inv_t: float, chunk: int, backend: str, fused: bool):
         vocab_size = weight.shape[0]
-        if backend == "triton":
+        if fused:
             state = lse_gemm(hidden, weight, targets, inv_t)  # (4, N): the logits never reach memory
         else:
             state = new_state(hidden.shape[0], hidden.device)  # (4, N)
@@ -116,7 +116,7 @@ class LinearLogprobs(torch.autograd.Function):
             del buffer
         logp, entropy, lse, mean_z = finish_state(state)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.inv_t, ctx.chunk, ctx.backend = inv_t, chunk, backend
+        ctx.inv_t, ctx.chunk, ctx.backend, ctx.fused = inv_t, chunk, backend, fused
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -125,11 +125,11 @@ class LinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         h, num_rows = hidden, hidden.shape[0]
         g_logp = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
         g_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
-        vocab_size, chunk, fused = weight.shape[0], ctx.chunk, ctx.backend == "triton"
+        vocab_size, chunk, fused = weight.shape[0], ctx.chunk, ctx.fused
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if needs_hidden else None
         grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs_weight else None
         # fused: dz straight from the GEMM epilogue, in h's dtype; torch: fp32 z, then dz in place or in h's dtype
@@ -153,7 +153,7 @@ class LinearLogprobs(torch.autograd.Function):
         del buffer, dz_buffer
         if needs_hidden:
             grad_h = grad_h.to(hidden.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_logprobs(
@@ -167,6 +167,7 @@ def linear_logprobs(
     chunk_size: int | None = None,
     backend: str | None = None,
     check_targets: bool = True,
+    fused: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log_softmax(hidden @ weight.T / temperature)[i, targets[i]] per row, float32 (N,).
 
@@ -177,7 +178,9 @@ def linear_logprobs(
     gradient (they are computed, then discarded: dropping them would need their count on the host);
     their targets are never read. return_entropy=True also returns each row's entropy.
     chunk_size: vocabulary columns per backward chunk (default: from a memory budget, see above).
-    backend: None (fused Triton GEMMs on CUDA, torch on CPU), "triton" or "torch".
+    backend: None (Triton on CUDA, torch on CPU), "triton" or "torch". fused: None = backend == "triton":
+    the Triton GEMMs with the log-prob epilogues; False: torch GEMMs into fp32 chunks, then the row
+    kernels of `backend` (the path before the fused GEMMs, kept for comparison: bench/kernels.py).
     No host synchronisation on CUDA.
     """
     backend = pick_backend(backend, hidden)
@@ -204,11 +207,14 @@ def linear_logprobs(
         bad = (kept_targets < 0) | (kept_targets >= vocab_size)
         if bool(bad.any()):
             raise ValueError(f"targets must lie in [0, {vocab_size}), got {int(kept_targets[bad][0])}")
-    if backend == "triton":
+    fused = backend == "triton" if fused is None else bool(fused)
+    if fused and backend != "triton":
+        raise ValueError(f"fused=True needs backend 'triton' (the fused GEMMs are Triton kernels), got {backend!r}")
+    if fused:
         hidden, weight = hidden.contiguous(), weight.contiguous()
-    bytes_per_logit = hidden.element_size() if backend == "triton" else 4
+    bytes_per_logit = hidden.element_size() if fused else 4
     chunk = _chunk_columns(num_rows, vocab_size, hidden.device, chunk_size, bytes_per_logit)
-    logp, entropy = LinearLogprobs.apply(hidden, weight, targets, inv_t, chunk, backend)
+    logp, entropy = LinearLogprobs.apply(hidden, weight, targets, inv_t, chunk, backend, fused)
     if mask is not None:  # where, not a row gather: no host sync; masked rows get no gradient
         keep = mask != 0
         logp = torch.where(keep, logp, 0.0)

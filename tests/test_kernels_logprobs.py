@@ -135,10 +135,11 @@ def _bad_linear_calls():
         ("mask", dict(mask=torch.ones(5))),
         ("chunk_size", dict(chunk_size=0)),
         ("backend", dict(backend="cuda")),
+        ("fused", dict(backend="torch", fused=True)),
     ], dict(hidden=h, weight=w, targets=t)
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_linear_logprobs_bad_input_names_argument(case):
     calls, good = _bad_linear_calls()
     name, bad = calls[case]
@@ -160,8 +161,8 @@ def test_logprobs_from_logits_bad_input_names_argument():
         logprobs_from_logits(logits, targets, temperature=float("nan"))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_linear_logprobs_several_tiles_splits_and_chunks(backend):
+@pytest.mark.parametrize("backend,fused", [("triton", True), ("triton", False), ("torch", False)])
+def test_linear_logprobs_several_tiles_splits_and_chunks(backend, fused):
     """More rows than one 128-row tile, a hidden size of several K steps, a vocabulary of several
     forward splits and backward chunks: every tile-boundary and merge path of the fused GEMMs."""
     gen = torch.Generator().manual_seed(3)
@@ -173,7 +174,7 @@ def test_linear_logprobs_several_tiles_splits_and_chunks(backend):
     targets[~mask] = -100
     grad_logp, grad_entropy = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     h1, w1 = leaves(hidden, weight)
-    logp, entropy = linear_logprobs(h1, w1, targets, 0.9, mask, True, chunk_size=300, backend=backend)
+    logp, entropy = linear_logprobs(h1, w1, targets, 0.9, mask, True, chunk_size=300, backend=backend, fused=fused)
     (logp * grad_logp + entropy * grad_entropy).sum().backward()
     h2, w2 = leaves(hidden, weight)
     ref_logp, ref_entropy = naive(h2 @ w2.t(), targets.clamp(min=0), 0.9)
