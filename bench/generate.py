@@ -152,11 +152,12 @@ def decode_roofline(engine, model, batch: int, context: int) -> dict:
     engine.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
     t_long, _, _ = run_ours(engine, prompts, params, 1)
     t_short, _, _ = run_ours(engine, prompts, SamplingParams(temperature=1.0, max_tokens=1), 1)
-    step_s = (t_long - t_short) / 7  # the prefill cancels out
+    step_s = max(t_long - t_short, 1e-9) / 7  # the prefill cancels out
     mc = model.config
+    param = next(model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_bytes = batch * context * mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 2
-    name = torch.cuda.get_device_name()
+    kv_bytes = batch * context * mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * param.element_size()
+    name = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else "cpu"
     peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
     achieved = (weight_bytes + kv_bytes) / step_s
     return {"batch": batch, "context": context, "step_ms": step_s * 1e3, "GB_per_s": achieved / 1e9,
