@@ -196,3 +196,92 @@ def test_inverse_cdf_across_chunks_follows_the_weights():
     assert_matches_distribution(tokens, expected)
     edges = inverse_cdf(weights.expand(2, -1).contiguous(), torch.tensor([[0.0], [1.0 - 2**-53]], dtype=torch.float64))
     assert edges.tolist() == [0, 772]  # the first and the last kept token, never a zero weight
+
+
+# ---------------------------------------------------------------- the split Triton path
+# A row is split over ceil(V / _MIN_CHUNK) programs; at V = 8 and _MIN_CHUNK = 4 that is 2 programs
+# per row (at V = 152064 it is 75). The split depends on V only, so a row's token does not depend on
+# the batch: B = 1 draws equal the same rows' draws inside a large batch (checked below), which is
+# why the chi-square runs once, on a large batch (the interpreter costs ~30 ms per program).
+COMBINED = CONFIGS[-1]
+
+
+def _key(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's order-preserving int key of float32 logits (-0.0 counted as +0.0)."""
+    bits = torch.where(x == 0, 0.0, x).float().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -1 - bits, bits + 2**31)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [CONFIGS[2], COMBINED])
+def test_split_rows_follow_the_filtered_distribution(monkeypatch, temperature, top_k, top_p, min_p):
+    monkeypatch.setattr(sampling, "_MIN_CHUNK", 4)
+    assert sampling.split_plan(len(PROBS))[0] == 2
+    num_rows = 48
+    seeds = torch.arange(num_rows, dtype=torch.int64) * 1000003 + 17
+    logits = LOGITS.expand(num_rows, -1).contiguous()
+    tokens, logprobs = sample(logits, temperature, top_p, top_k, min_p, generator=seeds, backend="triton")
+    assert_matches_distribution(tokens, filtered_distribution(temperature, top_k, top_p, min_p))
+    torch.testing.assert_close(logprobs, torch.log_softmax(LOGITS / temperature, dim=0)[tokens], atol=1e-6, rtol=1e-6)
+    for row in (0, 29):  # B = 1, same seed: the token it got inside the batch
+        alone, _ = sample(logits[row:row + 1], temperature, top_p, top_k, min_p, generator=seeds[row:row + 1],
+                          backend="triton")
+        assert alone.item() == tokens[row].item()
+
+
+def test_split_thresholds_are_exact(monkeypatch):
+    """Rows split over 5 programs, every filter mix, ties, a -inf tail, top_k >= V: the kept set
+    {key(x) >= theta, p >= min_p * max p} (theta read from the kernel's row state) equals the
+    reference's (sorting), and the split launch draws the unsplit launch's tokens."""
+    from kernels.sampling_reference import keep_mask
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 37, generator=gen) * 4
+    logits[1] = logits[1].round()  # ties at the thresholds
+    logits[3, 20:] = float("-inf")
+    args = dict(temperature=torch.tensor([0.0, 1.0, 0.6, 1.0, 1.5, 1.0]),
+                top_p=torch.tensor([0.5, 0.7, 1.0, 0.9, 0.3, 1.0]),
+                top_k=torch.tensor([3, 6, 5, 25, 0, 40]),
+                min_p=torch.tensor([0.0, 0.0, 0.2, 0.0, 0.01, 0.3]),
+                generator=torch.arange(6, dtype=torch.int64) * 7 + 1)
+    temperature = args["temperature"]
+    z = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    expected = keep_mask(z, torch.logsumexp(z, 1), args["top_p"], args["top_k"], args["min_p"])[1:]
+
+    race, states = sampling._race_kernel, []
+
+    class Spy:  # records the row state (phase, theta, ...) that the race kernel reads
+        def __getitem__(self, grid):
+            def launch(*launch_args, **kwargs):
+                states.append(launch_args[8].clone())
+                return race[grid](*launch_args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sampling, "_race_kernel", Spy())
+    whole = sample(logits, backend="triton", **args)
+    monkeypatch.setattr(sampling, "_MIN_CHUNK", 8)
+    assert sampling.split_plan(37)[0] == 5
+    split = sample(logits, backend="triton", **args)
+    for state in states:
+        assert state[1:, 0].tolist() == [2] * 5  # every sampled row settled before the race
+        theta = state[1:, 1]
+        kept = (_key(logits[1:]) >= theta[:, None]) & (z[1:] >= z[1:].amax(1, keepdim=True) + args["min_p"][1:, None].log())
+        assert torch.equal(kept, expected), (kept.sum(1), expected.sum(1))
+    assert torch.equal(whole[0], split[0]) and split[0][0] == logits[0].argmax()
+    torch.testing.assert_close(whole[1], split[1], atol=1e-6, rtol=1e-6)
+    assert bool(expected.gather(1, split[0][1:, None]).all())
+
+
+def test_passes_a_row_does_not_need_change_nothing():
+    """With CUDA tensors as parameters every pass is launched (reading them would synchronise): rows
+    that are greedy, temperature-only or already settled must skip those launches unchanged."""
+    from kernels.sampling_reference import prepare_sampling
+
+    logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(8)) * 2
+    params = prepare_sampling(logits, torch.tensor([0.0, 1.0, 0.8, 1.0]), torch.tensor([1.0, 1.0, 0.9, 1.0]),
+                              torch.tensor([0, 0, 0, 4]), torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    seeds = torch.arange(4, dtype=torch.int64) + 40
+    needed = sampling.sample_triton(logits, *params, seeds, may_filter=(True, True, False))
+    every = sampling.sample_triton(logits, *params, seeds, may_filter=(True, True, True))
+    assert torch.equal(needed[0], every[0]) and torch.equal(needed[1], every[1])
+    plain = sampling.sample_triton(logits[:2], *(p[:2] for p in params), seeds[:2], may_filter=(False, False, False))
+    assert torch.equal(plain[0], every[0][:2])
