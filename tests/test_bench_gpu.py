@@ -52,3 +52,22 @@ def test_a_failing_or_hanging_part_is_reported_and_bounded(monkeypatch):
     start = time.perf_counter()
     out = gpu.run_part("slow", True, 1)
     assert "timed out" in out["error"] and time.perf_counter() - start < 20
+
+
+def test_random_models_of_published_shapes_match_their_transformers_twin():
+    """bench/models.py builds the suite's models on the device (no checkpoint) and the transformers
+    twin that bench/forward.py and the rollout part compare against: same architecture, same tensors,
+    so the logits agree to float32 rounding (a few ulps of values ~0.1-1 after 2 layers: 1e-5)."""
+    import torch
+
+    from bench.models import SHAPES, hf_twin, random_model, tiny_shape
+
+    for shape in SHAPES:
+        model = random_model(tiny_shape(shape), torch.float32, "cpu")
+        assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+        ids = torch.randint(0, model.config.vocab_size, (2, 19))
+        with torch.no_grad():
+            ours, theirs = model(ids).float(), hf_twin(model)(input_ids=ids).logits.float()
+        assert (ours - theirs).abs().max() < 1e-5, shape
+    bf16 = random_model(tiny_shape("qwen2.5-7b"), torch.bfloat16, "cpu")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
