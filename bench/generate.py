@@ -62,24 +62,24 @@ def sync(device: torch.device) -> None:
 
 def build(args) -> tuple:
     from bench.models import ByteTokenizer, model_config, random_model
+    from cir.tokenizer import load_tokenizer
 
-    try:
-        from cir.model import default_model_path
-        from cir.tokenizer import load_tokenizer
-
-        tok_path = default_model_path()
-        tokenizer = load_tokenizer(tok_path)
-    except Exception as e:  # offline GPU node without the embedded model: bytes will do
-        if args.config == "smollm2":
-            raise
-        say(f"# default tokenizer unavailable ({type(e).__name__}: {e}); byte tokenizer")
-        tok_path, tokenizer = None, ByteTokenizer()
     if args.config == "smollm2":
-        from cir.model import from_pretrained
+        from cir.model import default_model_path, from_pretrained
 
-        return from_pretrained(tok_path), tokenizer
-    shape = GPU_CONFIGS[args.config]
-    config = model_config(shape, eos_token_id=list(tokenizer.eos_token_ids))
+        path = default_model_path()
+        return from_pretrained(path), load_tokenizer(path)
+    # a random-weight model: the embedded default's tokenizer only when it is already converted
+    # (fetching it may wait on a network that GPU nodes do not have), else bytes: ids are all that matter
+    from cir.model.gguf import MODEL_NAME, cache_dir
+
+    tok_dir = cache_dir() / MODEL_NAME
+    if (tok_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        say(f"# no converted tokenizer in {tok_dir}: byte tokenizer")
+        tokenizer = ByteTokenizer()
+    config = model_config(GPU_CONFIGS[args.config], eos_token_id=list(tokenizer.eos_token_ids))
     config.vocab_size = max(config.vocab_size, tokenizer.vocab_size)
     return random_model(config, torch.bfloat16, "cuda"), tokenizer
 
