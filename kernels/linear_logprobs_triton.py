@@ -5,9 +5,10 @@
 
 `lse_gemm` computes z = hidden @ weight^T / T one [BLOCK_M, BLOCK_N] tile at a time (tl.dot, inputs
 in their own dtype, fp32 accumulation) and folds each tile straight into the online log-sum-exp
-state of its rows (`kernels.logprobs` writes the math): the logits never reach memory. A program
-owns BLOCK_M rows and one of `num_splits` vocabulary ranges; the splits' states are merged after:
+state (m, s, w) of its rows (`kernels.logprobs` writes the math): the logits never reach memory. A
+program owns BLOCK_M rows and one of `num_splits` vocabulary ranges; the splits' states are merged after:
   m = max_i m_i,  s = sum_i e^(m_i - m) s_i,  w = sum_i e^(m_i - m) (w_i + (m_i - m) s_i).
+The target's logit is a separate per-row dot product (`target_logits`: N x D reads, no GEMM).
 Program ids run split-fastest, so the ~132 programs resident at once are ~16 row blocks x 8 splits:
 16 hidden blocks (16 x BLOCK_M x D x 2 bytes = 15 MB at D = 3584) stay in L2 while 8 weight tiles
 stream, i.e. the GEMM reads the weight ~M / (16 BLOCK_M) times and each hidden block once.
@@ -15,9 +16,12 @@ stream, i.e. the GEMM reads the weight ~M / (16 BLOCK_M) times and each hidden b
 hidden dtype (2 bytes per logit in bf16, against 4 + 4 + 2 through an fp32 chunk and a row kernel);
 the two gradient GEMMs (dz^T h, dz W) stay with cuBLAS.
 
-Tiles are sized for Hopper's wgmma (128 x 128 output tiles, K steps of 64, 8 warps = 2 warpgroups,
-3-4 stages of shared-memory pipelining: (128 + 128) x 64 x 2 bytes = 32 KiB per stage); owed: a
-sweep on the device (bench/kernels.py). fp32 inputs use IEEE fp32 dots (no TF32), as torch does.
+Tiles are sized for Hopper's wgmma: 128 x 128 output tiles, K steps of 64, 8 warps (2 warpgroups),
+3 (lse) / 4 (dz) stages of cp.async pipelining ((128 + 128) x 64 x 2 bytes = 32 KiB per stage).
+Compiled for sm_90 without a GPU (triton.compile with 16-divisible strides, cuobjdump -res-usage):
+both use wgmma with cp.async pipelining; lse_gemm 189 registers, dz_gemm 206, no spills (the
+target logit inside the epilogue took lse_gemm to 255 with spills). Speed owed: a sweep on the
+device (bench/kernels.py). fp32 inputs, and the interpreter, use IEEE fp32 dots (no TF32).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import triton
 import triton.language as tl
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 128, 128, 64
-_NUM_WARPS, _LSE_STAGES, _DZ_STAGES = 8, 3, 4
+_NUM_WARPS, _LSE_STAGES, _DZ_STAGES = 8, 3, 4  # owed: a sweep on the device
 _MIN_SPLITS = 8  # vocabulary splits per row block: the L2 reuse pattern above
 _TARGET_PROGRAMS = 4 * 132  # ~4 waves on an H100 / H200 (132 SMs)
 _GROUP_M = 8  # dz_gemm: row blocks that sweep the columns together (L2 reuse of the weight chunk)
@@ -53,22 +57,18 @@ def _tile_logits(h_ptr, h_stride, w_ptr, w_stride, rows, row_ok, cols, col_ok, h
 
 @triton.jit
 def _lse_gemm_kernel(
-    h_ptr, h_stride, w_ptr, w_stride, targets_ptr, part_ptr, z_target_ptr,
+    h_ptr, h_stride, w_ptr, w_stride, part_ptr,
     num_rows, vocab_size, hidden_size, cols_per_split, num_splits, inv_t,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """(m, s, w) of rows [BLOCK_M block] over columns [split range] -> part (splits, 3, rows); z_target
-    written by the one program whose range holds the row's target."""
+    """(m, s, w) of rows [BLOCK_M block] over columns [split range] -> part (splits, 3, rows)."""
     pid = tl.program_id(0)
     split = pid % num_splits
     rows = (pid // num_splits) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
-    t = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     w = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    z_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    hit = tl.zeros((BLOCK_M,), dtype=tl.int32)
     col_lo = split * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, vocab_size)
     for n0 in range(col_lo, col_hi, BLOCK_N):
@@ -80,19 +80,15 @@ def _lse_gemm_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.exp(m - m_safe)
-        dev = z - m_safe[:, None]
+        dev = z - m_safe[:, None]  # -inf on padding columns
         e = tl.exp(dev)
-        w = a * tl.where(s > 0.0, w + (m - m_safe) * s, 0.0) + tl.sum(tl.where(col_ok[None, :], e * dev, 0.0), axis=1)
+        w = a * tl.where(s > 0.0, w + (m - m_safe) * s, 0.0) + tl.sum(tl.where(e > 0.0, e * dev, 0.0), axis=1)
         s = a * s + tl.sum(e, axis=1)
         m = m_new
-        is_t = cols[None, :] == t[:, None]
-        z_t += tl.sum(tl.where(is_t, z, 0.0), axis=1)
-        hit = hit | tl.max(is_t.to(tl.int32), axis=1)
     base = part_ptr + split * 3 * num_rows + rows
     tl.store(base, m, mask=row_ok)
     tl.store(base + num_rows, s, mask=row_ok)
     tl.store(base + 2 * num_rows, w, mask=row_ok)
-    tl.store(z_target_ptr + rows, z_t, mask=row_ok & (hit > 0))
 
 
 @triton.jit
@@ -132,6 +128,23 @@ def _dz_gemm_kernel(
     tl.store(out, (dz * inv_t).to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _target_logit_kernel(h_ptr, h_stride, w_ptr, w_stride, targets_ptr, out_ptr, vocab_size, hidden_size, inv_t,
+                         BLOCK_D: tl.constexpr):
+    """out[row] = <h[row], w[targets[row]]> * inv_t, or NaN for a target outside [0, V)."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(targets_ptr + row)
+    inside = (t >= 0) & (t < vocab_size)
+    w_row = w_ptr + tl.where(inside, t, 0).to(tl.int64) * w_stride
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for d0 in range(0, hidden_size, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        ok = d < hidden_size
+        acc += tl.load(h_ptr + row * h_stride + d, mask=ok, other=0.0).to(tl.float32) * \
+            tl.load(w_row + d, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row, tl.where(inside, tl.sum(acc, axis=0) * inv_t, float("nan")))
+
+
 def _dot_fp32(hidden: torch.Tensor) -> bool:
     return hidden.dtype == torch.float32 or hidden.device.type != "cuda"
 
@@ -149,12 +162,11 @@ def num_splits(num_rows: int, vocab_size: int) -> int:
 
 def lse_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float) -> torch.Tensor:
     """(4, N) float32 state (max m, s, w, z_target) of z = hidden @ weight^T * inv_t over all V columns;
-    z_target stays NaN for a target outside [0, V)."""
+    z_target is NaN for a target outside [0, V)."""
     _check(hidden, weight)
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     state = torch.empty(4, num_rows, dtype=torch.float32, device=hidden.device)
-    state[3] = float("nan")
     if num_rows == 0:
         return state
     splits = num_splits(num_rows, vocab_size)
@@ -163,7 +175,7 @@ def lse_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     part = torch.empty(splits, 3, num_rows, dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(num_rows, _BLOCK_M) * splits,)
     _lse_gemm_kernel[grid](
-        hidden, hidden.stride(0), weight, weight.stride(0), targets, part, state[3],
+        hidden, hidden.stride(0), weight, weight.stride(0), part,
         num_rows, vocab_size, hidden_size, cols_per_split, splits, inv_t,
         BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, DOT_FP32=_dot_fp32(hidden),
         num_warps=_NUM_WARPS, num_stages=_LSE_STAGES,
@@ -175,7 +187,21 @@ def lse_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     state[0] = m
     state[1] = (a * s_i).sum(0)
     state[2] = (a * torch.where(s_i > 0, w_i + (m_i - m_safe) * s_i, 0.0)).sum(0)
+    state[3] = target_logits(hidden, weight, targets, inv_t)
     return state
+
+
+def target_logits(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """z_target = <hidden_i, weight[t_i]> * inv_t (N,), fp32 accumulation, NaN where t is outside [0, V).
+    Kept out of the GEMM's epilogue: there it cost two more [BLOCK_M, BLOCK_N] reductions per tile and
+    registers the epilogue is short of (255 registers with spills, against 189 without; sm_90 cubin)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    if hidden.shape[0]:
+        _target_logit_kernel[(hidden.shape[0],)](
+            hidden, hidden.stride(0), weight, weight.stride(0), targets, out, weight.shape[0], hidden.shape[1], inv_t,
+            BLOCK_D=min(1024, triton.next_power_of_2(hidden.shape[1])), num_warps=4,
+        )
+    return out
 
 
 def dz_gemm(hidden: torch.Tensor, weight_chunk: torch.Tensor, col_start: int, targets: torch.Tensor, inv_t: float,
