@@ -19,7 +19,8 @@ tokens up to 4096, interpreter-feedback spans masked), on a random-weight model 
 device, for each precision (fp32 masters + bf16 autocast, bf16 parameters), gradient checkpointing
 off / on, micro-batch token budget. Reports tokens/s and MFU = (6 x parameters x tokens + causal
 attention FLOPs) / time / bf16 dense peak (also `mfu_exact`: the LM head counted on the scored rows
-only, the embedding lookup as free), peak memory, and the split of an update into model forward /
+only, the embedding lookup as free), peak memory, the host synchronisations torch reports in one update (`set_sync_debug_mode`; the
+count must not grow with the number of micro-batches), and the split of an update into model forward /
 log-prob forward / loss / log-prob + loss backward / model backward / optimizer, timed with CUDA
 events in a second pass of the same code (no host sync inside it). On CPU: tokens/s, MFU owed.
 The last line is one JSON object.
@@ -217,6 +218,22 @@ def split_update(trainer, trajs: list, rewards: torch.Tensor) -> dict[str, float
     return clock.split()
 
 
+def count_cuda_syncs(fn) -> int:
+    """Host synchronisations torch reports (set_sync_debug_mode warnings) during fn(): an update has a
+    fixed few (advantages, statistics and grad norm once), none per micro-batch."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -254,6 +271,8 @@ def bench_update(shape: str, precision: str, checkpointing: bool, micro_tokens: 
             _sync(device)
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
+        if device.type == "cuda":
+            row["cuda_syncs_per_update"] = count_cuda_syncs(lambda: trainer.update(trajs, rewards))
         peak = peak_flops(device)
         row.update(seconds=seconds, tokens_per_s=flops["tokens"] / seconds, tokens=flops["tokens"],
                    scored_rows=flops["scored_rows"], params=flops["params"],
@@ -322,7 +341,7 @@ def update_main(argv: list[str]) -> None:
 
 
 def _print_header() -> None:
-    print(f"{'shape':<14}{'precision':<15}{'ckpt':<6}{'micro':>7}{'tokens/s':>11}{'MFU':>7}{'exact':>7}{'GiB':>7}"
+    print(f"{'shape':<14}{'precision':<15}{'ckpt':<6}{'micro':>7}{'tokens/s':>11}{'MFU':>7}{'exact':>7}{'GiB':>7}{'syncs':>6}"
               "  split: fwd / lp fwd / loss / lp bwd / bwd / optim (s)")
 
 
@@ -334,7 +353,8 @@ def _print_row(r: dict) -> None:
     gib = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
     split = " / ".join(f"{v:.3f}" for v in r.get("split_s", {}).values())
     print(f"{r['shape']:<14}{r['precision']:<15}{str(r['checkpointing']):<6}{r['micro_tokens']:>7}"
-          f"{r['tokens_per_s']:>11.0f}{pct(r['mfu']):>7}{pct(r['mfu_exact']):>7}{gib:>7}  {split}", flush=True)
+          f"{r['tokens_per_s']:>11.0f}{pct(r['mfu']):>7}{pct(r['mfu_exact']):>7}{gib:>7}"
+          f"{r.get('cuda_syncs_per_update', '-'):>6}  {split}", flush=True)
 
 
 def main() -> None:
