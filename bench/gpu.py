@@ -13,7 +13,8 @@ Parts (issue 10's table, then the figures later issues add):
     linear_logprobs  fwd + bwd vs the naive [N, V] path, D 3584, V 152064, N 4k..32k: time, peak memory
     rl_step          one RL step of the real trainer, 1.5B shape, bf16 params, 128 x 256 tokens:
                      rollout tokens/s, training tokens/s and MFU
-    update           the policy update alone, fp32 masters + bf16 autocast and bf16 params: MFU
+    update           the policy update alone, fp32 masters + bf16 autocast and bf16 params: MFU, split
+                     (bench/train.py --update's functions, 32k tokens, 16k-token micro-batches)
     decode_context   decode steps at contexts 1k-5k vs the weights + KV bytes bound (bench/generate.py)
     exact_mode       behaviour vs training log-prob mismatch (bf16, 12.8k tokens), and the cost of
                      `Transformer.set_batch_invariant(True)` when the model has it (bench/exact.py)
@@ -216,7 +217,8 @@ def part_rl_step(c: Ctx) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _trainer(c, model, tmp, [
             "--train.prompts_per_step", str(prompts), "--rollout.n", str(n), "--rollout.max_response_tokens",
-            str(tokens), "--model.dtype", "bfloat16" if c.dtype == torch.bfloat16 else "float32", "--train.steps", "2"])
+            str(tokens), "--model.dtype", "bfloat16" if c.dtype == torch.bfloat16 else "float32", "--train.steps", "2",
+            "--rl.filter_groups", "false"])  # random weights earn no reward: train on the zero advantages anyway
         try:
             trainer.train_step()  # warm-up
             m = trainer.train_step()
@@ -226,54 +228,18 @@ def part_rl_step(c: Ctx) -> dict:
     return {"sequences": prompts * n, "max_response_tokens": tokens, "params": num_params(model),
             "rollout_tokens_per_s": m["throughput/rollout_tokens_per_s"], "train_tokens_per_s": train_tps,
             "train_mfu": c.mfu(6 * num_params(model) * train_tps), "seconds_rollout": m["time/rollout"],
-            "seconds_train": m["time/train"]}
-
-
-def _synthetic_batch(num_groups: int, n: int, prompt_len: int, response_len: int, vocab: int):
-    from cir.engine import Trajectory
-
-    gen = torch.Generator().manual_seed(0)
-    trajs = []
-    for g in range(num_groups):
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
-        for j in range(n):
-            response = torch.randint(0, vocab, (response_len,), generator=gen).tolist()
-            trajs.append(Trajectory(prompt_ids=prompt, response_ids=response, loss_mask=[1] * response_len,
-                                    logprobs=[-5.0] * response_len, num_tool_calls=0, num_tool_successes=0,
-                                    finish_reason="length", text="", prompt_index=g, sample_index=j))
-    rewards = torch.randint(0, 2, (num_groups, n), generator=gen).float() * 2 - 1
-    return trajs, rewards
+            "seconds_train": m["time/train"], "update_skipped": bool(m.get("train/skipped", 0.0))}
 
 
 def part_update(c: Ctx) -> dict:
-    from bench.models import num_params
+    from bench.train import bench_update, model_config, trajectory_batch  # bench/train.py --update's own
 
-    groups, n, prompt_len, response_len = c.pick((2, 2, 8, 8), (8, 8, 256, 768))
-    out = {"sequences": groups * n, "tokens": groups * n * (prompt_len + response_len), "rows": []}
-    precisions = [("fp32-autocast", torch.float32, ["--train.autocast", "bf16"] if not c.smoke else []),
-                  ("bf16", c.pick(torch.float32, torch.bfloat16), [])]
-    for name, dtype, extra in precisions:
-        model = c.model("qwen2.5-1.5b", dtype)
-        trajs, rewards = _synthetic_batch(groups, n, prompt_len, response_len, model.config.vocab_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = _trainer(c, model, tmp, ["--rollout.n", str(n), "--model.dtype",
-                                               "bfloat16" if dtype == torch.bfloat16 else "float32", *extra])
-            try:
-                trainer.update(trajs, rewards)  # warm-up
-                c.sync()
-                start = time.perf_counter()
-                trainer.update(trajs, rewards)
-                c.sync()
-                seconds = time.perf_counter() - start
-            finally:
-                trainer.close()
-        tps = out["tokens"] / seconds
-        out["rows"].append({"precision": name, "seconds": seconds, "tokens_per_s": tps,
-                            "mfu": c.mfu(6 * num_params(model) * tps)})
-        del model, trainer
-        if c.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return out
+    shape, tokens, micro = c.pick(("tiny", 1024, 512), ("qwen2.5-1.5b", 32768, 16384))
+    trajs, rewards = trajectory_batch(tokens, model_config(shape).vocab_size, max_response=c.pick(128, 4096),
+                                      prompt_range=c.pick((20, 100), (100, 400)))
+    rows = [bench_update(shape, precision, False, micro, trajs, rewards, c.device, steps=1)
+            for precision in ("fp32-autocast", "bf16")]
+    return {"shape": shape, "micro_tokens": micro, "rows": rows}
 
 
 def part_decode_context(c: Ctx) -> dict:
@@ -325,7 +291,7 @@ PARTS = {  # name: (function, cap in seconds on GPU)
 }
 SMOKE_CAP_S = 20
 SMOKE_PREIMPORTS = ("transformers", "kernels", "cir.engine", "cir.rl.trainer", "bench.models", "bench.generate",
-                    "bench.decode_profile", "bench.exact", "bench.kernels", "bench.paged_attention")
+                    "bench.decode_profile", "bench.exact", "bench.kernels", "bench.paged_attention", "bench.train")
 
 
 # ---- the runner -----------------------------------------------------------------------------------

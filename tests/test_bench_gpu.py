@@ -31,7 +31,7 @@ def test_smoke_prints_one_json_line_per_part_then_the_summary():
     assert {r["impl"] for r in by_name["paged_attention"]["rows"]} == {"torch", "triton"}
     assert [r["batch"] for r in by_name["sampler"]["rows"]] == [1, 4]
     assert by_name["linear_logprobs"]["rows"][0]["kernel_ms"] > 0
-    assert by_name["rl_step"]["train_tokens_per_s"] > 0
+    assert by_name["rl_step"]["train_tokens_per_s"] > 0 and not by_name["rl_step"]["update_skipped"]
     assert [r["precision"] for r in by_name["update"]["rows"]] == ["fp32-autocast", "bf16"]
     assert by_name["decode_profile"]["python_calls_per_step"] > 0
 
