@@ -13,7 +13,8 @@ are skipped and listed under "missing"; their time shows up as host "other". The
     schedule      Scheduler.schedule (block accounting included)
     inputs        the step's host lists and tensors, the attention context, the rows to sample
     seeds         the per-draw seeds (sequence_seed) and the sampler's per-row parameter columns
-    bookkeeping   per-sequence work after sampling: _on_sampled, mark_computed, share, finishing
+    bookkeeping   per-sequence work after sampling: reading the sampled tokens back, _on_sampled,
+                  mark_computed, share, finishing
     stop_fence    incremental detokenisation and the closing-fence scan (the EOS check is inline
                   in _on_sampled: it counts as bookkeeping)
     tools         collecting sandbox results
@@ -66,20 +67,26 @@ TIMED = [
     ("inputs", "cir.engine.model_runner:ModelRunner.forward"),
     ("inputs", "cir.engine.kv_cache:KVCache.context"),
     ("inputs", "cir.engine.kv_cache:KVCache.copy_blocks"),
+    ("inputs", "cir.engine.model_runner:ModelRunner._to_device"),
     ("seeds", "cir.engine.model_runner:ModelRunner.sample"),
     ("seeds", "cir.engine.model_runner:sequence_seed"),
+    ("seeds", "cir.engine.model_runner:sequence_seeds"),
     ("bookkeeping", "cir.engine.engine:Engine._on_sampled"),
+    ("bookkeeping", "cir.engine.engine:Engine._read_pending"),
     ("bookkeeping", "cir.engine.engine:Engine._finish"),
+    ("bookkeeping", "cir.engine.scheduler:Scheduler.retire"),
     ("bookkeeping", "cir.engine.block_manager:BlockManager.mark_computed"),
     ("bookkeeping", "cir.engine.block_manager:BlockManager.share"),
     ("bookkeeping", "cir.engine.sequence:Sequence.append_sampled"),
     ("stop_fence", "cir.engine.tools:SegmentDecoder.push"),
+    ("stop_fence", "cir.engine.tools:SegmentDecoder.extend"),
     ("stop_fence", "cir.engine.engine:find_closed_code"),
     ("stop_fence", "cir.engine.engine:scan_start_hint"),
     ("tools", "cir.engine.engine:Engine._collect_tool_results"),
     ("forward", "cir.model.transformer:Transformer.forward_hidden"),
     ("forward", "cir.model.transformer:Transformer.compute_logits"),
     ("forward", "cir.engine.cuda_graphs:DecodeGraphs.run"),
+    ("forward", "cir.engine.model_runner:ModelRunner.exact_logprobs"),
     ("sampler", "cir.engine.model_runner:sample"),
 ]
 STEP_BOUNDARY = "cir.engine.scheduler:Scheduler.schedule"  # one call per engine step
