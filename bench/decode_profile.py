@@ -23,7 +23,9 @@ are skipped and listed under "missing"; their time shows up as host "other". The
     sampler       the sampling kernel (kernels.sample)
 
 host = every part but forward and sampler. On CPU with the tiny model the forward and the sampler
-are small and the host work is what is measured; the same function runs on CUDA from bench/gpu.py.
+are small and the host work is what is measured; the same function runs on CUDA from bench/gpu.py,
+where the device parts are synchronised: that undoes the engine's overlap of step t+1's launch with
+step t's bookkeeping, so the parts add up to a serial step (an upper bound of the overlapped one).
 Python function calls per step are counted in a second run (sys.setprofile 'call' events of the
 engine's code, this file's timers excluded). Timers cost ~1 us per wrapped call: the step time of an
 unwrapped run is reported too (`step_ms_unwrapped`), the difference is the profile's own overhead.

@@ -359,8 +359,11 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
         for module in SMOKE_PREIMPORTS:  # imported once here, shared by the forked children
             __import__(module)
+    elif not torch.backends.cuda.is_built():  # a build flag: no CUDA call
+        parser.error(f"torch {torch.__version__} is built without CUDA: run with --smoke for the CPU version")
     # On CUDA the parent touches no CUDA API until every part has run: a CUDA driver initialised
-    # before a fork is unusable in the child. A machine without a GPU finds out in the first part.
+    # before a fork is unusable in the child. A CUDA build on a machine without a GPU finds out in
+    # the first part (each part then reports the error).
     start = time.perf_counter()
     status = {}
     for name in names:
