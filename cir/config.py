@@ -75,8 +75,9 @@ class RLSection:
     loss_agg: str = "token_mean"
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
-    filter_groups: bool = False
-    """Drop groups whose rewards are all equal (no signal) before the update."""
+    filter_groups: bool = True
+    """Drop groups whose rewards are all equal (no signal) before the update; a step where no group
+    has signal then skips the update (no optimizer step), and says so either way."""
     recompute_old_logprobs: bool = False
     """Recompute old log-probs with a training forward instead of the engine's behaviour log-probs."""
     mini_batches: int = 2
@@ -139,6 +140,18 @@ class TrainSection:
     """"auto" (bf16 on CUDA, off on CPU), "bf16" or "off"."""
     log_samples: int = 2
     """Rollouts written to samples.jsonl per step (feedback blocks marked)."""
+    warm_start: int = 0
+    """Synthetic code-integrated traces for a supervised warm start before the first RL step
+    (cir/rl/warm_start.py); 0: none."""
+    warm_start_tool_fraction: float = 0.3
+    """Share of warm-start traces that use the interpreter (the rest answer directly)."""
+    warm_start_lr: float = 1e-4
+    warm_start_epochs: int = 1
+    warm_start_batch: int = 32
+    """Warm-start traces per optimizer step."""
+    held_out: int = 0
+    """The last K problems of train.data are never trained on; they are evaluated (at the rollout's
+    settings) before the first RL step and after the last, and both results printed."""
 
     def __post_init__(self):
         if self.parallel not in ("ddp", "fsdp"):
@@ -147,6 +160,13 @@ class TrainSection:
             raise ValueError(f"train.autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError("train.steps and train.prompts_per_step must be >= 1")
+        if self.warm_start < 0 or self.held_out < 0:
+            raise ValueError(f"train.warm_start and train.held_out must be >= 0, got {self.warm_start}, "
+                             f"{self.held_out}")
+        if not 0.0 <= self.warm_start_tool_fraction <= 1.0:
+            raise ValueError(f"train.warm_start_tool_fraction must be in [0, 1], got {self.warm_start_tool_fraction}")
+        if self.warm_start_lr <= 0 or self.warm_start_epochs < 1 or self.warm_start_batch < 1:
+            raise ValueError("train.warm_start_lr must be > 0 and warm_start_epochs, warm_start_batch >= 1")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1, got {self.keep_last}")
 

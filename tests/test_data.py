@@ -124,8 +124,8 @@ def test_shared_benchmark_files_load():
 
 def test_shipped_problem_set():
     problems = load_problems(default_problems_path())
-    assert len(problems) == 60
-    assert len({p.id for p in problems}) == 60 and len({p.problem for p in problems}) == 60
+    assert len(problems) == 240
+    assert len({p.id for p in problems}) == 240 and len({p.problem for p in problems}) == 240
     for p in problems:
         assert score(f"\\boxed{{{p.answer}}}", p.answer) == 1.0
         assert verify_in_process(p.answer, p.answer), p  # math-verify itself parses every answer

@@ -188,5 +188,5 @@ def load_problems(path: str | Path) -> list[Problem]:
 
 
 def default_problems_path() -> str:
-    """The problem set shipped with the project: 60 easy arithmetic / algebra word problems."""
+    """The problem set shipped with the project: 240 multi-digit arithmetic problems (`cir.data.arithmetic`)."""
     return str(Path(__file__).with_name("arith.jsonl"))

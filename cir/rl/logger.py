@@ -52,9 +52,15 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, value, step)
+        signal = ""
+        if "signal/groups" in metrics:
+            signal = f" signal {metrics['signal/groups_with_signal']:.0f}/{metrics['signal/groups']:.0f}"
+            signal += " (no signal: update skipped)" if metrics.get("train/skipped") else \
+                f" grad {metrics.get('train/grad_norm', 0.0):.3f}"
         tqdm.write(
             f"step {step}: reward {metrics['reward/mean']:+.3f} acc {metrics['accuracy']:.3f} "
-            f"tools/resp {metrics['tools/calls_per_response']:.2f} len {metrics['response/length_mean']:.0f} "
+            f"tools/resp {metrics['tools/calls_per_response']:.2f} used {metrics['tools/responses_using_tool']:.2f} "
+            f"len {metrics['response/length_mean']:.0f}{signal} "
             f"gen {metrics['time/generate']:.1f}s train {metrics['time/train']:.1f}s"
         )
 

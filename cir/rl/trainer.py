@@ -33,6 +33,7 @@ from cir.rl.evaluation import evaluate_problems
 from cir.rl.logger import MetricsLogger
 from cir.rl.loss import policy_loss
 from cir.rl.policy import PolicyForward
+from cir.rl.signal import COUNT_KEYS, no_signal_cause, rollout_counts
 from cir.tokenizer import load_tokenizer
 
 
@@ -80,6 +81,12 @@ class Trainer:
         self.engine.config.show_progress = self.rank == 0 and cfg.engine.show_progress
         # 4) data
         problems = load_problems(cfg.train.data or default_problems_path())
+        self.held_out = []  # never trained on; evaluated before the first RL step and after the last
+        if cfg.train.held_out:
+            if cfg.train.held_out >= len(problems):
+                raise ValueError(f"train.held_out = {cfg.train.held_out} leaves no problem to train on "
+                                 f"({len(problems)} in the problem set)")
+            problems, self.held_out = problems[:-cfg.train.held_out], problems[-cfg.train.held_out:]
         self.loader = PromptLoader(problems, cfg.train.prompts_per_step, seed=cfg.train.seed, rank=self.rank,
                                    world_size=self.world_size)
         self.step = 0
@@ -163,6 +170,11 @@ class Trainer:
         adv = self.advantages(rewards)
         keep = groups_with_signal(rewards) if rl.filter_groups and rewards.numel() else torch.ones(rewards.shape[0], dtype=torch.bool)
         groups = [g for g in range(rewards.shape[0]) if keep[g]]
+        local_signal = float(groups_with_signal(rewards).sum()) if rewards.numel() else 0.0
+        (num_signal,) = distributed.all_reduce_sum([local_signal], self.device)
+        if rl.filter_groups and num_signal == 0:  # nothing to learn: no optimizer step (train_step says why)
+            self.scheduler.step()
+            return {"skipped": 1.0, "grad_norm": 0.0, "num_loss_tokens": 0, "lr": self.scheduler.get_last_lr()[0]}
         stats = {"grad_norm": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
         num_trained = self._train_tokens = 0
         for mb in range(rl.mini_batches):
@@ -173,6 +185,8 @@ class Trainer:
             # global normalisers: any split over ranks and micro-batches gives the same gradient
             local = [sum(m.num_loss_tokens for m in micro), sum(any(trajs[i].loss_mask) for i in sel)]
             global_tokens, global_seqs = distributed.all_reduce_sum(local, self.device)
+            if global_tokens == 0:  # an empty mini-batch on every rank (filtered groups): no step
+                continue
             # every rank runs as many micro-batches as the busiest one (FSDP collectives must pair up)
             (num_micro,) = distributed.all_reduce_max([len(micro)], self.device)
             sums = self._policy_step(micro, max(global_tokens, 1.0), max(global_seqs, 1.0), max(int(num_micro), 1),
@@ -185,6 +199,7 @@ class Trainer:
             stats["grad_norm"] += sums["grad_norm"] / rl.mini_batches
             num_trained += global_tokens
         stats["num_loss_tokens"] = num_trained
+        stats["skipped"] = 0.0
         stats["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return stats
@@ -253,8 +268,14 @@ class Trainer:
 
     # 4) the loop ----------------------------------------------------------------------------------------
     def train(self) -> None:
+        if self.step == 0 and self.config.train.warm_start:
+            self.warm_start()
+        before = self.evaluate_held_out("before RL") if self.held_out else None
         while self.step < self.config.train.steps:
             self.train_step()
+        if self.held_out:
+            after = self.evaluate_held_out("after RL")
+            distributed.print0(_held_out_change(before, after, len(self.held_out), self.config.rollout.n))
         self.logger.close()
 
     def train_step(self) -> dict:
@@ -267,6 +288,7 @@ class Trainer:
         t2 = time.perf_counter()
         self.step += 1
         metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
+        metrics.update(self._signal(trajs, rewards, stats))
         self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer,
                         problems=self.rollout_problems, rewards=rewards)
         if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
@@ -296,6 +318,18 @@ class Trainer:
             "throughput/train_tokens_per_s": all_tokens / max(train_s, 1e-9),
         }
 
+    def _signal(self, trajs, rewards, stats) -> dict:
+        """`signal/*` metrics; a warning with the likely cause when no group's rewards differ."""
+        local = rollout_counts(trajs, rewards)
+        counts = dict(zip(COUNT_KEYS, distributed.all_reduce_sum([local[k] for k in COUNT_KEYS], self.device)))
+        if counts["groups_with_signal"] == 0:
+            cfg = self.config.rollout
+            cause = no_signal_cause(counts, cfg.max_response_tokens, tools_on=self.budget.at(self.step - 1) > 0)
+            action = "update skipped" if stats.get("skipped") else "zero-advantage update (rl.filter_groups off)"
+            distributed.print0(f"warning: step {self.step}: no learning signal, all {int(counts['groups'])} groups "
+                               f"have equal rewards: {cause}; {action}")
+        return {"signal/groups_with_signal": counts["groups_with_signal"], "signal/groups": counts["groups"]}
+
     # 5) checkpoints and evaluation --------------------------------------------------------------------
     def save(self) -> Path:
         extra = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
@@ -324,10 +358,41 @@ class Trainer:
         self.logger.log_eval(self.step, results)
         return results
 
+    def warm_start(self, exercises: list | None = None) -> dict:
+        """Supervised warm start on `train.warm_start` synthetic traces (cir/rl/warm_start.py), or on
+        traces of the given `cir.data.arithmetic.Exercise`s."""
+        from cir.rl.warm_start import warm_start
+
+        num = self.config.train.warm_start if exercises is None else len(exercises)
+        distributed.print0(f"warm start: {num} synthetic traces "
+                           f"({self.config.train.warm_start_tool_fraction:.0%} with the interpreter)")
+        stats = warm_start(self, exercises)
+        distributed.print0(f"warm start: loss {stats['warm_start/loss_first']:.3f} -> "
+                           f"{stats['warm_start/loss_last']:.3f} in {stats['warm_start/steps']} steps, "
+                           f"{stats['time/warm_start']:.0f}s")
+        self.logger.log_eval(self.step, {"warm_start": stats})
+        return stats
+
+    def evaluate_held_out(self, when: str) -> dict:
+        """The `train.held_out` problems at the rollout's settings; printed and written to eval.jsonl."""
+        metrics = evaluate_problems(self, self.held_out)
+        n = self.config.rollout.n
+        distributed.print0(f"held-out {when} ({len(self.held_out)} problems x {n}): "
+                           f"accuracy {metrics[f'avg@{n}']:.3f}, using the interpreter {metrics['tools/responses_using_tool']:.3f}, "
+                           f"boxed {metrics['answer/boxed_rate']:.3f}")
+        self.logger.log_eval(self.step, {"held_out": metrics, "when": when})
+        return metrics
+
     def close(self) -> None:
         if self.sandbox is not None and hasattr(self.sandbox, "close"):
             self.sandbox.close()
         distributed.finish()
+
+
+def _held_out_change(before: dict, after: dict, num_problems: int, n: int) -> str:
+    acc, tool = f"avg@{n}", "tools/responses_using_tool"
+    return (f"held-out ({num_problems} problems x {n}): accuracy {before[acc]:.3f} -> {after[acc]:.3f}, "
+            f"responses using the interpreter {before[tool]:.3f} -> {after[tool]:.3f}")
 
 
 _STAT_KEYS = ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl")
