@@ -25,7 +25,7 @@ from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
 from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
-from cir.engine.model_runner import ModelRunner
+from cir.engine.model_runner import ModelRunner, seed_bases
 from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
@@ -78,6 +78,7 @@ class Engine:
         self._fence_table = None  # per token: may it close a code block (tools.fence_token_table)
         self._must_check: set[Sequence] = set()
         self._pending: _Step | None = None
+        self._num_dropped = 0  # sequences ended or paused while the current step ran
         self.rollout_weights: RolloutWeights | None = None  # bf16 copies of fp32 masters, under autocast
 
     # 1) the KV pool --------------------------------------------------------------------------------
@@ -178,9 +179,13 @@ class Engine:
         if tools is not None:
             for seq in (s for group in groups for s in group):
                 seq.decoder = SegmentDecoder(self.tokenizer)
-        limit = self.max_model_len
-        for seq in (s for group in groups for s in group):
-            seq.max_response_tokens = min(params.max_tokens, limit - seq.num_prompt_tokens)
+        seqs = [s for group in groups for s in group]
+        for slot, seq in enumerate(seqs):
+            seq.max_response_tokens = min(params.max_tokens, self.max_model_len - seq.num_prompt_tokens)
+            seq.seed_slot = slot
+        self.runner.seed_bases = seed_bases(self.runner.call_seed, [s.seed_key for s in seqs],
+                                            [s.sample_idx for s in seqs])
+        self.runner.shared_params = params
         num_seqs = len(prompts) * n
         bar = tqdm(total=num_seqs, desc="rollout", unit="seq", leave=False,
                    disable=not self.config.show_progress or num_seqs < 8)
@@ -195,6 +200,7 @@ class Engine:
             num_steps, num_generated = self._loop(scheduler, tools, bar)
         finally:
             self.runner.on_launch = self.runner.prev_tokens = self._pending = None
+            self.runner.seed_bases = self.runner.shared_params = None
         bar.close()
         self.stats = dict(num_steps=num_steps, num_generated_tokens=num_generated,
                           num_preemptions=scheduler.num_preemptions,
@@ -223,34 +229,48 @@ class Engine:
                 raise RuntimeError("scheduler produced an empty step with no sequence waiting on a tool")
             # 1) launch: placeholders gather the previous step's tokens on the device
             self.runner.prev_tokens = None if self._pending is None else self._pending.tokens
+            self._num_dropped = 0
             owners, logits = self.runner.forward(batch)
             self._read_pending(scheduler, tools, bar)  # a no-op: forward's on_launch read it
             num_steps += 1
-            # 2) K/V written; sequences that ended or paused at the previous step drop out of this one
-            for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
-                if seq.status is running:
-                    start = seq.num_cached_tokens
-                    seq.num_cached_tokens = start + num_tokens
-                    if caching and (start + num_tokens) // bs > start // bs:
-                        bm.hash_full_blocks(seq, start)
-            for seq in [s for s in batch.seqs if s.followers and s.status is running]:
-                for follower in seq.followers:  # a leader finished its prompt: its samples share the blocks
-                    bm.share(seq, follower)
-                    follower.status = running
-                    scheduler.running.append(follower)
-                seq.followers = []
-            # 3) sample on the device; each running owner gets a placeholder, filled one step later
             tokens, logprobs = self.runner.sample(owners, logits)
-            kept = [i for i, seq in enumerate(owners) if seq.status is running]
-            if len(kept) < len(owners):
-                index = torch.tensor(kept, dtype=torch.int64, device=tokens.device)
-                owners, tokens, logprobs = [owners[i] for i in kept], tokens[index], logprobs[index]
             ended = []
-            for row, seq in enumerate(owners):
-                seq.token_ids.append(-1)
-                seq.pending_row = row
-                if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
-                    ended.append(seq)
+            if batch.is_plain_decode and not self._num_dropped:
+                # 2) the common step: each sequence decoded one token and sampled one (a placeholder,
+                # filled one step later)
+                for row, seq in enumerate(owners):
+                    seq.num_cached_tokens = cached = seq.num_cached_tokens + 1
+                    if caching and cached % bs == 0:
+                        bm.hash_full_blocks(seq, cached - 1)
+                    seq.token_ids.append(-1)
+                    seq.pending_row = row
+                    if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
+                        ended.append(seq)
+            else:
+                # 2') K/V written; sequences that ended or paused at the previous step drop out of this one
+                for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+                    if seq.status is running:
+                        start = seq.num_cached_tokens
+                        seq.num_cached_tokens = start + num_tokens
+                        if caching and (start + num_tokens) // bs > start // bs:
+                            bm.hash_full_blocks(seq, start)
+                for seq in batch.leaders:
+                    if seq.followers and seq.status is running:
+                        for follower in seq.followers:  # the leader finished its prompt: samples share it
+                            bm.share(seq, follower)
+                            follower.status = running
+                            scheduler.running.append(follower)
+                        seq.followers = []
+                # 3') each running owner gets a placeholder for its token, filled one step later
+                kept = [i for i, seq in enumerate(owners) if seq.status is running]
+                if len(kept) < len(owners):
+                    index = torch.tensor(kept, dtype=torch.int64, device=tokens.device)
+                    owners, tokens, logprobs = [owners[i] for i in kept], tokens[index], logprobs[index]
+                for row, seq in enumerate(owners):
+                    seq.token_ids.append(-1)
+                    seq.pending_row = row
+                    if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
+                        ended.append(seq)
             for seq in ended:  # known without the token: out of the next step, blocks back now
                 scheduler.retire(seq)
             self._pending = _Step(owners, tokens, logprobs, ended)
@@ -310,6 +330,7 @@ class Engine:
             seq.num_tool_calls += 1
             seq.pending_tool = tools.executor.submit(code)
             self._must_check.discard(seq)
+            self._num_dropped += 1
             scheduler.pause_for_tool(seq)
         elif tools.on_budget_spent == "stop":
             self._finish(seq, "budget", scheduler, bar)
@@ -343,6 +364,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, scheduler: Scheduler, bar) -> None:
         self._must_check.discard(seq)
+        self._num_dropped += 1
         if seq in scheduler.waiting:
             scheduler.waiting.remove(seq)
         scheduler.finish(seq, reason)

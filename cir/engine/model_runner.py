@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from kernels import sample
 
 
 _MASK64 = (1 << 64) - 1
+# per-sequence fields read in C (map over a batch runs no Python frame per sequence)
+_num_cached, _block_table, _pending_row = (attrgetter(f) for f in ("num_cached_tokens", "block_table", "pending_row"))
+_seed_slot, _token_ids, _num_prompt = (attrgetter(f) for f in ("seed_slot", "token_ids", "num_prompt_tokens"))
 
 
 def _splitmix64(x: int) -> int:
@@ -62,9 +66,20 @@ def _splitmix64_array(x: np.ndarray) -> np.ndarray:
 
 def sequence_seeds(call_seed: int, keys: list[int], samples: list[int], positions: list[int]) -> np.ndarray:
     """`sequence_seed` of many draws at once (int64, equal draw by draw)."""
+    return draw_seeds(seed_bases(call_seed, keys, samples), positions)
+
+
+def seed_bases(call_seed: int, keys: list[int], samples: list[int]) -> np.ndarray:
+    """The part of each draw's seed fixed for a sequence in one generate call (uint64), hashed once."""
     h = np.full(len(keys), call_seed & _MASK64, dtype=np.uint64)
-    for part in (keys, samples, positions):
+    for part in (keys, samples):
         h = _splitmix64_array(h ^ np.asarray(part, dtype=np.int64).astype(np.uint64))
+    return h
+
+
+def draw_seeds(bases: np.ndarray, positions) -> np.ndarray:
+    """Each draw's seed from its sequence's base and its position in the response (int64)."""
+    h = _splitmix64_array(bases ^ np.asarray(positions, dtype=np.int64).astype(np.uint64))
     return (h >> np.uint64(1)).astype(np.int64)
 
 
@@ -93,6 +108,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA (EngineConfig.cuda_graphs)
         self.prev_tokens: torch.Tensor | None = None  # (R,) the previous step's tokens, on the device
         self.on_launch: Callable[[], None] | None = None  # run once a step's kernels are launched
+        self.shared_params = None  # the SamplingParams of every sequence of this call, when one
+        self.seed_bases: np.ndarray | None = None  # (N,) uint64 per sequence (seq.seed_slot) of this call
 
     def new_call(self) -> None:
         """Draw this generate call's seed (the generator state is what checkpoints save)."""
@@ -105,37 +122,42 @@ class ModelRunner:
         return tensor
 
     def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        seqs, num_tokens, bs = batch.seqs, batch.num_tokens, self.block_size
-        starts = [s.num_cached_tokens for s in seqs]
-        tables = [s.block_table for s in seqs]
-        if max(num_tokens) == 1:  # decode: one token per sequence
-            ids = np.array([s.token_ids[p] for s, p in zip(seqs, starts)], dtype=np.int64)
-            positions = np.array(starts, dtype=np.int64)
-            slots = np.array([t[p // bs] for t, p in zip(tables, starts)], dtype=np.int64) * bs + positions % bs
-            seq_of_token = None
-            cu_seqlens_q = np.arange(len(seqs) + 1, dtype=np.int32)
+        """Per-sequence fields gathered by `map(attrgetter)` (no Python frame per sequence), the
+        rest numpy."""
+        seqs, num_tokens, bs, num_seqs = batch.seqs, batch.num_tokens, self.block_size, len(batch.seqs)
+        starts = np.fromiter(map(_num_cached, seqs), dtype=np.int64, count=num_seqs)
+        tables = list(map(_block_table, seqs))
+        widths = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
+        block_tables = np.zeros((num_seqs, widths.max()), dtype=np.int32)
+        block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = np.fromiter(
+            chain.from_iterable(tables), dtype=np.int32, count=int(widths.sum()))
+        pending_rows = np.fromiter(map(_pending_row, seqs), dtype=np.int64, count=num_seqs)
+        if batch.is_plain_decode and pending_rows.min() >= 0:
+            # steady decode: every input is a token the previous step sampled, still on the device
+            positions, seq_of_token = starts, None
+            cu_seqlens_q = np.arange(num_seqs + 1, dtype=np.int32)
+            input_ids = self.prev_tokens[self._to_device(pending_rows)]
         else:
-            ids = np.array(list(chain.from_iterable(
-                [s.token_ids[p : p + n] for s, p, n in zip(seqs, starts, num_tokens)])), dtype=np.int64)
-            counts = np.array(num_tokens, dtype=np.int64)
-            cu_seqlens_q = np.zeros(len(seqs) + 1, dtype=np.int32)
-            np.cumsum(counts, out=cu_seqlens_q[1:])
-            seq_of_token = np.repeat(np.arange(len(seqs)), counts)
-            positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu_seqlens_q[:-1] - np.array(starts), counts)
-            widths = np.array([len(t) for t in tables])
-            flat = np.array(list(chain.from_iterable(tables)), dtype=np.int64)
-            table_start = np.concatenate(([0], np.cumsum(widths)[:-1]))
-            slots = flat[table_start[seq_of_token] + positions // bs] * bs + positions % bs
-        widths = np.array([len(t) for t in tables])
-        block_tables = np.zeros((len(seqs), widths.max()), dtype=np.int32)
-        block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = list(chain.from_iterable(tables))
-        input_ids = self._to_device(ids)
-        pending = np.flatnonzero(ids < 0)  # tokens the previous step sampled: still on the device
-        if len(pending):
-            rows = np.array([s.pending_row for s in seqs], dtype=np.int64)
-            rows = rows[pending if seq_of_token is None else seq_of_token[pending]]
-            input_ids[self._to_device(pending)] = self.prev_tokens[self._to_device(rows)]
-        seq_lens = (np.array(starts, dtype=np.int64) + np.array(num_tokens)).astype(np.int32)
+            if max(num_tokens) == 1:
+                ids = np.array([s.token_ids[p] for s, p in zip(seqs, starts.tolist())], dtype=np.int64)
+                positions, seq_of_token = starts, None
+                cu_seqlens_q = np.arange(num_seqs + 1, dtype=np.int32)
+            else:
+                ids = np.array(list(chain.from_iterable(
+                    [s.token_ids[p : p + n] for s, p, n in zip(seqs, starts.tolist(), num_tokens)])), dtype=np.int64)
+                counts = np.array(num_tokens, dtype=np.int64)
+                cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int32)
+                np.cumsum(counts, out=cu_seqlens_q[1:])
+                seq_of_token = np.repeat(np.arange(num_seqs), counts)
+                positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu_seqlens_q[:-1] - starts, counts)
+            input_ids = self._to_device(ids)
+            pending = np.flatnonzero(ids < 0)  # tokens the previous step sampled: still on the device
+            if len(pending):
+                rows = pending_rows[pending if seq_of_token is None else seq_of_token[pending]]
+                input_ids[self._to_device(pending)] = self.prev_tokens[self._to_device(rows)]
+        owner = np.arange(num_seqs) if seq_of_token is None else seq_of_token
+        slots = block_tables[owner, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = (starts + np.array(num_tokens)).astype(np.int32)
         return StepInputs(input_ids, positions, slots, block_tables, seq_lens, cu_seqlens_q, max(num_tokens))
 
     def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
@@ -157,15 +179,12 @@ class ModelRunner:
     def _sampling_rows(self, batch: ScheduledBatch) -> tuple[np.ndarray | None, list[Sequence]]:
         """Packed-token index of each row to sample (None: every token, in order) and its sequence.
         A leader that finishes its prompt samples one row per member of its group."""
-        seqs, num_tokens = batch.seqs, batch.num_tokens
-        ends = [s.num_cached_tokens + n == len(s.token_ids) for s, n in zip(seqs, num_tokens)]
-        leaders = [s for s in seqs if s.followers]
-        if not leaders and max(num_tokens) == 1 and all(ends):
-            return None, list(seqs)
+        if batch.is_plain_decode:
+            return None, list(batch.seqs)
         rows, owners, end = [], [], 0
-        for seq, n, samples in zip(seqs, num_tokens, ends):
+        for seq, n in zip(batch.seqs, batch.num_tokens):
             end += n
-            if samples:
+            if seq.num_cached_tokens + n == len(seq.token_ids):
                 for member in [seq, *seq.followers]:
                     rows.append(end - 1)
                     owners.append(member)
@@ -184,9 +203,8 @@ class ModelRunner:
         else:
             hidden = self._forward_eager(inputs)  # (T, D)
         rows, owners = self._sampling_rows(batch)
-        # (R, D); exact mode recomputes the log-probs from it
-        self.sampled_hidden = hidden if rows is None else hidden[self._to_device(rows)]
-        logits = self.model.compute_logits(self.sampled_hidden).float().contiguous()
+        sampled = hidden if rows is None else hidden[self._to_device(rows)]  # (R, D)
+        logits = self.model.compute_logits(sampled).float().contiguous()
         if self.on_launch is not None:
             self.on_launch()
         return owners, logits
@@ -197,16 +215,21 @@ class ModelRunner:
         if not owners:
             empty = torch.empty(0, device=self.device)
             return empty.long(), empty
-        params = [seq.params for seq in owners]
-        shared = params[0] if all(p is params[0] for p in params) else None
+        shared = self.shared_params
+        params = None if shared is not None else [seq.params for seq in owners]
 
         def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             if shared is not None:
                 return torch.full((len(owners),), getattr(shared, name), dtype=dtype, device=self.device)
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=self.device)
 
-        seeds = sequence_seeds(self.call_seed, [s.seed_key for s in owners], [s.sample_idx for s in owners],
-                               [len(s.token_ids) - s.num_prompt_tokens for s in owners])
+        num = len(owners)
+        if self.seed_bases is not None:  # this call's per-sequence bases, indexed by seq.seed_slot
+            bases = self.seed_bases[np.fromiter(map(_seed_slot, owners), dtype=np.int64, count=num)]
+        else:
+            bases = seed_bases(self.call_seed, [s.seed_key for s in owners], [s.sample_idx for s in owners])
+        lengths = np.fromiter(map(len, map(_token_ids, owners)), dtype=np.int64, count=num)
+        seeds = draw_seeds(bases, lengths - np.fromiter(map(_num_prompt, owners), dtype=np.int64, count=num))
         tokens, logprobs = sample(
             logits,
             temperature=column("temperature"),
@@ -216,7 +239,7 @@ class ModelRunner:
             generator=self._to_device(seeds),
         )
         if getattr(self.model, "batch_invariant", False):
-            logprobs = self.exact_logprobs(owners, tokens)
+            logprobs = self.exact_logprobs(owners, tokens, logits)
         return tokens, logprobs
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[float]]:
@@ -226,13 +249,13 @@ class ModelRunner:
         return owners, tokens.tolist(), logprobs.tolist()
 
     @torch.no_grad()
-    def exact_logprobs(self, owners: list[Sequence], tokens: torch.Tensor) -> torch.Tensor:
-        """The sampled tokens' log-probs by the training forward's reduction (`model.token_logprobs`
-        at the temperature the trainer uses: the row's own, 1 for greedy rows)."""
+    def exact_logprobs(self, owners: list[Sequence], tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The sampled tokens' log-probs by the training forward's reduction (`model.logits_logprobs`
+        on the logits sampled from, at the temperature the trainer uses: the row's own, 1 for greedy)."""
         temperatures = [seq.params.temperature or 1.0 for seq in owners]
         targets = tokens.to(torch.int64)
         logprobs = torch.empty(len(owners), dtype=torch.float32, device=self.device)
         for temperature in sorted(set(temperatures)):
             idx = torch.tensor([i for i, t in enumerate(temperatures) if t == temperature], device=self.device)
-            logprobs[idx] = self.model.token_logprobs(self.sampled_hidden[idx], targets[idx], temperature)
+            logprobs[idx] = self.model.logits_logprobs(logits[idx], targets[idx], temperature)
         return logprobs

@@ -22,6 +22,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies (src, dst)
+    is_plain_decode: bool = True  # one token per sequence, each its last: every sequence samples once
+    leaders: list[Sequence] = field(default_factory=list)  # sequences with followers (sample for them)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -77,6 +79,8 @@ class Scheduler:
             start = seq.num_cached_tokens
             num_tokens = min(len(seq.token_ids) - start, budget)
             table = seq.block_table
+            if num_tokens != 1 or start + 1 != len(seq.token_ids) or seq.followers:
+                self._note(batch, seq, num_tokens)
             if start + num_tokens <= len(table) * bs and (start % bs == 0 or blocks[table[start // bs]].ref_count == 1):
                 # fast path (most decode steps): the slots exist and the block written is not shared
                 batch.seqs.append(seq)
@@ -114,6 +118,7 @@ class Scheduler:
                 if not self._reclaim(seq, num_tokens):
                     self._too_small(seq, num_tokens)
             self.waiting.popleft()
+            self._note(batch, seq, num_tokens)
             batch.copies += bm.append_slots(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -122,6 +127,14 @@ class Scheduler:
             batch.num_tokens.append(num_tokens)
             budget -= num_tokens
         return batch
+
+    @staticmethod
+    def _note(batch: ScheduledBatch, seq: Sequence, num_tokens: int) -> None:
+        """A sequence that makes the step other than plain decode (a chunk, or a leader)."""
+        if num_tokens != 1 or seq.num_cached_tokens + 1 != len(seq.token_ids) or seq.followers:
+            batch.is_plain_decode = False
+        if seq.followers:
+            batch.leaders.append(seq)
 
     def _reclaim(self, seq: Sequence, num_tokens: int) -> bool:
         """Free the blocks idle sequences hold (back from the sandbox but not yet admitted, or still

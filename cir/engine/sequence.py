@@ -42,6 +42,7 @@ class Sequence:
         # tokens on the device (the engine fills it one step later)
         self.pending_row = -1
         self.max_response_tokens = params.max_tokens  # the engine lowers it to fit max_model_len
+        self.seed_slot = 0  # index of this sequence's seed base in the generate call (ModelRunner.seed_bases)
         # tool state
         self.num_tool_calls = 0
         self.num_tool_successes = 0
