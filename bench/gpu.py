@@ -357,6 +357,7 @@ def main() -> None:
         parser.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+        torch.set_num_threads(1)  # tiny shapes gain nothing from more; on a shared CPU threads spin (see conftest)
         for module in SMOKE_PREIMPORTS:  # imported once here, shared by the forked children
             __import__(module)
     elif not torch.backends.cuda.is_built():  # a build flag: no CUDA call
