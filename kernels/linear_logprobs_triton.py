@@ -17,11 +17,12 @@ hidden dtype (2 bytes per logit in bf16, against 4 + 4 + 2 through an fp32 chunk
 the two gradient GEMMs (dz^T h, dz W) stay with cuBLAS.
 
 Tiles are sized for Hopper's wgmma: 128 x 128 output tiles, K steps of 64, 8 warps (2 warpgroups),
-3 (lse) / 4 (dz) stages of cp.async pipelining ((128 + 128) x 64 x 2 bytes = 32 KiB per stage).
+3 (lse) / 4 (dz) stages of cp.async pipelining ((128 + 128) x 64 x 2 bytes = 32 KiB per stage); on
+CUDA `triton.autotune` times four such configs per (D, log2 N) at first use and keeps the fastest.
 Compiled for sm_90 without a GPU (triton.compile with 16-divisible strides, cuobjdump -res-usage):
 both use wgmma with cp.async pipelining; lse_gemm 189 registers, dz_gemm 206, no spills (the
-target logit inside the epilogue took lse_gemm to 255 with spills). Speed owed: a sweep on the
-device (bench/kernels.py). fp32 inputs, and the interpreter, use IEEE fp32 dots (no TF32).
+target logit inside the epilogue took lse_gemm to 255 with spills). Speed owed: bench/kernels.py
+on the device. fp32 inputs, and the interpreter, use IEEE fp32 dots (no TF32).
 """
 from __future__ import annotations
 
@@ -29,8 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK_M, _BLOCK_N, _BLOCK_K = 128, 128, 64
-_NUM_WARPS, _LSE_STAGES, _DZ_STAGES = 8, 3, 4  # owed: a sweep on the device
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 128, 128, 64  # off CUDA (the interpreter) and for the split arithmetic
+_NUM_WARPS, _LSE_STAGES, _DZ_STAGES = 8, 3, 4
+# CUDA: the device times these on first use per (D, log2 N) and keeps the fastest (triton.autotune).
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each compiled for sm_90 without spills (cuobjdump -res-usage);
+# 128 x 256 tiles and 4-warp 128 x 128 tiles spilled.
+_LSE_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)]
+_DZ_CONFIGS = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 _MIN_SPLITS = 8  # vocabulary splits per row block: the L2 reuse pattern above
 _TARGET_PROGRAMS = 4 * 132  # ~4 waves on an H100 / H200 (132 SMs)
 _GROUP_M = 8  # dz_gemm: row blocks that sweep the columns together (L2 reuse of the weight chunk)
@@ -58,7 +64,7 @@ def _tile_logits(h_ptr, h_stride, w_ptr, w_stride, rows, row_ok, cols, col_ok, h
 @triton.jit
 def _lse_gemm_kernel(
     h_ptr, h_stride, w_ptr, w_stride, part_ptr,
-    num_rows, vocab_size, hidden_size, cols_per_split, num_splits, inv_t,
+    num_rows, vocab_size, hidden_size, cols_per_split, num_splits, inv_t, rows_bucket,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """(m, s, w) of rows [BLOCK_M block] over columns [split range] -> part (splits, 3, rows)."""
@@ -95,7 +101,7 @@ def _lse_gemm_kernel(
 def _dz_gemm_kernel(
     h_ptr, h_stride, w_ptr, w_stride, dz_ptr, dz_stride,
     targets_ptr, lse_ptr, mean_z_ptr, grad_logp_ptr, grad_entropy_ptr,
-    num_rows, num_cols, hidden_size, col_start, inv_t,
+    num_rows, num_cols, hidden_size, col_start, inv_t, rows_bucket,
     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
@@ -145,6 +151,22 @@ def _target_logit_kernel(h_ptr, h_stride, w_ptr, w_stride, targets_ptr, out_ptr,
     tl.store(out_ptr + row, tl.where(inside, tl.sum(acc, axis=0) * inv_t, float("nan")))
 
 
+def _tuned(kernel, specs: list[tuple[int, int, int, int, int]]):
+    """`kernel` autotuned over `specs`, keyed by the hidden size and the row count's power of two (the first
+    call in each bucket times every config once, a host sync; an out-of-resources config is skipped)."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+               for m, n, k, w, st in specs]
+    return triton.autotune(configs=configs, key=["hidden_size", "rows_bucket"])(kernel)
+
+
+_lse_gemm_tuned = _tuned(_lse_gemm_kernel, _LSE_CONFIGS)
+_dz_gemm_tuned = _tuned(_dz_gemm_kernel, _DZ_CONFIGS)
+
+
+def _rows_bucket(num_rows: int) -> int:
+    return max(num_rows - 1, 0).bit_length()
+
+
 def _dot_fp32(hidden: torch.Tensor) -> bool:
     return hidden.dtype == torch.float32 or hidden.device.type != "cuda"
 
@@ -173,13 +195,15 @@ def lse_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     cols_per_split = triton.cdiv(triton.cdiv(vocab_size, _BLOCK_N), splits) * _BLOCK_N
     splits = triton.cdiv(vocab_size, cols_per_split)  # no empty split
     part = torch.empty(splits, 3, num_rows, dtype=torch.float32, device=hidden.device)
-    grid = (triton.cdiv(num_rows, _BLOCK_M) * splits,)
-    _lse_gemm_kernel[grid](
-        hidden, hidden.stride(0), weight, weight.stride(0), part,
-        num_rows, vocab_size, hidden_size, cols_per_split, splits, inv_t,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, DOT_FP32=_dot_fp32(hidden),
-        num_warps=_NUM_WARPS, num_stages=_LSE_STAGES,
-    )
+    args = (hidden, hidden.stride(0), weight, weight.stride(0), part,
+            num_rows, vocab_size, hidden_size, cols_per_split, splits, inv_t, _rows_bucket(num_rows))
+    if hidden.is_cuda:
+        _lse_gemm_tuned[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * splits,)](
+            *args, DOT_FP32=_dot_fp32(hidden))
+    else:
+        _lse_gemm_kernel[(triton.cdiv(num_rows, _BLOCK_M) * splits,)](
+            *args, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, DOT_FP32=_dot_fp32(hidden),
+            num_warps=_NUM_WARPS, num_stages=_LSE_STAGES)
     m_i, s_i, w_i = part.unbind(1)  # (splits, N) each
     m = m_i.amax(0)
     m_safe = torch.where(m == float("-inf"), 0.0, m)
@@ -215,11 +239,14 @@ def dz_gemm(hidden: torch.Tensor, weight_chunk: torch.Tensor, col_start: int, ta
     if num_rows == 0 or num_cols == 0:
         return
     has_entropy = grad_entropy is not None
-    grid = (triton.cdiv(num_rows, _BLOCK_M) * triton.cdiv(num_cols, _BLOCK_N),)
-    _dz_gemm_kernel[grid](
-        hidden, hidden.stride(0), weight_chunk, weight_chunk.stride(0), out, out.stride(0),
-        targets, lse, mean_z, grad_logp, grad_entropy if has_entropy else grad_logp,
-        num_rows, num_cols, hidden_size, col_start, inv_t,
-        HAS_GRAD_ENTROPY=has_entropy, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M,
-        DOT_FP32=_dot_fp32(hidden), num_warps=_NUM_WARPS, num_stages=_DZ_STAGES,
-    )
+    args = (hidden, hidden.stride(0), weight_chunk, weight_chunk.stride(0), out, out.stride(0),
+            targets, lse, mean_z, grad_logp, grad_entropy if has_entropy else grad_logp,
+            num_rows, num_cols, hidden_size, col_start, inv_t, _rows_bucket(num_rows))
+    flags = dict(HAS_GRAD_ENTROPY=has_entropy, GROUP_M=_GROUP_M, DOT_FP32=_dot_fp32(hidden))
+    if hidden.is_cuda:
+        _dz_gemm_tuned[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_cols, meta["BLOCK_N"]),)](
+            *args, **flags)
+    else:
+        _dz_gemm_kernel[(triton.cdiv(num_rows, _BLOCK_M) * triton.cdiv(num_cols, _BLOCK_N),)](
+            *args, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=_NUM_WARPS,
+            num_stages=_DZ_STAGES, **flags)
