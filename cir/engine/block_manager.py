@@ -83,6 +83,7 @@ class BlockManager:
             seq.num_cached_tokens += self.block_size
             self.num_cache_hits += self.block_size
             prev_hash = h
+        seq.table_version += 1
 
     def num_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks that `append_slots(seq, num_tokens)` will take (copy-on-write included)."""
@@ -108,6 +109,7 @@ class BlockManager:
                 copies.append((src, dst))
         while len(seq.block_table) < self.num_blocks_for(seq.num_cached_tokens + num_tokens):
             seq.block_table.append(self._take_free_block())
+        seq.table_version += 1
         return copies
 
     # 2) after a forward ----------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class BlockManager:
         for block_id in src.block_table:
             self._ref(block_id)
         dst.block_table = list(src.block_table)
+        dst.table_version += 1
         dst.num_cached_tokens = src.num_cached_tokens
 
     def free(self, seq: Sequence) -> None:
@@ -148,4 +151,5 @@ class BlockManager:
                 if block.hash is None:
                     self.free_block_ids.move_to_end(block_id, last=False)
         seq.block_table = []
+        seq.table_version += 1
         seq.num_cached_tokens = 0

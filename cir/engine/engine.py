@@ -52,9 +52,30 @@ class _Step:
     """A launched step whose tokens are not read yet: row i of `tokens` belongs to `owners[i]`."""
 
     owners: list[Sequence]
-    tokens: torch.Tensor  # (R,) int64, on the device
+    tokens: torch.Tensor  # (R,) int64, on the device: the next step's inputs
     logprobs: torch.Tensor  # (R,) float32
     ended: list[Sequence]  # owners whose token is their last (length limit), already out of the batch
+    host: tuple[torch.Tensor, torch.Tensor] | None = None  # CUDA: pinned copies of tokens, logprobs
+    copied: torch.cuda.Event | None = None  # recorded after the copies, before the next step's kernels
+
+    @classmethod
+    def launch(cls, owners, tokens, logprobs, ended) -> _Step:
+        """On CUDA the copies to the host are queued right behind the sampler, so reading them waits
+        for this step only, not for the next one launched after it."""
+        step = cls(owners, tokens, logprobs, ended)
+        if tokens.device.type == "cuda":
+            step.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (tokens, logprobs))
+            step.host[0].copy_(tokens, non_blocking=True)
+            step.host[1].copy_(logprobs, non_blocking=True)
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        return step
+
+    def read(self) -> tuple[list[int], list[float]]:
+        if self.copied is None:
+            return self.tokens.tolist(), self.logprobs.tolist()
+        self.copied.synchronize()
+        return self.host[0].tolist(), self.host[1].tolist()
 
 
 class Engine:
@@ -186,6 +207,7 @@ class Engine:
         self.runner.seed_bases = seed_bases(self.runner.call_seed, [s.seed_key for s in seqs],
                                             [s.sample_idx for s in seqs])
         self.runner.shared_params = params
+        self.runner.begin_call(seqs, -(-self.max_model_len // self.config.block_size))
         num_seqs = len(prompts) * n
         bar = tqdm(total=num_seqs, desc="rollout", unit="seq", leave=False,
                    disable=not self.config.show_progress or num_seqs < 8)
@@ -200,7 +222,7 @@ class Engine:
             num_steps, num_generated = self._loop(scheduler, tools, bar)
         finally:
             self.runner.on_launch = self.runner.prev_tokens = self._pending = None
-            self.runner.seed_bases = self.runner.shared_params = None
+            self.runner.seed_bases = self.runner.shared_params = self.runner.table_rows = None
         bar.close()
         self.stats = dict(num_steps=num_steps, num_generated_tokens=num_generated,
                           num_preemptions=scheduler.num_preemptions,
@@ -273,7 +295,7 @@ class Engine:
                         ended.append(seq)
             for seq in ended:  # known without the token: out of the next step, blocks back now
                 scheduler.retire(seq)
-            self._pending = _Step(owners, tokens, logprobs, ended)
+            self._pending = _Step.launch(owners, tokens, logprobs, ended)
             num_generated += len(owners)
         return num_steps, num_generated
 
@@ -283,8 +305,8 @@ class Engine:
         step, self._pending = self._pending, None
         if step is None:
             return
-        tokens = step.tokens.tolist()
-        for seq, token, logprob in zip(step.owners, tokens, step.logprobs.tolist()):
+        tokens, logprobs = step.read()
+        for seq, token, logprob in zip(step.owners, tokens, logprobs):
             seq.token_ids[-1] = token
             seq.loss_mask.append(1)
             seq.logprobs.append(logprob)

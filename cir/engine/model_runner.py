@@ -38,6 +38,7 @@ _MASK64 = (1 << 64) - 1
 # per-sequence fields read in C (map over a batch runs no Python frame per sequence)
 _num_cached, _block_table, _pending_row = (attrgetter(f) for f in ("num_cached_tokens", "block_table", "pending_row"))
 _seed_slot, _token_ids, _num_prompt = (attrgetter(f) for f in ("seed_slot", "token_ids", "num_prompt_tokens"))
+_table_version = attrgetter("table_version")
 
 
 def _splitmix64(x: int) -> int:
@@ -110,6 +111,8 @@ class ModelRunner:
         self.on_launch: Callable[[], None] | None = None  # run once a step's kernels are launched
         self.shared_params = None  # the SamplingParams of every sequence of this call, when one
         self.seed_bases: np.ndarray | None = None  # (N,) uint64 per sequence (seq.seed_slot) of this call
+        self.table_rows: np.ndarray | None = None  # (N, max blocks) int32 per sequence of this call (begin_call)
+        self.table_lens = self.table_versions = None
 
     def new_call(self) -> None:
         """Draw this generate call's seed (the generator state is what checkpoints save)."""
@@ -126,11 +129,7 @@ class ModelRunner:
         rest numpy."""
         seqs, num_tokens, bs, num_seqs = batch.seqs, batch.num_tokens, self.block_size, len(batch.seqs)
         starts = np.fromiter(map(_num_cached, seqs), dtype=np.int64, count=num_seqs)
-        tables = list(map(_block_table, seqs))
-        widths = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
-        block_tables = np.zeros((num_seqs, widths.max()), dtype=np.int32)
-        block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = np.fromiter(
-            chain.from_iterable(tables), dtype=np.int32, count=int(widths.sum()))
+        block_tables = self._block_tables(seqs)
         pending_rows = np.fromiter(map(_pending_row, seqs), dtype=np.int64, count=num_seqs)
         if batch.is_plain_decode and pending_rows.min() >= 0:
             # steady decode: every input is a token the previous step sampled, still on the device
@@ -159,6 +158,35 @@ class ModelRunner:
         slots = block_tables[owner, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = (starts + np.array(num_tokens)).astype(np.int32)
         return StepInputs(input_ids, positions, slots, block_tables, seq_lens, cu_seqlens_q, max(num_tokens))
+
+    def begin_call(self, seqs: list[Sequence], max_blocks: int) -> None:
+        """Per generate call: room for each sequence's block table as a numpy row (by seq.seed_slot),
+        rewritten only when the block manager changed the table (`seq.table_version`)."""
+        self.table_rows = np.zeros((len(seqs), max_blocks), dtype=np.int32)
+        self.table_lens = np.zeros(len(seqs), dtype=np.int64)
+        self.table_versions = np.full(len(seqs), -1, dtype=np.int64)
+
+    def _block_tables(self, seqs: list[Sequence]) -> np.ndarray:
+        """(B, W) int32 zero-padded block tables: rows kept across steps, only changed ones rewritten
+        (a decode step rewrites the ~1/block_size of them that crossed into a new block)."""
+        num_seqs = len(seqs)
+        if self.table_rows is None:
+            tables = list(map(_block_table, seqs))
+            widths = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
+            block_tables = np.zeros((num_seqs, widths.max()), dtype=np.int32)
+            block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = np.fromiter(
+                chain.from_iterable(tables), dtype=np.int32, count=int(widths.sum()))
+            return block_tables
+        slots = np.fromiter(map(_seed_slot, seqs), dtype=np.int64, count=num_seqs)
+        versions = np.fromiter(map(_table_version, seqs), dtype=np.int64, count=num_seqs)
+        for i in np.flatnonzero(versions != self.table_versions[slots]).tolist():
+            seq, slot = seqs[i], slots[i]
+            table, old = seq.block_table, self.table_lens[slot]
+            self.table_rows[slot, : len(table)] = table
+            if old > len(table):
+                self.table_rows[slot, len(table) : old] = 0
+            self.table_lens[slot], self.table_versions[slot] = len(table), versions[i]
+        return self.table_rows[slots, : max(int(self.table_lens[slots].max()), 1)]
 
     def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         keys = {}

@@ -34,6 +34,7 @@ class Sequence:
         self.loss_mask: list[int] = []  # per response token
         self.logprobs: list[float] = []  # per response token; 0.0 where masked
         self.block_table: list[int] = []
+        self.table_version = 0  # bumped by the block manager at every change of block_table
         self.num_cached_tokens = 0  # tokens whose K/V are in the cache
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
