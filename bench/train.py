@@ -8,6 +8,7 @@
     python bench/train.py --update --smoke                  # tiny shapes on CPU (a smoke run, ~1 min)
     python bench/train.py --update --shapes qwen2.5-1.5b --precisions fp32-autocast --micro-tokens 16384
     python bench/train.py --update --fsdp                   # through FSDP2 at world size 1 (NCCL / gloo)
+    python bench/train.py --update --compile off on         # also with each block's norms + MLP compiled
 
 RL step: the real trainer (engine rollouts, sandbox calls, rewards, the policy update) for a few
 steps; per step after the first (warm-up): seconds in generation / waiting on the sandbox / reward /
@@ -239,18 +240,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile, in place (parameter names kept), of each block's norms and SwiGLU MLP: the
+    elementwise passes they fuse (fp32 norm statistics, silu * up) and nothing that sees the attention
+    context (its host lists would be guarded on). Dynamic shapes: the token count moves per micro-batch."""
+    for layer in model.layers:
+        for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            module.compile(dynamic=True)
+
+
 def bench_update(shape: str, precision: str, checkpointing: bool, micro_tokens: int, trajs: list,
-                 rewards: torch.Tensor, device: torch.device, steps: int, parallel: str = "none") -> dict:
+                 rewards: torch.Tensor, device: torch.device, steps: int, parallel: str = "none",
+                 compile: bool = False) -> dict:
     """Time `Trainer.update` (steps after one warm-up) for one setting; then one split pass."""
     from cir.config import load_config
     from cir.rl.trainer import Trainer
 
     param_dtype, autocast = PRECISIONS[precision]
     row = {"shape": shape, "precision": precision, "checkpointing": checkpointing, "micro_tokens": micro_tokens,
-           "parallel": parallel}
+           "parallel": parallel, "compile": compile}
     trainer = None
     try:
         model = build_model(shape, device, getattr(torch, param_dtype))
+        if compile:
+            compile_blocks(model)
         flops = update_flops(model, trajs)
         config = load_config(None, [
             "--model.gradient_checkpointing", str(checkpointing).lower(), "--train.autocast", autocast,
@@ -316,6 +329,8 @@ def update_main(argv: list[str]) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="packed tokens per update (default 131072)")
     parser.add_argument("--steps", type=int, default=3, help="timed updates per setting, after one warm-up")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 at world size 1 (NCCL on CUDA): a smoke run")
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                        help="torch.compile of each block's norms and MLP (compile_blocks), off and / or on")
     args = parser.parse_args(argv)
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
     shapes = args.shapes or (["tiny"] if args.smoke else ["qwen2.5-1.5b", "qwen2.5-3b"])
@@ -330,10 +345,11 @@ def update_main(argv: list[str]) -> None:
         for precision in args.precisions:
             for ckpt in args.checkpointing:
                 for mt in micro_tokens:
-                    with _world_of_one(device) if args.fsdp else contextlib.nullcontext():
-                        rows.append(bench_update(shape, precision, ckpt == "on", mt, trajs, rewards, device,
-                                                 args.steps, "fsdp" if args.fsdp else "none"))
-                    _print_row(rows[-1])
+                    for comp in args.compile:
+                        with _world_of_one(device) if args.fsdp else contextlib.nullcontext():
+                            rows.append(bench_update(shape, precision, ckpt == "on", mt, trajs, rewards, device,
+                                                     args.steps, "fsdp" if args.fsdp else "none", comp == "on"))
+                        _print_row(rows[-1])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(json.dumps({"bench": "train_update", "device": where, "rows": rows,
                       "mfu_owed": device.type != "cuda" or None}))
@@ -341,18 +357,19 @@ def update_main(argv: list[str]) -> None:
 
 
 def _print_header() -> None:
-    print(f"{'shape':<14}{'precision':<15}{'ckpt':<6}{'micro':>7}{'tokens/s':>11}{'MFU':>7}{'exact':>7}{'GiB':>7}{'syncs':>6}"
+    print(f"{'shape':<14}{'precision':<17}{'ckpt':<6}{'micro':>7}{'tokens/s':>11}{'MFU':>7}{'exact':>7}{'GiB':>7}{'syncs':>6}"
               "  split: fwd / lp fwd / loss / lp bwd / bwd / optim (s)")
 
 
 def _print_row(r: dict) -> None:
+    precision = r["precision"] + ("+c" if r.get("compile") else "")  # +c: compile_blocks
     if "error" in r:
-        print(f"{r['shape']:<14}{r['precision']:<15}{str(r['checkpointing']):<6}{r['micro_tokens']:>7}  {r['error']}")
+        print(f"{r['shape']:<14}{precision:<17}{str(r['checkpointing']):<6}{r['micro_tokens']:>7}  {r['error']}")
         return
     pct = lambda x: f"{100 * x:.1f}%" if x is not None else "owed"  # noqa: E731
     gib = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else "-"
     split = " / ".join(f"{v:.3f}" for v in r.get("split_s", {}).values())
-    print(f"{r['shape']:<14}{r['precision']:<15}{str(r['checkpointing']):<6}{r['micro_tokens']:>7}"
+    print(f"{r['shape']:<14}{precision:<17}{str(r['checkpointing']):<6}{r['micro_tokens']:>7}"
           f"{r['tokens_per_s']:>11.0f}{pct(r['mfu']):>7}{pct(r['mfu_exact']):>7}{gib:>7}"
           f"{r.get('cuda_syncs_per_update', '-'):>6}  {split}", flush=True)
 
