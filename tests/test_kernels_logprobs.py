@@ -187,6 +187,34 @@ def test_linear_logprobs_several_tiles_splits_and_chunks(backend, fused):
     assert bool((h1.grad[~mask] == 0).all())
 
 
+@pytest.mark.parametrize("config", range(4))
+def test_fused_gemms_with_each_cuda_tile_config(monkeypatch, config):
+    """The tile configs CUDA autotunes over, run here through the interpreter (the autotuner needs a
+    GPU): a vocabulary split that is not a multiple of BLOCK_N, partial row and K tiles."""
+    import kernels.linear_logprobs_triton as fused_gemms
+
+    gen = torch.Generator().manual_seed(config)
+    n, d, v = 150, 80, 700
+    hidden, weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen) * 0.2
+    targets = torch.randint(0, v, (n,), generator=gen)
+    grad_logp, grad_entropy = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    h2, w2 = leaves(hidden, weight)
+    ref_logp, ref_entropy = naive(h2 @ w2.t(), targets, 1.0)
+    (ref_logp * grad_logp + ref_entropy * grad_entropy).sum().backward()
+    for specs in (fused_gemms._LSE_CONFIGS, fused_gemms._DZ_CONFIGS):
+        m, n_cols, k = specs[config][:3]
+        monkeypatch.setattr(fused_gemms, "_BLOCK_M", m)
+        monkeypatch.setattr(fused_gemms, "_BLOCK_N", n_cols)
+        monkeypatch.setattr(fused_gemms, "_BLOCK_K", k)
+        h1, w1 = leaves(hidden, weight)
+        logp, entropy = linear_logprobs(h1, w1, targets, return_entropy=True, chunk_size=300, backend="triton")
+        (logp * grad_logp + entropy * grad_entropy).sum().backward()
+        assert_close("logp", logp, ref_logp, 1e-4, 1e-5)
+        assert_close("entropy", entropy, ref_entropy, 1e-4, 1e-5)
+        for name, got, want in (("grad_hidden", h1.grad, h2.grad), ("grad_weight", w1.grad, w2.grad)):
+            assert_close(name, got, want, 1e-5 * want.abs().max().item(), 1e-4)
+
+
 def test_linear_logprobs_never_reads_the_device_back():
     """With check_targets=False (the training loop) a masked call makes no nonzero / item / bool."""
     from torch.utils._python_dispatch import TorchDispatchMode
