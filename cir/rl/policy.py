@@ -32,7 +32,7 @@ class PolicyForward(nn.Module):
             ctx = VarlenContext(cu_seqlens.to(device=input_ids.device, dtype=torch.int32), max(seq_lens, default=0),
                                 list(seq_lens))
             hidden = self.model.forward_hidden(input_ids, positions, ctx)  # (T, D)
-        hidden = hidden[rows]  # (N, D)
+        hidden = hidden.index_select(0, rows)  # (N, D); backward an index_add (rows are unique), not a sort
         weight = self.model.lm_head_weight
         device_type = hidden.device.type
         # one dtype for the kernel: autocast's (as F.linear would cast) else the weight's (.to is a no-op
