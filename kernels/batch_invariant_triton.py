@@ -1,6 +1,7 @@
 """A batch-invariant matmul in Triton: every output element is reduced over K in one fixed order.
 
     out = bmm_triton(a, b)          # a (B, M, K), b (B, K, N) -> (B, M, N), fp32 accumulation, a's dtype
+    out = bmm_triton(a, b, out_dtype=torch.float32)     # the fp32 accumulator itself (bf16 / fp16 operands)
 
 Why it is batch-invariant: a program owns one BLOCK_M x BLOCK_N output tile and walks K from 0 to K
 in BLOCK_K steps, `acc += tl.dot(a_tile, b_tile)`, in fp32, with no split-K and no autotuning: the
@@ -52,8 +53,9 @@ def _bmm_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def bmm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (B, M, K) @ b (B, K, N) -> (B, M, N) in a's dtype; any strides (a stride-0 batch included)."""
+def bmm_triton(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """a (B, M, K) @ b (B, K, N) -> (B, M, N) in out_dtype (default a's); any strides (a stride-0
+    batch included)."""
     if a.dim() != 3 or b.dim() != 3:
         raise ValueError(f"bmm_triton takes 3-d a and b, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
@@ -62,7 +64,7 @@ def bmm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"bmm_triton: a is {a.dtype} on {a.device}, b is {b.dtype} on {b.device}")
     batch, M, K = a.shape
     N = b.shape[2]
-    out = torch.empty(batch, M, N, dtype=a.dtype, device=a.device)
+    out = torch.empty(batch, M, N, dtype=out_dtype or a.dtype, device=a.device)
     if out.numel() == 0:
         return out
     if K == 0:

@@ -22,7 +22,7 @@ from cir.rl.policy import PolicyForward
 from cir.rl.trainer import Trainer
 from kernels import linear_logprobs
 from kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
-                                     linear_logprobs_invariant)
+                                     linear_logprobs_invariant, logprobs_from_logits_invariant)
 from kernels.batch_invariant_triton import bmm_triton
 from sandbox import Result
 
@@ -106,11 +106,42 @@ def test_linear_logprobs_invariant_values_rows_and_gradients():
     assert_close(h1.grad, h2.grad, atol=1e-5)
     assert_close(w1.grad, w2.grad, atol=1e-5)
     with torch.no_grad():
+        full = linear_logprobs_invariant(h, w, targets, 0.7)
         for start, end in [(0, 1), (5, 6), (3, 40), (33, 70)]:
             part = linear_logprobs_invariant(h[start:end], w, targets[start:end], 0.7)
-            assert torch.equal(part, linear_logprobs_invariant(h, w, targets, 0.7)[start:end])
+            assert torch.equal(part, full[start:end])
+            # the engine's side: from the logits it samples from, a batch of any size
+            logits = linear_invariant(h[start:end], w)
+            assert torch.equal(logprobs_from_logits_invariant(logits, targets[start:end], 0.7), full[start:end])
     with pytest.raises(ValueError, match="targets must lie"):
         linear_logprobs_invariant(h, w, targets + 300)
+
+
+def test_cuda_path_under_the_interpreter(monkeypatch):
+    """The CUDA branches (fixed-tile Triton bmm everywhere, fixed-order row means, Triton row kernel)
+    run on CPU tensors through TRITON_INTERPRET=1: the same invariances, the same values."""
+    from kernels import batch_invariant
+
+    torch.manual_seed(7)
+    x, w = torch.randn(40, 24), torch.randn(36, 24) * 0.3
+    q, k, v = torch.randn(20, 4, 16), torch.randn(20, 2, 16), torch.randn(20, 2, 16)
+    h, targets = torch.randn(9, 24), torch.randint(0, 36, (9,))
+    ref = (F.linear(x, w), x.pow(2).mean(-1, keepdim=True), linear_logprobs(h, w, targets, 0.9),
+           causal_attention_invariant(q, k, v))
+    monkeypatch.setattr(batch_invariant, "_TRITON_ON_CPU", True)
+    full = linear_invariant(x, w)
+    assert_close(full, ref[0], atol=1e-5)
+    assert torch.equal(linear_invariant(x[17:19], w), full[17:19])
+    mean = batch_invariant.row_mean_invariant(x.pow(2))
+    assert_close(mean, ref[1], atol=1e-5)
+    assert torch.equal(batch_invariant.row_mean_invariant(x[3:4].pow(2)), mean[3:4])
+    logp = linear_logprobs_invariant(h, w, targets, 0.9)
+    assert_close(logp, ref[2], atol=1e-5)
+    assert torch.equal(logprobs_from_logits_invariant(linear_invariant(h[4:6], w, out_dtype=torch.float32),
+                                                      targets[4:6], 0.9), logp[4:6])
+    attn = causal_attention_invariant(q, k, v)
+    assert_close(attn, ref[3], atol=1e-5)
+    assert torch.equal(causal_attention_invariant(q[12:13], k[:13], v[:13]), attn[12:13])
 
 
 def test_model_exact_mode_keeps_the_math_and_switches_off():
@@ -216,6 +247,7 @@ def test_trainer_first_minibatch_ratio_is_exactly_one(tmp_path, exact):
         "--train.autocast", "off", "--engine.num_kv_blocks", "24", "--engine.block_size", "4",
         "--engine.max_num_batched_tokens", "9", "--engine.show_progress", "false", "--rl.mini_batches", "1",
         "--train.micro_batch_tokens", "64", "--model.batch_invariant", str(exact).lower(),
+        "--rl.filter_groups", "false",  # a random model earns no reward: update anyway (zero advantages)
     ])
     model = phrase_model(seed=1)
     trainer = Trainer(cfg, model=model, tokenizer=PhraseTokenizer(), sandbox=FakeTools())

@@ -27,8 +27,10 @@ from torch.utils.checkpoint import checkpoint
 from cir.model.attention import AttentionContext, VarlenContext
 from cir.model.config import ModelConfig
 from cir.model.rope import RotaryEmbedding, apply_rotary
-from kernels.batch_invariant import linear_invariant, linear_logprobs_invariant
+from kernels.batch_invariant import (linear_invariant, linear_logprobs_invariant, logprobs_from_logits_invariant,
+                                     row_mean_invariant)
 from kernels.linear_logprobs import linear_logprobs
+from kernels.logprobs import logprobs_from_logits
 
 
 _SKINNY_ROWS = 64
@@ -71,7 +73,8 @@ class RMSNorm(nn.Module):
     """x / rms(x) * weight, the statistics in float32 (as Llama / Qwen do), result in x's dtype.
 
     Exact mode divides by the sqrt: torch's CPU rsqrt rounds differently in its vector and scalar-tail
-    code, so a row's bits would depend on where the tensor's length put it."""
+    code, so a row's bits would depend on where the tensor's length put it; and the mean of squares is
+    `row_mean_invariant` (on CUDA torch splits a row's reduction by the tensor's shape)."""
 
     batch_invariant = False
 
@@ -84,7 +87,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         if self.batch_invariant:
-            x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            x = x / torch.sqrt(row_mean_invariant(x.pow(2)) + self.eps)
         else:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -186,9 +189,9 @@ class Transformer(nn.Module):
         return self
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden (..., D) -> logits (..., V)."""
-        if self.batch_invariant:
-            return linear_invariant(hidden, self.lm_head_weight)
+        """hidden (..., D) -> logits (..., V) (float32 in exact mode)."""
+        if self.batch_invariant:  # float32: the very logits token_logprobs reduces
+            return linear_invariant(hidden, self.lm_head_weight, out_dtype=torch.float32)
         return linear(hidden, self.lm_head_weight)
 
     def token_logprobs(self, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
@@ -203,6 +206,14 @@ class Transformer(nn.Module):
         fn = linear_logprobs_invariant if self.batch_invariant else linear_logprobs
         return fn(hidden.to(dtype), weight.to(dtype), targets, temperature=temperature, mask=mask,
                   return_entropy=return_entropy)
+
+    def logits_logprobs(self, logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+        """log_softmax(logits / temperature)[targets] (R,) float32 from `compute_logits`' output (R, V):
+        what the engine records for the tokens it sampled from those logits. In exact mode the same
+        bits as `token_logprobs` on the same hidden states (one LM-head GEMM, not two)."""
+        if self.batch_invariant:
+            return logprobs_from_logits_invariant(logits, targets, temperature)
+        return logprobs_from_logits(logits, targets, temperature)
 
     def forward_hidden(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
         """Packed tokens (T,) at `positions` (T,) -> final-norm hidden states (T, D)."""
