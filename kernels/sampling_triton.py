@@ -1,7 +1,8 @@
 """The Triton kernels of `kernels.sample` (the launcher, its constants and the semantics are in
 kernels/sampling.py; the torch twin is kernels/sampling_reference.py).
-Row state between passes (strides 6 and 4 below): int64 (phase, lo, hi, count at lo, count at hi,
-refine passes run), float32 (m, log s, mass at lo, target); phase 0 top-k, 1 top-p, 2 race, 3 done.
+Row state between passes (strides 6 and 5 below): int64 (phase, lo, hi, count at lo, count at hi,
+refine passes run), float32 (m, log s, mass at lo, mass at hi, target); phase 0 top-k, 1 top-p,
+2 race, 3 token written.
 
 Kernels. Every row is split into S = ceil(V / _MIN_CHUNK) chunks (at most _MAX_SPLITS), one program
 per (row, chunk); S depends on V only, so a row's arithmetic, and hence its token, is the same
@@ -59,11 +60,18 @@ def _gumbel(seed, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK: tl.constexpr):
-    """Fold one block into the running race: the best x/T + G over tokens with x >= threshold."""
-    offs = start + tl.arange(0, BLOCK)
-    valid = offs < end
-    x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+def _gumbel_at(seed, index):
+    """G_i at arbitrary indices i (the same stream as _gumbel)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, index // 4)
+    lane = index % 4
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3))).to(tl.int32, bitcast=True)
+    u = tl.where(r < 0, ~r, r) * 4.6566127342e-10
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK: tl.constexpr):
+    """Fold a block x[start:start + BLOCK] into the running race: best x/T + G over x >= threshold."""
     score = tl.where(valid & (x >= threshold), x * inv_t + _gumbel(seed, start, BLOCK), float("-inf"))
     block_best = tl.max(score, axis=0)
     best_index = tl.where(block_best > best, start + tl.argmax(score, axis=0), best_index)
@@ -71,29 +79,104 @@ def _race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, B
 
 
 @triton.jit
-def _settle(phase, lo, hi, count_lo, count_hi, mass_lo, target, hi_start, top_p, need_p):
-    """A filter is settled when [lo, hi) holds one key or one element: theta = lo. Top-k settled ->
-    top-p starts on the bracket [theta_k, hi_start) with target top_p * (mass kept by top-k)."""
-    done = (hi - lo <= 1) | (count_lo - count_hi <= 1)
-    to_p = (phase == 0) & done & need_p
-    hi = tl.where(to_p, hi_start, hi)
-    count_hi = tl.where(to_p, 0, count_hi)
-    target = tl.where(to_p, top_p * mass_lo, target)
-    done = tl.where(to_p, (hi - lo <= 1) | (count_lo - count_hi <= 1), done)
-    phase = tl.where(done & (phase < 2), 2, tl.where(to_p, 1, phase))
-    return phase, hi, count_hi, target
+def _race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK)
+    valid = offs < end
+    x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    return _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK)
 
 
 @triton.jit
-def _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo, target):
+def _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS: tl.constexpr):
+    """NUM_PIVOTS keys in [lo, hi) (hi - lo >= 2). Half evenly spaced keys over [lo, hi): the
+    guaranteed shrink. Half evenly spaced values over [low, hi), what usually decides; for top-p,
+    low = m + T log((W(lo) - target) / 2 / count(lo)): the count(lo) tokens above lo that lie below
+    it weigh < W(lo) - target, so theta >= low (with it, top-p 0.95 on N(0, 3^2) logits at V = 152064
+    settles in 2 refine passes instead of 3, measured in the interpreter). Returns keys and floats."""
+    HALF: tl.constexpr = NUM_PIVOTS // 2
+    j = tl.arange(0, NUM_PIVOTS)
+    step = (j % HALF).to(tl.int64)
+    by_key = lo + ((step + 1) * (hi - lo)) // (HALF + 1)
+    gap = mass_lo - target
+    low = tl.where((phase == 1) & (gap > 0), m + tl.log(tl.maximum(gap, 1e-30) * 0.5 / count_lo.to(tl.float32)) / inv_t,
+                   float("-inf"))
+    low_key = _key(low)
+    low_key = tl.where((low_key > lo) & (low_key < hi - 1), low_key, lo)
+    a = tl.maximum(_key_to_float(low_key), -3.0e38)
+    b = _key_to_float(hi - 1)
+    v = a + step.to(tl.float32) * ((b * 0.5 - a * 0.5) * (2.0 / HALF))
+    v = tl.where(v == v, v, b)
+    by_value = tl.minimum(tl.maximum(_key(v), lo + 1), hi - 1)
+    by_value = tl.where(step == 0, low_key, by_value)
+    pivot = tl.where(j < HALF, by_key, by_value)
+    return pivot, _key_to_float(pivot)
+
+
+@triton.jit
+def _count_mass_ge(ptr, begin, end, pivot_x, m, inv_t,
+                   NUM_PIVOTS: tl.constexpr, BLOCK_V: tl.constexpr, FIXED: tl.constexpr, CACHE: tl.constexpr):
+    """Per pivot, the count and mass sum exp((x - m)/T) of ptr[begin:end] at or above it: a
+    [BLOCK_V, NUM_PIVOTS] compare tile. FIXED: mass in int64 units of 2^-40 (exact, order-free sums)."""
+    count = tl.zeros((NUM_PIVOTS,), tl.int32)
+    if FIXED:
+        mass = tl.zeros((NUM_PIVOTS,), tl.int64)
+    else:
+        mass = tl.zeros((NUM_PIVOTS,), tl.float32)
+    for start in range(begin, end, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        valid = offs < end
+        x = tl.load(ptr + offs, mask=valid, other=float("-inf"), cache_modifier=CACHE).to(tl.float32)
+        e = tl.exp((x - m) * inv_t)
+        ge = valid[:, None] & (x[:, None] >= pivot_x[None, :])
+        count += tl.sum(ge.to(tl.int32), axis=0)
+        if FIXED:
+            mass += tl.sum(tl.where(ge, (e * 1099511627776.0).to(tl.int64)[:, None], 0), axis=0)
+        else:
+            mass += tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
+    return count, mass
+
+
+@triton.jit
+def _narrow(phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, pivot, count, mass, top_k, target):
+    """The new bracket: lo = the largest pivot still reaching the target, hi = the smallest not."""
+    reached = tl.where(phase == 0, count >= top_k, mass >= target)
+    new_lo = tl.max(tl.where(reached, pivot, lo), axis=0)
+    at = reached & (pivot == new_lo)
+    count_lo = tl.where(new_lo > lo, tl.max(tl.where(at, count, -1), axis=0), count_lo)
+    mass_lo = tl.where(new_lo > lo, tl.max(tl.where(at, mass, -1.0), axis=0), mass_lo)
+    new_hi = tl.min(tl.where(reached, hi, pivot), axis=0)
+    at = (~reached) & (pivot == new_hi)
+    count_hi = tl.where(new_hi < hi, tl.max(tl.where(at, count, -1), axis=0), count_hi)
+    mass_hi = tl.where(new_hi < hi, tl.max(tl.where(at, mass, -1.0), axis=0), mass_hi)
+    return new_lo, new_hi, count_lo, count_hi, mass_lo, mass_hi
+
+
+@triton.jit
+def _settle(phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, may_start_p):
+    """A filter is settled when [lo, hi) holds one key or one element: theta = lo. Top-k settled ->
+    top-p starts on the bracket [theta_k, hi_start) with target top_p * (mass kept by top-k)."""
+    done = (hi - lo <= 1) | (count_lo - count_hi <= 1)
+    to_p = (phase == 0) & done & may_start_p
+    hi = tl.where(to_p, hi_start, hi)
+    count_hi = tl.where(to_p, 0, count_hi)
+    mass_hi = tl.where(to_p, 0.0, mass_hi)
+    target = tl.where(to_p, top_p * mass_lo, target)
+    done = tl.where(to_p, (hi - lo <= 1) | (count_lo - count_hi <= 1), done)
+    phase = tl.where(done & (phase < 2), 2, tl.where(to_p, 1, phase))
+    return phase, hi, count_hi, mass_hi, target
+
+
+@triton.jit
+def _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo, mass_hi, target):
     tl.store(state_i_ptr + row * 6 + 0, phase.to(tl.int64))
     tl.store(state_i_ptr + row * 6 + 1, lo)
     tl.store(state_i_ptr + row * 6 + 2, hi)
     tl.store(state_i_ptr + row * 6 + 3, count_lo)
     tl.store(state_i_ptr + row * 6 + 4, count_hi)
     tl.store(state_i_ptr + row * 6 + 5, passes)
-    tl.store(state_f_ptr + row * 4 + 2, mass_lo)
-    tl.store(state_f_ptr + row * 4 + 3, target)
+    tl.store(state_f_ptr + row * 5 + 2, mass_lo)
+    tl.store(state_f_ptr + row * 5 + 3, mass_hi)
+    tl.store(state_f_ptr + row * 5 + 4, target)
 
 
 @triton.jit
@@ -113,7 +196,7 @@ def _row_params(temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V):
 @triton.jit
 def _is_last(counter_ptr, num_splits):
     """True in the last program of the row to finish (it also resets the counter for the next call).
-    The barrier orders every thread's partial stores before the release of the atomic."""
+    The barrier orders every thread's stores before the release of the atomic."""
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1)
     last = done == num_splits - 1
@@ -196,22 +279,23 @@ def _stats_kernel(
         lo = _key(tl.min(pmin, axis=0))
         hi_start = _key(m) + 1
         phase = tl.where(need_k, 0, tl.where(need_p, 1, 2))
-        target = top_p * s
         count_lo = lo * 0 + V
-        phase, hi, count_hi, target = _settle(phase, lo, hi_start, count_lo, count_lo * 0, s, target, hi_start,
-                                              top_p, need_p)
+        phase, hi, count_hi, mass_hi, target = _settle(phase, lo, hi_start, count_lo, count_lo * 0, s, 0.0,
+                                                       top_p * s, hi_start, top_p, need_p)
         phase = tl.where(is_greedy | is_plain, 3, phase)
-        _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, count_hi * 0, s, target)
-        tl.store(state_f_ptr + row * 4 + 0, m)
-        tl.store(state_f_ptr + row * 4 + 1, log_s)
+        _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, count_hi * 0, s, mass_hi,
+                     target)
+        tl.store(state_f_ptr + row * 5 + 0, m)
+        tl.store(state_f_ptr + row * 5 + 1, log_s)
 
 
 @triton.jit
 def _refine_kernel(
     logits_ptr, logits_row_stride,
-    temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr,
-    count_part_ptr, mass_part_ptr, state_f_ptr, state_i_ptr, counter_ptr,
-    V, chunk, num_splits,
+    temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, seed_ptr,
+    count_part_ptr, mass_part_ptr, part_f_ptr, part_i_ptr, buf_x_ptr, buf_i_ptr,
+    state_f_ptr, state_i_ptr, counter_ptr, cursor_ptr, tokens_ptr, logprobs_ptr,
+    V, chunk, num_splits, cap, max_passes,
     NUM_PIVOTS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -223,61 +307,118 @@ def _refine_kernel(
             temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V)
         lo = tl.load(state_i_ptr + row * 6 + 1)
         hi = tl.load(state_i_ptr + row * 6 + 2)
-        m = tl.load(state_f_ptr + row * 4 + 0)
-
-        # 1) pivots in (lo, hi): half evenly spaced keys (the guaranteed shrink), half evenly spaced values
-        HALF: tl.constexpr = NUM_PIVOTS // 2
-        j = tl.arange(0, NUM_PIVOTS)
-        step = (j % HALF + 1).to(tl.int64)
-        by_key = lo + (step * (hi - lo)) // (HALF + 1)
-        a = tl.maximum(_key_to_float(lo), -3.0e38)
-        b = _key_to_float(hi - 1)
-        v = a + step.to(tl.float32) * ((b * 0.5 - a * 0.5) * (2.0 / (HALF + 1)))
-        v = tl.where(v == v, v, b)
-        by_value = tl.minimum(tl.maximum(_key(v), lo + 1), hi - 1)
-        pivot = tl.where(j < HALF, by_key, by_value)  # int64 keys
-        pivot_x = _key_to_float(pivot)
-
-        # 2) this chunk's count and mass at or above each pivot: a [BLOCK_V, NUM_PIVOTS] compare tile
+        count_lo = tl.load(state_i_ptr + row * 6 + 3)
+        count_hi = tl.load(state_i_ptr + row * 6 + 4)
+        passes = tl.load(state_i_ptr + row * 6 + 5) + 1
+        m = tl.load(state_f_ptr + row * 5 + 0)
+        mass_lo = tl.load(state_f_ptr + row * 5 + 2)
+        mass_hi = tl.load(state_f_ptr + row * 5 + 3)
+        target = tl.load(state_f_ptr + row * 5 + 4)
+        hi_start = _key(m) + 1
         begin = split * chunk
         end = tl.minimum(begin + chunk, V)
-        count = tl.zeros((NUM_PIVOTS,), tl.int32)
-        mass = tl.zeros((NUM_PIVOTS,), tl.float32)
-        for start in range(begin, end, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            valid = offs < end
-            x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-            e = tl.exp((x - m) * inv_t)
-            ge = valid[:, None] & (x[:, None] >= pivot_x[None, :])
-            count += tl.sum(ge.to(tl.int32), axis=0)
-            mass += tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
-        base = (row * num_splits + split) * NUM_PIVOTS + j
-        tl.store(count_part_ptr + base, count)
-        tl.store(mass_part_ptr + base, mass)
-
-        # 3) the last program: W at every pivot, the new bracket, settled or not
-        if _is_last(counter_ptr + row, num_splits):
-            sp = tl.arange(0, BLOCK_S)
-            at = (row * num_splits + sp[:, None]) * NUM_PIVOTS + j[None, :]
-            ok = (sp < num_splits)[:, None]
-            count = tl.sum(tl.load(count_part_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=0).to(tl.int64)
-            mass = tl.sum(tl.load(mass_part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-            target = tl.load(state_f_ptr + row * 4 + 3)
-            reached = tl.where(phase == 0, count >= top_k, mass >= target)
-            new_lo = tl.max(tl.where(reached, pivot, lo), axis=0)
-            at_lo = reached & (pivot == new_lo)
-            count_lo = tl.where(new_lo > lo, tl.max(tl.where(at_lo, count, -1), axis=0),
-                                tl.load(state_i_ptr + row * 6 + 3))
-            mass_lo = tl.where(new_lo > lo, tl.max(tl.where(at_lo, mass, -1.0), axis=0),
-                               tl.load(state_f_ptr + row * 4 + 2))
-            new_hi = tl.min(tl.where(reached, hi, pivot), axis=0)
-            at_hi = (~reached) & (pivot == new_hi)
-            count_hi = tl.where(new_hi < hi, tl.max(tl.where(at_hi, count, -1), axis=0),
-                                tl.load(state_i_ptr + row * 6 + 4))
-            phase, hi, count_hi, target = _settle(phase, new_lo, new_hi, count_lo, count_hi, mass_lo, target,
-                                                  _key(m) + 1, top_p, need_p)
-            _store_state(state_i_ptr, state_f_ptr, row, phase, new_lo, hi, count_lo, count_hi,
-                         tl.load(state_i_ptr + row * 6 + 5) + 1, mass_lo, target)
+        whole = count_lo <= cap  # every token >= lo fits the buffer: both filters can settle there
+        if count_lo - count_hi <= cap:
+            # A) compaction: tokens in [lo, region_hi) go to the row's buffer; the race runs over the
+            # tokens surely kept (key >= region_hi > theta) when this filter is the last one
+            region_hi = tl.where(whole, hi_start, hi)
+            may_finish = (phase == 1) | (~need_p) | whole
+            threshold = tl.maximum(_key_to_float(region_hi), tl.minimum(m + tl.log(min_p) / inv_t, m))
+            seed = tl.load(seed_ptr + row)
+            best = float("-inf")
+            best_index = begin
+            for start in range(begin, end, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                valid = offs < end
+                x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+                key = _key(x)
+                inside = valid & (key >= lo) & (key < region_hi)
+                num_inside = tl.sum(inside.to(tl.int32), axis=0)
+                if num_inside > 0:
+                    slot = tl.atomic_add(cursor_ptr + row, num_inside) + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+                    tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
+                    tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
+                if may_finish:
+                    best, best_index = _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK_V)
+            tl.store(part_f_ptr + (row * num_splits + split) * 4 + 3, best)
+            tl.store(part_i_ptr + (row * num_splits + split) * 2 + 1, best_index)
+            if _is_last(counter_ptr + row, num_splits):
+                # the exact search over <= cap buffered tokens, in this one program (exact integer
+                # sums: the buffer's order, set by atomics, does not matter)
+                num = tl.atomic_xchg(cursor_ptr + row, 0)
+                buf = buf_x_ptr + row * cap
+                base_count = tl.where(whole, 0, count_hi)
+                base_mass = tl.where(whole, 0.0, mass_hi)
+                entry = phase
+                for _ in range(max_passes):
+                    if phase < 2:
+                        pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
+                        count, fixed = _count_mass_ge(buf, 0, num, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, True, ".cg")
+                        lo, hi, count_lo, count_hi, mass_lo, mass_hi = _narrow(
+                            phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, pivot, count.to(tl.int64) + base_count,
+                            base_mass + fixed.to(tl.float32) * (1.0 / 1099511627776.0), top_k, target)
+                        phase, hi, count_hi, mass_hi, target = _settle(
+                            phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p & whole)
+                # top-k settled but top-p needs tokens not buffered: back to full-row passes
+                escaped = (entry == 0) & need_p & (~whole)
+                hi = tl.where(escaped, hi_start, hi)
+                count_hi = tl.where(escaped, 0, count_hi)
+                mass_hi = tl.where(escaped, 0.0, mass_hi)
+                target = tl.where(escaped, top_p * mass_lo, target)
+                phase = tl.where(escaped, 1, phase)
+                phase, hi, count_hi, mass_hi, target = _settle(
+                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, False)
+                if (phase == 2) & (~escaped):
+                    # the race: buffered tokens with key >= theta, against the chunks' surely kept ones
+                    threshold = tl.maximum(_key_to_float(lo), tl.minimum(m + tl.log(min_p) / inv_t, m))
+                    best_b = float("-inf")
+                    index_b = V
+                    for start in range(0, num, BLOCK_V):
+                        offs = start + tl.arange(0, BLOCK_V)
+                        valid = offs < num
+                        x = tl.load(buf + offs, mask=valid, other=float("-inf"), cache_modifier=".cg")
+                        index = tl.load(buf_i_ptr + row * cap + offs, mask=valid, other=0, cache_modifier=".cg")
+                        score = tl.where(valid & (x >= threshold), x * inv_t + _gumbel_at(seed, index), float("-inf"))
+                        block_best = tl.max(score, axis=0)
+                        block_index = tl.min(tl.where(score == block_best, index, V), axis=0)
+                        index_b = tl.where(block_best > best_b, block_index,
+                                           tl.where(block_best == best_b, tl.minimum(index_b, block_index), index_b))
+                        best_b = tl.maximum(best_b, block_best)
+                    sp = tl.arange(0, BLOCK_S)
+                    ok = sp < num_splits
+                    pbest = tl.load(part_f_ptr + (row * num_splits + sp) * 4 + 3, mask=ok, other=float("-inf"),
+                                    cache_modifier=".cg")
+                    best_a = tl.max(pbest, axis=0)
+                    first = tl.min(tl.where(ok & (pbest == best_a), sp, BLOCK_S), axis=0)
+                    index_a = tl.load(part_i_ptr + (row * num_splits + first) * 2 + 1, cache_modifier=".cg")
+                    best = tl.maximum(best_a, best_b)
+                    token = tl.minimum(tl.where(best_a == best, index_a, V), tl.where(best_b == best, index_b, V))
+                    x_token = tl.load(row_ptr + token).to(tl.float32)
+                    tl.store(tokens_ptr + row, token.to(tl.int64))
+                    tl.store(logprobs_ptr + row, (x_token - m) * inv_t - tl.load(state_f_ptr + row * 5 + 1))
+                    phase = phase * 0 + 3
+                _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
+                             mass_hi, target)
+        else:
+            # B) pivot pass: this chunk's count and mass at NUM_PIVOTS pivots in (lo, hi)
+            pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
+            count, mass = _count_mass_ge(row_ptr, begin, end, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, False, "")
+            j = tl.arange(0, NUM_PIVOTS)
+            base = (row * num_splits + split) * NUM_PIVOTS + j
+            tl.store(count_part_ptr + base, count)
+            tl.store(mass_part_ptr + base, mass)
+            if _is_last(counter_ptr + row, num_splits):
+                sp = tl.arange(0, BLOCK_S)
+                at = (row * num_splits + sp[:, None]) * NUM_PIVOTS + j[None, :]
+                ok = (sp < num_splits)[:, None]
+                count = tl.sum(tl.load(count_part_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=0)
+                mass = tl.sum(tl.load(mass_part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                lo, hi, count_lo, count_hi, mass_lo, mass_hi = _narrow(
+                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, pivot, count.to(tl.int64), mass, top_k, target)
+                phase, hi, count_hi, mass_hi, target = _settle(
+                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p)
+                _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
+                             mass_hi, target)
 
 
 @triton.jit
@@ -296,7 +437,7 @@ def _race_kernel(
         row_ptr = logits_ptr + row * logits_row_stride
         temperature = tl.load(temperature_ptr + row)
         inv_t = 1.0 / temperature
-        m = tl.load(state_f_ptr + row * 4 + 0)
+        m = tl.load(state_f_ptr + row * 5 + 0)
         threshold = tl.maximum(_key_to_float(tl.load(state_i_ptr + row * 6 + 1)),
                                tl.minimum(m + tl.log(tl.load(min_p_ptr + row)) / inv_t, m))
         seed = tl.load(seed_ptr + row)
@@ -319,4 +460,4 @@ def _race_kernel(
             token = tl.load(part_i_ptr + (row * num_splits + first_best) * 2 + 1, cache_modifier=".cg")
             x_token = tl.load(row_ptr + token).to(tl.float32)
             tl.store(tokens_ptr + row, token.to(tl.int64))
-            tl.store(logprobs_ptr + row, (x_token - m) * inv_t - tl.load(state_f_ptr + row * 4 + 1))
+            tl.store(logprobs_ptr + row, (x_token - m) * inv_t - tl.load(state_f_ptr + row * 5 + 1))

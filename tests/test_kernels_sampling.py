@@ -228,21 +228,26 @@ def test_split_rows_follow_the_filtered_distribution(monkeypatch, temperature, t
         assert alone.item() == tokens[row].item()
 
 
-def test_split_thresholds_are_exact(monkeypatch):
+@pytest.mark.parametrize("cap", [8192, 12, 2])
+def test_split_thresholds_are_exact(monkeypatch, cap):
     """Rows split over 5 programs, every filter mix, ties, a -inf tail, top_k >= V: the kept set
     {key(x) >= theta, p >= min_p * max p} (theta read from the kernel's row state) equals the
-    reference's (sorting), and the split launch draws the unsplit launch's tokens."""
+    reference's (sorting), and the split launch draws the unsplit launch's tokens. cap: the bracket
+    size settled from the buffer (8192: at once; 12: after pivot passes, top-k from the buffer then
+    top-p back on the full row; 2: pivot passes only)."""
     from kernels.sampling_reference import keep_mask
 
+    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
+
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(6, 37, generator=gen) * 4
+    logits = torch.randn(7, 37, generator=gen) * 4
     logits[1] = logits[1].round()  # ties at the thresholds
     logits[3, 20:] = float("-inf")
-    args = dict(temperature=torch.tensor([0.0, 1.0, 0.6, 1.0, 1.5, 1.0]),
-                top_p=torch.tensor([0.5, 0.7, 1.0, 0.9, 0.3, 1.0]),
-                top_k=torch.tensor([3, 6, 5, 25, 0, 40]),
-                min_p=torch.tensor([0.0, 0.0, 0.2, 0.0, 0.01, 0.3]),
-                generator=torch.arange(6, dtype=torch.int64) * 7 + 1)
+    args = dict(temperature=torch.tensor([0.0, 1.0, 0.6, 1.0, 1.5, 1.0, 0.9]),
+                top_p=torch.tensor([0.5, 0.7, 1.0, 0.9, 0.3, 1.0, 0.5]),
+                top_k=torch.tensor([3, 6, 5, 25, 0, 40, 20]),
+                min_p=torch.tensor([0.0, 0.0, 0.2, 0.0, 0.01, 0.3, 0.0]),
+                generator=torch.arange(7, dtype=torch.int64) * 7 + 1)
     temperature = args["temperature"]
     z = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
     expected = keep_mask(z, torch.logsumexp(z, 1), args["top_p"], args["top_k"], args["min_p"])[1:]
@@ -262,7 +267,7 @@ def test_split_thresholds_are_exact(monkeypatch):
     assert sampling.split_plan(37)[0] == 5
     split = sample(logits, backend="triton", **args)
     for state in states:
-        assert state[1:, 0].tolist() == [2] * 5  # every sampled row settled before the race
+        assert set(state[1:, 0].tolist()) <= {2, 3}  # every sampled row settled before the race (3: done)
         theta = state[1:, 1]
         kept = (_key(logits[1:]) >= theta[:, None]) & (z[1:] >= z[1:].amax(1, keepdim=True) + args["min_p"][1:, None].log())
         assert torch.equal(kept, expected), (kept.sum(1), expected.sum(1))
