@@ -59,14 +59,16 @@ def _use_triton(t: torch.Tensor) -> bool:
 def _tile_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """a (B, m, k) @ b (B, k, n) where every call with this (m, k, n) must give each output element
     the same bits: torch.bmm on CPU, the fixed-tile Triton kernel on CUDA. out_dtype float32 keeps
-    the fp32 accumulator of bf16 / fp16 operands (CPU: the operands upcast, their products exact)."""
+    the fp32 accumulator of bf16 / fp16 operands (CPU: the operands upcast, their products exact).
+    Autocast is off inside: the operands' dtypes are the caller's choice, the same in every path."""
     if _use_triton(a):
         from kernels.batch_invariant_triton import bmm_triton
 
         return bmm_triton(a, b, out_dtype=out_dtype)
     if out_dtype is not None and out_dtype != a.dtype:
         a, b = a.to(out_dtype), b.to(out_dtype)
-    return torch.bmm(a, b)
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.bmm(a, b)
 
 
 def _mm_rows_invariant(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -203,24 +203,31 @@ def rollout(model, n=3, max_tokens=40, temperature=1.0, **engine_kw):
     return trajs, engine.stats
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_behaviour_logprobs_equal_the_training_forward_exactly(temperature):
+@pytest.mark.parametrize("temperature, dtype", [(1.0, "float32"), (0.7, "float32"), (1.0, "bfloat16"),
+                                                (1.0, "autocast")])
+def test_behaviour_logprobs_equal_the_training_forward_exactly(temperature, dtype):
+    """dtype: the parameters' (float32 / bfloat16), or fp32 masters under bf16 autocast (the paper's)."""
     model = phrase_model().set_batch_invariant(True)
-    trajs, stats = rollout(model, temperature=temperature)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast")
+    with amp:
+        trajs, stats = rollout(model, temperature=temperature)
     # the run exercised what it should: tools, preemption, prefix sharing, chunked prefill (budget 7)
     assert sum(t.num_tool_calls for t in trajs) >= 3, [t.num_tool_calls for t in trajs]
     assert stats["num_preemptions"] > 0 and stats["num_prefix_cache_hit_tokens"] > 0
     assert max(len(t.prompt_ids) for t in trajs) > 7
     for budget in (10**6, 90):  # one micro-batch, then several of other sizes
         for mb in pack(trajs, [0.0] * len(trajs), budget):
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 logp, _ = PolicyForward(model)(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask, temperature)
             sampled = mb.mask > 0
             assert torch.equal(logp[sampled], mb.old_logprobs[sampled]), \
                 f"max gap {(logp - mb.old_logprobs)[sampled].abs().max().item():.3g}"
             assert torch.equal(torch.exp(logp - mb.old_logprobs)[sampled], torch.ones(int(sampled.sum())))
     # and the bits do not depend on the schedule: a roomy pool, one big step budget, no preemption
-    roomy, roomy_stats = rollout(model, temperature=temperature, num_kv_blocks=256, max_num_batched_tokens=512)
+    with amp:
+        roomy, roomy_stats = rollout(model, temperature=temperature, num_kv_blocks=256, max_num_batched_tokens=512)
     assert roomy_stats["num_preemptions"] == 0
     assert [(t.response_ids, t.logprobs) for t in roomy] == [(t.response_ids, t.logprobs) for t in trajs]
 

@@ -97,6 +97,9 @@ class VarlenContext:
         return out
 
     def attend_invariant(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # the paged cache's dtype: v's (a linear's output: autocast's dtype under autocast, else the
+        # parameters'), where rotary left q, k in the wider dtype of its cos / sin
+        q, k = q.to(v.dtype), k.to(v.dtype)
         outs, start = [], 0
         for n in self.seq_lens:
             outs.append(causal_attention_invariant(q[start:start + n], k[start:start + n], v[start:start + n]))
