@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import contextlib
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ class Trajectory:
     text: str  # the response decoded, for display only
     prompt_index: int = 0
     sample_index: int = 0
+
+
+_max_num_tokens = attrgetter("max_num_tokens")
 
 
 @dataclass
@@ -203,6 +207,7 @@ class Engine:
         seqs = [s for group in groups for s in group]
         for slot, seq in enumerate(seqs):
             seq.max_response_tokens = min(params.max_tokens, self.max_model_len - seq.num_prompt_tokens)
+            seq.max_num_tokens = seq.num_prompt_tokens + seq.max_response_tokens
             seq.seed_slot = slot
         self.runner.seed_bases = seed_bases(self.runner.call_seed, [s.seed_key for s in seqs],
                                             [s.sample_idx for s in seqs])
@@ -261,13 +266,15 @@ class Engine:
                 # 2) the common step: each sequence decoded one token and sampled one (a placeholder,
                 # filled one step later)
                 for row, seq in enumerate(owners):
-                    seq.num_cached_tokens = cached = seq.num_cached_tokens + 1
-                    if caching and cached % bs == 0:
-                        bm.hash_full_blocks(seq, cached - 1)
+                    seq.num_cached_tokens += 1
                     seq.token_ids.append(-1)
                     seq.pending_row = row
-                    if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
-                        ended.append(seq)
+                lengths = self.runner.sampled_lengths + 1  # (R,) tokens now, the placeholder included
+                if caching:  # blocks that just filled get their prefix hash
+                    for i in np.flatnonzero((lengths - 1) % bs == 0).tolist():
+                        bm.hash_full_blocks(owners[i], owners[i].num_cached_tokens - 1)
+                limits = np.fromiter(map(_max_num_tokens, owners), dtype=np.int64, count=len(owners))
+                ended = [owners[i] for i in np.flatnonzero(lengths >= limits).tolist()]
             else:
                 # 2') K/V written; sequences that ended or paused at the previous step drop out of this one
                 for seq, num_tokens in zip(batch.seqs, batch.num_tokens):

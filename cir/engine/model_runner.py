@@ -257,6 +257,7 @@ class ModelRunner:
         else:
             bases = seed_bases(self.call_seed, [s.seed_key for s in owners], [s.sample_idx for s in owners])
         lengths = np.fromiter(map(len, map(_token_ids, owners)), dtype=np.int64, count=num)
+        self.sampled_lengths = lengths  # (R,) each owner's tokens before this draw (the engine reuses it)
         seeds = draw_seeds(bases, lengths - np.fromiter(map(_num_prompt, owners), dtype=np.int64, count=num))
         tokens, logprobs = sample(
             logits,

@@ -69,38 +69,39 @@ class Scheduler:
         bm = self.block_manager
 
         # 1) running sequences: decode tokens and the rest of chunked prefills
-        scheduled: set[int] = set()
         bs, blocks, running = bm.block_size, bm.blocks, SequenceStatus.RUNNING
+        seqs, counts = batch.seqs, batch.num_tokens
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not running:  # preempted by an earlier one this step
                 continue
             start = seq.num_cached_tokens
-            num_tokens = min(len(seq.token_ids) - start, budget)
+            num_tokens = len(seq.token_ids) - start
             table = seq.block_table
-            if num_tokens != 1 or start + 1 != len(seq.token_ids) or seq.followers:
+            if num_tokens != 1 or seq.followers:
+                num_tokens = min(num_tokens, budget)
                 self._note(batch, seq, num_tokens)
             if start + num_tokens <= len(table) * bs and (start % bs == 0 or blocks[table[start // bs]].ref_count == 1):
                 # fast path (most decode steps): the slots exist and the block written is not shared
-                batch.seqs.append(seq)
-                batch.num_tokens.append(num_tokens)
-                scheduled.add(seq.seq_id)
+                seqs.append(seq)
+                counts.append(num_tokens)
                 budget -= num_tokens
                 continue
             while not bm.can_append(seq, num_tokens):
                 if self._reclaim(seq, num_tokens):  # idle sequences' blocks go first
                     break
-                victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
+                # the most recently admitted one not scheduled yet: every sequence before `seq` in
+                # `running` is scheduled (or was preempted and left), every one after it is not
+                victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             batch.copies += bm.append_slots(seq, num_tokens)
-            batch.seqs.append(seq)
-            batch.num_tokens.append(num_tokens)
-            scheduled.add(seq.seq_id)
+            seqs.append(seq)
+            counts.append(num_tokens)
             budget -= num_tokens
 
         # 2) waiting sequences: new prompts, returns from the sandbox, preempted ones

@@ -43,6 +43,7 @@ class Sequence:
         # tokens on the device (the engine fills it one step later)
         self.pending_row = -1
         self.max_response_tokens = params.max_tokens  # the engine lowers it to fit max_model_len
+        self.max_num_tokens = len(prompt_ids) + params.max_tokens  # prompt + most response tokens
         self.seed_slot = 0  # index of this sequence's seed base in the generate call (ModelRunner.seed_bases)
         # tool state
         self.num_tool_calls = 0
