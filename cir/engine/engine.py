@@ -9,6 +9,15 @@ It runs on the model's own parameters: an optimizer step on the model is seen by
 once; each sample's first token is drawn from the same logits). A sequence that closes a
 ```python block leaves the batch, its code goes to the sandbox (`executor.submit`), the others keep
 decoding; the feedback comes back as tokens with loss mask 0, prefilled as one chunk.
+
+The host never holds the device up: step t + 1 is launched before step t's tokens are read (they
+stay on the device as step t + 1's inputs; on the host each is a -1 placeholder until read). So EOS
+and closed code blocks are seen one step late: a sequence that ended or paused at step t was also
+computed in step t + 1, and the token it got there is dropped (its blocks are freed when it ends).
+The length limit needs no token, so a sequence at its limit leaves the batch at once. Per step the
+host work is a few passes over the running sequences plus numpy; only tokens that may stop a
+sequence (EOS, a backtick) are looked at one by one. Under autocast with fp32 masters the matmul
+weights are read from a persistent bf16 copy (rollout_weights.py; `refresh_rollout_weights`).
 """
 from __future__ import annotations
 
