@@ -172,8 +172,7 @@ class Trainer:
         groups = [g for g in range(rewards.shape[0]) if keep[g]]
         local_signal = float(groups_with_signal(rewards).sum()) if rewards.numel() else 0.0
         (num_signal,) = distributed.all_reduce_sum([local_signal], self.device)
-        if rl.filter_groups and num_signal == 0:  # nothing to learn: no optimizer step (train_step says why)
-            self.scheduler.step()
+        if rl.filter_groups and num_signal == 0:  # nothing to learn: no optimizer / schedule step (see _signal)
             return {"skipped": 1.0, "grad_norm": 0.0, "num_loss_tokens": 0, "lr": self.scheduler.get_last_lr()[0]}
         stats = {"grad_norm": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
         num_trained = self._train_tokens = 0
