@@ -394,7 +394,9 @@ def main() -> None:
     config = load_config(args.config or os.path.join(root, "configs", "default.yaml"), [
         "--train.steps", str(args.steps), "--train.prompts_per_step", str(args.prompts), "--rollout.n", str(args.n),
         "--rollout.max_response_tokens", str(args.max_tokens), "--train.save_every", "0",
-        "--train.output_dir", out, "--engine.show_progress", "false", *overrides,
+        "--train.output_dir", out, "--engine.show_progress", "false",
+        "--rl.filter_groups", "false",  # time the update even when no group has signal (untrained model)
+        *overrides,
     ])
     trainer = Trainer(config)
     rows = []
