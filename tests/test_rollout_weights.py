@@ -113,3 +113,26 @@ def test_tied_embedding_is_not_copied():
     with pytest.raises(RuntimeError, match="during a rollout"):
         with weights.swapped():
             weights.refresh()
+
+
+def test_refresh_between_sharded_rollouts_defers_the_copy():
+    # FSDP2 without a bf16 param_dtype: the trainer's refresh runs while the modules hold shards
+    model = tiny_model(seed=39)
+    engine = make_engine(model, seed=5)
+    prompts = prompts_of([5], seed=40)
+    bf16_rollout(engine, prompts)
+    up = model.layers[0].mlp.up_proj
+    full = up._parameters["weight"]
+    up._parameters["weight"] = torch.nn.Parameter(full.detach()[:3].clone())  # "resharded"
+    engine.refresh_rollout_weights()  # no copy from a shard, no error
+    assert engine.rollout_weights.is_stale()
+    with torch.no_grad():
+        full.mul_(-1)  # the update that the shards carried
+    up._parameters["weight"] = full  # "unsharded" again for the next rollout
+    after = bf16_rollout(engine, prompts)
+    weights = engine.rollout_weights
+    copy = next(c for m, c in zip(weights.masters, weights.copies) if m is full)
+    assert torch.equal(copy, full.detach().to(torch.bfloat16))
+    casting = make_engine(model, seed=5, rollout_weight_copy=False)
+    bf16_rollout(casting, prompts)
+    assert [t.response_ids for t in after] == [t.response_ids for t in bf16_rollout(casting, prompts)]

@@ -15,7 +15,8 @@ per rollout). Nothing is built when autocast is off or the parameters already ar
 (under FSDP2 with `MixedPrecisionPolicy(param_dtype=torch.bfloat16)` the unsharded parameters are
 bf16 already). A master changed in place without a `refresh` (its version counter moved, or the
 module holds another tensor, as after an FSDP unshard) is copied again at the next rollout, so a
-rollout never reads stale weights.
+rollout never reads stale weights; a `refresh` while the modules hold FSDP shards (another shape)
+defers the copy to the next rollout.
 """
 from __future__ import annotations
 
@@ -80,6 +81,11 @@ class RolloutWeights:
             raise RuntimeError("RolloutWeights.refresh() during a rollout: the modules hold the copies")
         for i, (module, name) in enumerate(self.entries):
             self.masters[i] = module._parameters[name]
+        if any(m.shape != c.shape for m, c in zip(self.masters, self.copies)):
+            # the modules hold shards now (FSDP2 resharded after the rollout): copy at the next
+            # rollout, from the unsharded parameters
+            self.versions = [-1] * len(self.masters)
+            return
         if self.copies:
             torch._foreach_copy_(self.copies, [m.detach() for m in self.masters])
         self.versions = [m._version for m in self.masters]
