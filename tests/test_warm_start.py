@@ -150,3 +150,20 @@ def test_warm_start_config_is_checked():
         load_config(None, ["--train.warm_start_tool_fraction", "1.2"])
     with pytest.raises(ValueError, match="held_out"):
         load_config(None, ["--train.held_out", "-1"])
+
+
+def test_default_config_fits_its_traces(smollm2_dir, box):
+    """configs/default.yaml: a warm-start trace (code, output block, boxed answer) fits the response
+    limit, else every tool answer would be cut and score -1."""
+    from pathlib import Path
+
+    from cir.config import load_config
+    from cir.tokenizer import load_tokenizer
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"))
+    assert cfg.train.warm_start > 0 and cfg.train.held_out > 0 and cfg.rl.filter_groups
+    tok = load_tokenizer(smollm2_dir)
+    exercises = arithmetic.exercises(90, seed=SEED_OFFSET)  # 30 of each kind
+    traces = build_traces(exercises, tok, box, cfg.rollout.prompt_mode, tool_fraction=1.0)
+    assert max(len(t.response_ids) for t in traces) <= cfg.rollout.max_response_tokens
+    assert max(len(t.prompt_ids) for t in traces) <= cfg.rollout.max_prompt_tokens
