@@ -310,8 +310,9 @@ def _world_of_one(device: torch.device):
     """A process group of one (NCCL on CUDA, gloo on CPU): the Trainer then wraps with FSDP2."""
     import torch.distributed as dist
 
+    extra = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                            init_method="tcp://127.0.0.1:29517", **({"device_id": device} if device.type == "cuda" else {}))
+                            init_method="tcp://127.0.0.1:29517", **extra)
     try:
         yield
     finally:
@@ -357,7 +358,8 @@ def update_main(argv: list[str]) -> None:
 
 
 def _print_header() -> None:
-    print(f"{'shape':<14}{'precision':<17}{'ckpt':<6}{'micro':>7}{'tokens/s':>11}{'MFU':>7}{'exact':>7}{'GiB':>7}{'syncs':>6}"
+    print(f"{'shape':<14}{'precision':<17}{'ckpt':<6}{'micro':>7}{'tokens/s':>11}{'MFU':>7}{'exact':>7}{'GiB':>7}"
+          f"{'syncs':>6}"
               "  split: fwd / lp fwd / loss / lp bwd / bwd / optim (s)")
 
 

@@ -40,7 +40,8 @@ class _CountReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _count_update_reads(trainer: Trainer, trajs: list, rewards: torch.Tensor, monkeypatch) -> tuple[list[str], list[str], dict]:
+def _count_update_reads(trainer: Trainer, trajs: list, rewards: torch.Tensor,
+                        monkeypatch) -> tuple[list[str], list[str], dict]:
     """(all reads of one update, the reads between entering the micro-batch loop and the optimizer step, stats)."""
     counter = _CountReads()
     for name in _HOST_METHODS:
