@@ -168,10 +168,10 @@ class Trainer:
         """Policy mini-batches over this rank's trajectories; returns step statistics (global)."""
         rl, n = self.config.rl, max(self.config.rollout.n, 1)
         adv = self.advantages(rewards)
-        keep = groups_with_signal(rewards) if rl.filter_groups and rewards.numel() else torch.ones(rewards.shape[0], dtype=torch.bool)
+        signal = groups_with_signal(rewards) if rewards.numel() else torch.zeros(rewards.shape[0], dtype=torch.bool)
+        keep = signal if rl.filter_groups else torch.ones_like(signal)
         groups = [g for g in range(rewards.shape[0]) if keep[g]]
-        local_signal = float(groups_with_signal(rewards).sum()) if rewards.numel() else 0.0
-        (num_signal,) = distributed.all_reduce_sum([local_signal], self.device)
+        (num_signal,) = distributed.all_reduce_sum([float(signal.sum())], self.device)
         if rl.filter_groups and num_signal == 0:  # nothing to learn: no optimizer / schedule step (see _signal)
             return {"skipped": 1.0, "grad_norm": 0.0, "num_loss_tokens": 0, "lr": self.scheduler.get_last_lr()[0]}
         stats = {"grad_norm": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
@@ -377,7 +377,8 @@ class Trainer:
         metrics = evaluate_problems(self, self.held_out)
         n = self.config.rollout.n
         distributed.print0(f"held-out {when} ({len(self.held_out)} problems x {n}): "
-                           f"accuracy {metrics[f'avg@{n}']:.3f}, using the interpreter {metrics['tools/responses_using_tool']:.3f}, "
+                           f"accuracy {metrics[f'avg@{n}']:.3f}, "
+                           f"using the interpreter {metrics['tools/responses_using_tool']:.3f}, "
                            f"boxed {metrics['answer/boxed_rate']:.3f}")
         self.logger.log_eval(self.step, {"held_out": metrics, "when": when})
         return metrics
