@@ -4,6 +4,7 @@
     y = linear_invariant(x, weight, bias)                        # (..., K) -> (..., N), like F.linear
     o = attention_invariant(q, k, v, mask)                       # (n, Hkv, M, D) rows over (n, Hkv, L, D) keys
     logp = linear_logprobs_invariant(hidden, weight, targets, temperature, mask)
+    logp = logprobs_from_logits_invariant(linear_invariant(hidden, weight, out_dtype=torch.float32), targets)
 
 What an exact (batch-invariant) forward needs: the value computed for one row (a token) must not
 depend on how many other rows are in the call, nor on where the row sits among them. Plain torch
@@ -16,9 +17,9 @@ call by up to 4e-5), cuBLAS picks kernels and split-K by shape. What these ops d
   bits whatever its place in the tile and whatever the number of tiles (tests/test_exact_mode.py
   checks both on this machine's torch). CUDA: `batch_invariant_triton.bmm_triton` (fixed tiles, one
   K order, no split-K) needs no padding.
-- Attention reduces over the keys in a fixed order: scores and P V in (Q_TILE x KV_TILE) tiles
-  (fixed-shape bmm again), one global row max (a max is exact in any order), the row sums and the
-  P V tiles accumulated block after block from key 0. Keys a query must not see get p = 0 exactly,
+- Attention reduces over the keys in a fixed order: scores and P [V, 1] in (Q_TILE x KV_TILE) tiles
+  (fixed-shape bmm again; the ones column gives each block's sum of p), one global row max (a max is
+  exact in any order), the block sums and P V tiles accumulated block after block from key 0. Keys a query must not see get p = 0 exactly,
   so blocks past its last key add exact zeros: a query at position p gets the same bits whether its
   keys are padded to p + 1 (decode), to a chunk's end (chunked prefill) or to the whole sequence
   (training forward).
@@ -26,6 +27,8 @@ call by up to 4e-5), cuBLAS picks kernels and split-K by shape. What these ops d
   from) reduced by `kernels.logprobs`' row kernel (the one `kernels.linear_logprobs` runs) in fixed
   VOCAB_CHUNK column chunks, so the recorded behaviour log-prob of a sampled token and the training
   forward's log-prob of the same token are the same reduction of the same numbers.
+Row reductions: a max is exact; a sum is a fixed-shape product (above) or `row_mean_invariant`
+(torch's per-row mean on CPU; on CUDA torch splits a row's reduction by the tensor's shape).
 Elementwise ops are per element already, except those whose vector and scalar-tail code differ in
 torch's CPU kernels (measured: sigmoid, silu, rsqrt, exp2 differ in the tail; exp, log, sin, cos,
 sqrt, division do not): the exact model path avoids the former (cir/model/transformer.py).
@@ -36,7 +39,6 @@ Costs (ROW_TILE padding, attention's explicit score tiles): see bench/exact.py a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels._checks import check_temperature
 from kernels.logprobs import finish_state, logits_grad, lse_update, new_state

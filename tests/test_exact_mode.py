@@ -90,6 +90,19 @@ def test_attention_invariant_matches_sdpa_and_ignores_key_padding():
         assert torch.equal(out[i], full[n - 1])
 
 
+def test_attention_invariant_gradient_is_sdpa_gradient():
+    torch.manual_seed(8)
+    L, Hq, Hkv, D = 37, 4, 2, 16
+    leaves = [torch.randn(L, h, D) for h in (Hq, Hkv, Hkv)]
+    mine, ref = [t.clone().requires_grad_() for t in leaves], [t.clone().requires_grad_() for t in leaves]
+    g = torch.randn(L, Hq, D)
+    causal_attention_invariant(*mine).backward(g)
+    q, k, v = (t.transpose(0, 1) for t in ref)
+    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(0, 1).backward(g)
+    for got, want in zip(mine, ref):
+        assert_close(got.grad, want.grad, atol=1e-5)  # fp32, softmax over <= 37 keys
+
+
 def test_linear_logprobs_invariant_values_rows_and_gradients():
     torch.manual_seed(4)
     h, w = torch.randn(70, 32), torch.randn(300, 32) * 0.3
@@ -154,6 +167,22 @@ def test_model_exact_mode_keeps_the_math_and_switches_off():
         # fp32, 2 layers, logits of size ~10: a few ulp through each op
         assert_close(exact, default, atol=1e-4)
         assert torch.equal(model.set_batch_invariant(False)(ids), default)
+
+
+def test_packed_forward_rows_do_not_depend_on_the_batch():
+    """Each sequence's hidden states alone == inside packed batches of other sizes (lengths chosen to
+    put rows at every offset of the tiles and of torch's vector loops)."""
+    model = tiny_model(seed=9).eval().set_batch_invariant(True)
+    torch.manual_seed(9)
+    seqs = [torch.randint(0, 257, (n,)) for n in (1, 5, 13, 40, 33)]
+    with torch.no_grad():
+        alone = [model.forward_packed(s, torch.tensor([0, len(s)])) for s in seqs]
+        for group in ([0, 1, 2, 3, 4], [3, 1], [4, 2, 0]):
+            ids = torch.cat([seqs[i] for i in group])
+            cu = torch.tensor([0] + [len(seqs[i]) for i in group]).cumsum(0)
+            packed = model.forward_packed(ids, cu)
+            for j, i in enumerate(group):
+                assert torch.equal(packed[cu[j]:cu[j + 1]], alone[i]), (group, i)
 
 
 # 2) end to end: engine -> trainer ---------------------------------------------------------------------
