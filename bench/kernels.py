@@ -2,6 +2,7 @@
 
     python bench/kernels.py            # CUDA: Qwen2.5-7B shapes; CPU: the torch reference's memory
     python bench/kernels.py --quick    # smaller shapes (a smoke run)
+    python bench/kernels.py --sampler-only   # the sampler section alone (CPU: ~5 min, most in the interpreter)
     (it re-runs itself as `python -m bench.kernels`, so that its name does not shadow `kernels`)
 
 CUDA (bf16 hidden/weight, D = 3584, V = 152064):
@@ -10,11 +11,18 @@ CUDA (bf16 hidden/weight, D = 3584, V = 152064):
   torch.cuda allocation during one fwd+bwd minus the allocation before it (inputs excluded, the two
   gradients included in both; "-grads %" compares what is left without them); "unfused" is
   `linear_logprobs(fused=False)`, cuBLAS into fp32 chunks + Triton row kernels (the earlier path).
-  sampling, B = 1 .. 512, fp32 logits, V = 152064: `sample` vs sort + cumsum + exponential race.
+  sampling, fp32 N(0, 3^2) logits, V = 152064, B = 1 .. 512: `sample` vs `sort_sample` (sort + cumsum +
+  exponential race) for top-p 0.95, top-p 0.95 + top-k 50 and temperature only; the kernel with
+  numbers as parameters (passes of unused filters skipped) and with CUDA tensors (the engine's
+  call: every launch, rows exit early); refine passes per row; read GB/s, and for temperature only
+  the % of a measured device copy's bandwidth (HBM read + write).
 CPU (float32, N = 8192, V = 49152, D = 576): each variant runs in its own process; its peak extra
   memory = the process's peak resident set (VmHWM, reset through /proc/self/clear_refs once the
   inputs exist) minus its resident set at that moment, over one fwd+bwd; time = the second of two runs,
   on --threads torch threads (default 1).
+  sampling: the torch path's time (`sample` on CPU = `sample_reference`, and `sort_sample`), and the
+  Triton kernel under TRITON_INTERPRET=1 in a child process at V = 152064 (and on SmolLM2 logits when
+  the model is converted): refine passes per row and whether the token is in the reference's kept set.
 Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -173,23 +181,144 @@ def cuda_bench(quick: bool) -> dict:
               f"{fmt(u_ms):>12}{fmt(u_mib):>13}")
         del hidden, weight
 
-    print(f"sampling, fp32 logits, V={v}: (temperature 1, top_p 0.95) and (+ top_k 50)")
-    print(f"{'B':>5}{'filters':>10}{'sort ms':>9}{'kernel ms':>11}{'speedup':>9}{'kernel GB/s':>13}")
-    for b in (1, 64, 256) if quick else (1, 16, 64, 256, 512):
-        logits = torch.randn(b, v, device=device) * 3
-        for top_k in (0, 50):
-            s_ms, _ = _cuda_measure(lambda: sort_sample(logits, 1.0, 0.95, top_k))
-            k_ms, _ = _cuda_measure(lambda: sample(logits, 1.0, top_p=0.95, top_k=top_k))
-            gbps = b * v * 4 / (k_ms * 1e-3) / 1e9
-            results["sampling"].append({"b": b, "top_k": top_k, "sort_ms": s_ms, "kernel_ms": k_ms, "read_gbps": gbps})
-            print(f"{b:>5}{'p' if not top_k else 'p+k':>10}{s_ms:>9.3f}{k_ms:>11.3f}{s_ms / k_ms:>8.2f}x{gbps:>13.0f}")
+    results["sampling"] = sampler_cuda(quick)
     return results
+
+
+# ---------------------------------------------------------------- sampler
+SAMPLER_VOCAB = 152064
+SAMPLER_CASES = (("top-p", 0.95, 0), ("top-p+k", 0.95, 50), ("temp-only", 1.0, 0))  # (name, top_p, top_k)
+
+
+def race_sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature-only sampling in plain torch without a sort (gpt-fast): argmax p / Exp(1)."""
+    logprobs_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    tokens = (logprobs_all.exp() / torch.empty_like(logprobs_all).exponential_()).argmax(dim=-1)
+    return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _refine_passes(logits: torch.Tensor, top_p: float, top_k: int) -> list[int]:
+    from kernels.sampling import sample_triton
+    from kernels.sampling_reference import prepare_sampling
+
+    params = prepare_sampling(logits, 1.0, top_p, top_k, 0.0)
+    seeds = torch.arange(logits.shape[0], device=logits.device)
+    may_filter = (top_k > 0, top_p < 1, False)
+    return sample_triton(logits, *params, seeds, may_filter=may_filter, return_passes=True)[2].tolist()
+
+
+def _copy_gbps() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy: the HBM bandwidth reached."""
+    import triton.testing
+
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def sampler_cuda(quick: bool) -> dict:
+    v = SAMPLER_VOCAB
+    copy = _copy_gbps()
+    print(f"sampling, fp32 N(0, 3^2) logits, V={v}, temperature 1; device copy {copy:.0f} GB/s (read + write)")
+    print(f"{'B':>5}{'case':>11}{'sort ms':>9}{'kernel ms':>11}{'speedup':>9}{'tensors ms':>12}{'passes':>9}"
+          f"{'read GB/s':>11}{'% copy':>8}")
+    rows = []
+    for b in (1, 256) if quick else (1, 16, 64, 256, 512):
+        logits = torch.randn(b, v, device="cuda") * 3
+        seeds = torch.arange(b, device="cuda") * 7919 + 1  # per-row seeds, as the engine passes them
+        for name, top_p, top_k in SAMPLER_CASES:
+            s_ms, _ = _cuda_measure(lambda: sort_sample(logits, 1.0, top_p, top_k))
+            k_ms, _ = _cuda_measure(lambda: sample(logits, 1.0, top_p=top_p, top_k=top_k, generator=seeds))
+            t, p, mp = (torch.full((b,), x, device="cuda") for x in (1.0, top_p, 0.0))
+            k = torch.full((b,), top_k, dtype=torch.int64, device="cuda")
+            t_ms, _ = _cuda_measure(lambda: sample(logits, t, top_p=p, top_k=k, min_p=mp, generator=seeds))
+            passes = _refine_passes(logits, top_p, top_k) if top_p < 1 or top_k else [0]
+            gbps = b * v * 4 / (k_ms * 1e-3) / 1e9
+            row = {"b": b, "case": name, "sort_ms": s_ms, "kernel_ms": k_ms, "speedup": s_ms / k_ms,
+                   "tensor_params_ms": t_ms, "passes_mean": sum(passes) / len(passes), "passes_max": max(passes),
+                   "read_gbps": gbps, "pct_of_copy": 100 * gbps / copy}
+            if name == "temp-only":
+                r_ms, _ = _cuda_measure(lambda: race_sample(logits, 1.0))
+                row["torch_race_ms"] = r_ms
+            rows.append(row)
+            print(f"{b:>5}{name:>11}{s_ms:>9.3f}{k_ms:>11.3f}{s_ms / k_ms:>8.2f}x{t_ms:>12.3f}"
+                  f"{row['passes_mean']:>9.2f}{gbps:>11.0f}{row['pct_of_copy']:>7.0f}%")
+    return {"vocab": v, "copy_gbps": copy, "rows": rows}
+
+
+def _median_seconds(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def sampler_interpret_child(quick: bool) -> dict:
+    """In a TRITON_INTERPRET=1 process: the Triton sampler on full-size rows, checked against the
+    reference's kept set; refine passes per row."""
+    from kernels.sampling import sample_triton
+    from kernels.sampling_reference import keep_mask, prepare_sampling
+
+    inputs = [("N(0, 3^2)", torch.randn(1, SAMPLER_VOCAB, generator=torch.Generator().manual_seed(0)) * 3)]
+    model_dir = os.path.expanduser("~/.cache/cir/SmolLM2-135M-Instruct")
+    if not quick and os.path.isdir(model_dir):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+        text = "Question: what is 17 * 23? Let's compute step by step. 17 * 23 = 17 * 20 + 17 * 3 = 340 + 51 = 391."
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt")).logits[0]
+        inputs.append(("SmolLM2", logits[[5, 20]].contiguous()))  # mid-question, mid-arithmetic
+    rows = []
+    for label, logits in inputs:
+        for name, top_p, top_k in SAMPLER_CASES[:2]:
+            params = prepare_sampling(logits, 1.0, top_p, top_k, 0.0)
+            start = time.perf_counter()
+            tokens, _, passes = sample_triton(logits, *params, torch.arange(logits.shape[0]) + 11,
+                                              may_filter=(top_k > 0, True, False), return_passes=True)
+            seconds = time.perf_counter() - start
+            kept = keep_mask(logits, torch.logsumexp(logits, 1), params[1], params[2], params[3])
+            rows.append({"logits": label, "vocab": logits.shape[1], "case": name, "passes": passes.tolist(),
+                         "kept": kept.sum(1).tolist(), "token_kept": bool(kept.gather(1, tokens[:, None]).all()),
+                         "interpreter_s": seconds})
+    return {"rows": rows}
+
+
+def sampler_cpu(quick: bool) -> dict:
+    v = SAMPLER_VOCAB
+    torch.manual_seed(0)
+    print(f"sampling on CPU, fp32 N(0, 3^2) logits, V={v}, 1 thread: the torch path (the GPU figures are owed)")
+    print(f"{'B':>5}{'case':>11}{'sample ms':>11}{'sort_sample ms':>16}")
+    rows = []
+    for b in (1,) if quick else (1, 16):
+        logits = torch.randn(b, v) * 3
+        for name, top_p, top_k in SAMPLER_CASES:
+            ours = _median_seconds(lambda: sample(logits, 1.0, top_p=top_p, top_k=top_k)) * 1e3
+            sort = _median_seconds(lambda: sort_sample(logits, 1.0, top_p, top_k)) * 1e3
+            rows.append({"b": b, "case": name, "sample_ms": ours, "sort_sample_ms": sort})
+            print(f"{b:>5}{name:>11}{ours:>11.2f}{sort:>16.2f}")
+    cmd = [sys.executable, "-m", "bench.kernels", "--sampler-interpret"] + (["--quick"] if quick else [])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT, env=env).stdout
+    interpret = json.loads(out.strip().splitlines()[-1])
+    print("Triton sampler under TRITON_INTERPRET=1 (refine passes per row; reads of the row = passes + 1)")
+    for r in interpret["rows"]:
+        print(f"  {r['logits']:>10} V={r['vocab']:<7}{r['case']:>8}: passes {r['passes']}, kept {r['kept']},"
+              f" token in kept set {r['token_kept']}, {r['interpreter_s']:.0f} s")
+    return {"torch": rows, "interpret": interpret["rows"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
     parser.add_argument("--child", choices=["naive", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--sampler-only", action="store_true", help="only the sampler section")
+    parser.add_argument("--sampler-interpret", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=8192, help=argparse.SUPPRESS)
     parser.add_argument("--v", type=int, default=49152, help=argparse.SUPPRESS)
     parser.add_argument("--d", type=int, default=576, help=argparse.SUPPRESS)
@@ -201,10 +330,17 @@ def main() -> None:
     if args.child:
         print(json.dumps(cpu_child(args.child, args.n, args.v, args.d, args.chunk, args.threads)))
         return
-    if torch.cuda.is_available():
+    if args.sampler_interpret:
+        print(json.dumps(sampler_interpret_child(args.quick)))
+        return
+    if args.sampler_only:
+        sampling = sampler_cuda(args.quick) if torch.cuda.is_available() else sampler_cpu(args.quick)
+        summary = {"bench": "kernels", "device": "cuda" if torch.cuda.is_available() else "cpu", "sampling": sampling}
+    elif torch.cuda.is_available():
         summary = {"bench": "kernels", "device": "cuda", **cuda_bench(args.quick)}
     else:
-        summary = {"bench": "kernels", "device": "cpu", **cpu_bench(args.quick, args.threads)}
+        summary = {"bench": "kernels", "device": "cpu", **cpu_bench(args.quick, args.threads),
+                   "sampling": sampler_cpu(args.quick)}
     print(json.dumps(summary))
 
 

@@ -18,7 +18,7 @@ Semantics (shared with `kernels.sample_reference`), for a row x of logits and T 
 How (kernels/sampling_triton.py has the math and the memory traffic): a row is split over
 ceil(V / _MIN_CHUNK) programs whatever the batch; pass 1 finds max, log-sum-exp and (temperature-only
 rows) the exponential race in ONE read; top-k / top-p thresholds are bracketed by 32 pivots a pass
-(no sort), a last pass races over the kept tokens.
+(no sort) until the bracket fits a buffer that one program settles exactly, racing in the same pass.
 """
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ _RADIX_BLOCK_V = 128
 _NUM_PIVOTS = 32
 _MIN_CHUNK = 2048
 _MAX_SPLITS = 128
-_REFINE_PASSES = 8  # per filter: (_NUM_PIVOTS / 2 + 1)^8 = 17^8 > 2^32 keys
+_REFINE_PASSES = 8  # per filter at most: (_NUM_PIVOTS / 2 + 1)^8 = 17^8 > 2^32 keys
+# Split refine launches; rows still open after them finish in one solo launch (one program a row).
+# 2 = one pivot pass + the buffer, what top-p 0.95 and top-k 50 + top-p 0.95 take at V = 152064 on
+# N(0, 3^2) logits (measured in the interpreter, bench/kernels.py --sampler-only).
+_SPLIT_REFINE_PASSES = 2
 # A bracket holding <= _COMPACT_CAP tokens is settled by one program from a buffer (8 B a token): at
 # V = 152064, top-p 0.95 on N(0, 3^2) logits leaves ~4.6k tokens in the bracket after one pivot pass.
 _COMPACT_CAP = 8192
@@ -135,21 +139,25 @@ def sample_triton(
         BLOCK_V=block_v, BLOCK_S=block_s, num_warps=_NUM_WARPS,
     )
     may_k, may_p, may_min_p = may_filter
-    num_refine = _REFINE_PASSES * (int(may_k) + int(may_p))
-    if num_refine:
+    if may_k or may_p:
         cap = min(_COMPACT_CAP, triton.cdiv(vocab_size, 16) * 16)
         count_part = torch.empty(num_rows, splits, _NUM_PIVOTS, dtype=torch.int32, device=device)
         mass_part = torch.empty(num_rows, splits, _NUM_PIVOTS, dtype=torch.float32, device=device)
         buf_x = torch.empty(num_rows, cap, dtype=torch.float32, device=device)
         buf_i = torch.empty(num_rows, cap, dtype=torch.int32, device=device)
-    for _ in range(num_refine):
-        _refine_kernel[grid](
-            logits, logits.stride(0), temperature, top_p, top_k, min_p, seeds,
-            count_part, mass_part, part_f, part_i, buf_x, buf_i,
-            state_f, state_i, counters, counters[num_rows:], tokens, logprobs,
-            vocab_size, chunk, splits, cap, 2 * _REFINE_PASSES,
-            NUM_PIVOTS=_NUM_PIVOTS, BLOCK_V=refine_block, BLOCK_S=block_s, num_warps=_NUM_WARPS,
-        )
+        # the split passes that usually settle a row (a pivot pass, then the buffer; one more for
+        # top-k then top-p), then one launch in which each row still open runs all it may need alone
+        solo_chunk = triton.cdiv(vocab_size, refine_block) * refine_block
+        plan = [(grid, chunk, splits, 1, block_s)] * (_SPLIT_REFINE_PASSES + int(may_k and may_p))
+        plan.append(((num_rows, 1), solo_chunk, 1, 2 * _REFINE_PASSES, 1))
+        for launch_grid, launch_chunk, launch_splits, num_passes, launch_block_s in plan:
+            _refine_kernel[launch_grid](
+                logits, logits.stride(0), temperature, top_p, top_k, min_p, seeds,
+                count_part, mass_part, part_f, part_i, buf_x, buf_i,
+                state_f, state_i, counters, counters[num_rows:], tokens, logprobs,
+                vocab_size, launch_chunk, launch_splits, cap, 2 * _REFINE_PASSES, num_passes,
+                NUM_PIVOTS=_NUM_PIVOTS, BLOCK_V=refine_block, BLOCK_S=launch_block_s, num_warps=_NUM_WARPS,
+            )
     if may_k or may_p or may_min_p:
         _race_kernel[grid](
             logits, logits.stride(0), temperature, min_p, seeds,

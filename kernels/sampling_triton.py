@@ -13,22 +13,34 @@ that program) merging the row's S partial results; the next pass is the next lau
      G_i = -log(-log U_i) (Gumbel-max), U_i = Philox(key = seed of the row, counter = i // 4, output
      i % 4). The draw does not depend on the block size or the split. Greedy and temperature-only
      rows are finished here: ONE read of the logits.
-  2) refine (top-k / top-p rows), no sorting: the kept set is {key_i >= theta} for the order-preserving
-     32-bit key of x, theta the largest key with W(theta) >= target, W(K) = sum_{key_i >= K} w_i
-     (w_i = 1, target k for top-k; w_i = exp((x_i - m)/T), target top_p * kept top-k mass for top-p).
-     Each pass evaluates W at P = _NUM_PIVOTS pivots inside the bracket [lo, hi) (W(lo) >= target >
-     W(hi)): half evenly spaced in key space (the bracket shrinks >= (P/2 + 1)x: at most
-     _REFINE_PASSES = 8 passes per filter for 32-bit keys), half evenly spaced in value, which is
-     what usually decides (logits are smooth in value, not in their bits). A filter is settled when
-     the bracket holds one element or one key: then theta = lo. Rows settled skip later passes.
+  2) refine (top-k / top-p rows), no sorting. The kept set is {key_i >= theta} for the order-
+     preserving 32-bit key of x, theta the largest key with W(theta) >= target, W(K) =
+     sum_{key_i >= K} w_i (w_i = 1 and target k for top-k; w_i = exp((x_i - m)/T) and target
+     top_p * W_mass(theta_k) for top-p). A bracket [lo, hi) holds theta: W(lo) >= target > W(hi),
+     starting at [key(min x), key(m) + 1). Each refine launch does one of:
+     a) pivot pass, while the bracket holds > _COMPACT_CAP tokens: W at 32 pivots in the bracket
+        (a [block, 32] compare tile), half evenly spaced keys (the bracket shrinks >= 17x a pass, so
+        8 passes reach one key), half evenly spaced values from a lower bound (see _pivots);
+     b) compaction pass: the tokens of the bracket (all tokens >= lo when they fit, so that top-p
+        after top-k settles too) go to a per-row buffer; the row's last program finishes the
+        bisection on the buffer alone, with exact int64 mass sums (the buffer's order, set by
+        atomics, does not change them). The same pass races over the tokens surely kept
+        (key >= the buffered range) and the last program over the buffered ones with key >= theta:
+        the token is written here. A filter settles when [lo, hi) holds one token or one key.
+     The launcher runs _SPLIT_REFINE_PASSES such launches split over programs (what usual rows need),
+     then one "solo" launch, one program per row, in which a row still open (ties, near-flat rows)
+     loops over all the passes it may still need: 5 launches in all, not 2 + 8 per filter.
      A token x_j is kept by top-p iff the mass strictly above it is < target: ties and the max stay.
-  3) race (filtered and min-p rows): the exponential race over the kept tokens, key >= theta and
-     x >= m + T log(min_p); the last program writes token and log-prob.
-Memory traffic per row, R = V * itemsize: greedy / temperature-only R (+ 24 B per chunk of partials);
-min-p only 2R; top-k or top-p (2 + n) R, n the passes until the bracket settles (typically 2-4 per
-filter for LLM-like logits, at most 8 each) + (8 B * P per chunk) of partials per pass; 12 B written.
-Compute per refine pass: P compares and 3 adds per element (the [block, P] tile); P = 32 at all
-batch sizes because the pivots fix the summation order and so the token (batch invariance).
+  3) race, for rows settled by a pivot pass and min-p-only rows: the exponential race over key >=
+     theta and x >= m + T log(min_p); the last program writes token and log-prob.
+Memory traffic per row, R = V * itemsize: greedy / temperature-only: R (+ 24 B of partials per chunk);
+min-p only: 2R; top-k and / or top-p: (2 + n) R, n pivot passes before the bracket fits the buffer
+(measured in the interpreter at V = 152064 on N(0, 3^2) logits: n = 1 for top-p 0.95 and for
+top-k 50 + top-p 0.95, i.e. 3 reads; more for ties or near-flat rows, at most 8 per filter, those
+beyond the split passes read by one program), plus
+256 B of pivot partials per chunk and pass and 8 B per buffered token; 12 B written.
+Compute per pivot pass: 32 compares and ~3 adds per token, the same at every batch size (the pivots
+fix the summation order and so the token).
 """
 import triton
 import triton.language as tl
@@ -206,6 +218,46 @@ def _is_last(counter_ptr, num_splits):
 
 
 @triton.jit
+def _search_buffer(buf, num, base_count, base_mass, phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target,
+                   m, inv_t, top_k, top_p, may_start_p, hi_start, max_passes, NUM_PIVOTS: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
+    """The bisection of a filter (then top-p when may_start_p) on the num buffered tokens alone:
+    W = base (the tokens above the buffered range) + buffer sums, masses in exact int64 units of 2^-40."""
+    for _it in range(max_passes):
+        if phase < 2:
+            pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
+            count, fixed = _count_mass_ge(buf, 0, num, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, True, ".cg")
+            count = count.to(tl.int64) + base_count
+            mass = base_mass + fixed.to(tl.float32) * (1.0 / 1099511627776.0)
+            lo, hi, count_lo, count_hi, mass_lo, mass_hi = _narrow(
+                phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, pivot, count, mass, top_k, target)
+            phase, hi, count_hi, mass_hi, target = _settle(
+                phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, may_start_p)
+    return phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target
+
+
+@triton.jit
+def _race_buffer(buf_x, buf_i, num, seed, inv_t, threshold, V, BLOCK_V: tl.constexpr):
+    """The exponential race over buffered tokens with x >= threshold: (best score, its index; the
+    lowest index on ties, whatever the buffer's order)."""
+    best = float("-inf")
+    best_index = V
+    for start in range(0, num, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        valid = offs < num
+        x = tl.load(buf_x + offs, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        index = tl.load(buf_i + offs, mask=valid, other=0, cache_modifier=".cg")
+        score = tl.where(valid & (x >= threshold), x * inv_t + _gumbel_at(seed, index), float("-inf"))
+        block_best = tl.max(score, axis=0)
+        block_index = tl.min(tl.where(valid & (score == block_best), index, V), axis=0)
+        tie = (block_best == best) & (block_best > float("-inf"))
+        best_index = tl.where(block_best > best, block_index, tl.where(tie, tl.minimum(best_index, block_index),
+                                                                        best_index))
+        best = tl.maximum(best, block_best)
+    return best, best_index
+
+
+@triton.jit
 def _stats_kernel(
     logits_ptr, logits_row_stride,
     temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, seed_ptr,
@@ -295,130 +347,118 @@ def _refine_kernel(
     temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, seed_ptr,
     count_part_ptr, mass_part_ptr, part_f_ptr, part_i_ptr, buf_x_ptr, buf_i_ptr,
     state_f_ptr, state_i_ptr, counter_ptr, cursor_ptr, tokens_ptr, logprobs_ptr,
-    V, chunk, num_splits, cap, max_passes,
+    V, chunk, num_splits, cap, max_passes, num_passes,
     NUM_PIVOTS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    phase = tl.load(state_i_ptr + row * 6)
-    if phase < 2:
-        row_ptr = logits_ptr + row * logits_row_stride
-        is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p = _row_params(
-            temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V)
-        lo = tl.load(state_i_ptr + row * 6 + 1)
-        hi = tl.load(state_i_ptr + row * 6 + 2)
-        count_lo = tl.load(state_i_ptr + row * 6 + 3)
-        count_hi = tl.load(state_i_ptr + row * 6 + 4)
-        passes = tl.load(state_i_ptr + row * 6 + 5) + 1
-        m = tl.load(state_f_ptr + row * 5 + 0)
-        mass_lo = tl.load(state_f_ptr + row * 5 + 2)
-        mass_hi = tl.load(state_f_ptr + row * 5 + 3)
-        target = tl.load(state_f_ptr + row * 5 + 4)
-        hi_start = _key(m) + 1
-        begin = split * chunk
-        end = tl.minimum(begin + chunk, V)
-        whole = count_lo <= cap  # every token >= lo fits the buffer: both filters can settle there
-        if count_lo - count_hi <= cap:
-            # A) compaction: tokens in [lo, region_hi) go to the row's buffer; the race runs over the
-            # tokens surely kept (key >= region_hi > theta) when this filter is the last one
-            region_hi = tl.where(whole, hi_start, hi)
-            may_finish = (phase == 1) | (~need_p) | whole
-            threshold = tl.maximum(_key_to_float(region_hi), tl.minimum(m + tl.log(min_p) / inv_t, m))
-            seed = tl.load(seed_ptr + row)
-            best = float("-inf")
-            best_index = begin
-            for start in range(begin, end, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                valid = offs < end
-                x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-                key = _key(x)
-                inside = valid & (key >= lo) & (key < region_hi)
-                num_inside = tl.sum(inside.to(tl.int32), axis=0)
-                if num_inside > 0:
-                    slot = tl.atomic_add(cursor_ptr + row, num_inside) + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-                    tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
-                    tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
-                if may_finish:
-                    best, best_index = _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK_V)
-            tl.store(part_f_ptr + (row * num_splits + split) * 4 + 3, best)
-            tl.store(part_i_ptr + (row * num_splits + split) * 2 + 1, best_index)
-            if _is_last(counter_ptr + row, num_splits):
-                # the exact search over <= cap buffered tokens, in this one program (exact integer
-                # sums: the buffer's order, set by atomics, does not matter)
-                num = tl.atomic_xchg(cursor_ptr + row, 0)
-                buf = buf_x_ptr + row * cap
-                base_count = tl.where(whole, 0, count_hi)
-                base_mass = tl.where(whole, 0.0, mass_hi)
-                entry = phase
-                for _ in range(max_passes):
-                    if phase < 2:
-                        pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
-                        count, fixed = _count_mass_ge(buf, 0, num, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, True, ".cg")
-                        lo, hi, count_lo, count_hi, mass_lo, mass_hi = _narrow(
-                            phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, pivot, count.to(tl.int64) + base_count,
-                            base_mass + fixed.to(tl.float32) * (1.0 / 1099511627776.0), top_k, target)
-                        phase, hi, count_hi, mass_hi, target = _settle(
-                            phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p & whole)
-                # top-k settled but top-p needs tokens not buffered: back to full-row passes
-                escaped = (entry == 0) & need_p & (~whole)
-                hi = tl.where(escaped, hi_start, hi)
-                count_hi = tl.where(escaped, 0, count_hi)
-                mass_hi = tl.where(escaped, 0.0, mass_hi)
-                target = tl.where(escaped, top_p * mass_lo, target)
-                phase = tl.where(escaped, 1, phase)
-                phase, hi, count_hi, mass_hi, target = _settle(
-                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, False)
-                if (phase == 2) & (~escaped):
-                    # the race: buffered tokens with key >= theta, against the chunks' surely kept ones
-                    threshold = tl.maximum(_key_to_float(lo), tl.minimum(m + tl.log(min_p) / inv_t, m))
-                    best_b = float("-inf")
-                    index_b = V
-                    for start in range(0, num, BLOCK_V):
-                        offs = start + tl.arange(0, BLOCK_V)
-                        valid = offs < num
-                        x = tl.load(buf + offs, mask=valid, other=float("-inf"), cache_modifier=".cg")
-                        index = tl.load(buf_i_ptr + row * cap + offs, mask=valid, other=0, cache_modifier=".cg")
-                        score = tl.where(valid & (x >= threshold), x * inv_t + _gumbel_at(seed, index), float("-inf"))
-                        block_best = tl.max(score, axis=0)
-                        block_index = tl.min(tl.where(score == block_best, index, V), axis=0)
-                        index_b = tl.where(block_best > best_b, block_index,
-                                           tl.where(block_best == best_b, tl.minimum(index_b, block_index), index_b))
-                        best_b = tl.maximum(best_b, block_best)
+    for _pass in range(num_passes):  # 1 when the row is split; all the remaining ones in solo mode (S = 1)
+        phase = tl.load(state_i_ptr + row * 6)
+        if phase < 2:
+            row_ptr = logits_ptr + row * logits_row_stride
+            is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p = _row_params(
+                temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V)
+            lo = tl.load(state_i_ptr + row * 6 + 1)
+            hi = tl.load(state_i_ptr + row * 6 + 2)
+            count_lo = tl.load(state_i_ptr + row * 6 + 3)
+            count_hi = tl.load(state_i_ptr + row * 6 + 4)
+            passes = tl.load(state_i_ptr + row * 6 + 5) + 1
+            m = tl.load(state_f_ptr + row * 5 + 0)
+            mass_lo = tl.load(state_f_ptr + row * 5 + 2)
+            mass_hi = tl.load(state_f_ptr + row * 5 + 3)
+            target = tl.load(state_f_ptr + row * 5 + 4)
+            hi_start = _key(m) + 1
+            begin = split * chunk
+            end = tl.minimum(begin + chunk, V)
+            whole = count_lo <= cap  # every token >= lo fits the buffer: both filters can settle there
+            if count_lo - count_hi <= cap:
+                # A) compaction: tokens in [lo, region_hi) go to the row's buffer; the race runs over the
+                # tokens surely kept (key >= region_hi > theta) when this filter is the last one
+                region_hi = tl.where(whole, hi_start, hi)
+                may_finish = (phase == 1) | (~need_p) | whole
+                threshold = tl.maximum(_key_to_float(region_hi), tl.minimum(m + tl.log(min_p) / inv_t, m))
+                seed = tl.load(seed_ptr + row)
+                best = float("-inf")
+                best_index = begin
+                for start in range(begin, end, BLOCK_V):
+                    offs = start + tl.arange(0, BLOCK_V)
+                    valid = offs < end
+                    x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+                    key = _key(x)
+                    inside = valid & (key >= lo) & (key < region_hi)
+                    num_inside = tl.sum(inside.to(tl.int32), axis=0)
+                    if num_inside > 0:
+                        slot = tl.atomic_add(cursor_ptr + row, num_inside) - 1
+                        slot += tl.cumsum(inside.to(tl.int32), axis=0)
+                        tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
+                        tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
+                    if may_finish:
+                        best, best_index = _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index,
+                                                      BLOCK_V)
+                tl.store(part_f_ptr + (row * num_splits + split) * 4 + 3, best)
+                tl.store(part_i_ptr + (row * num_splits + split) * 2 + 1, best_index)
+                if _is_last(counter_ptr + row, num_splits):
+                    # the exact search over <= cap buffered tokens, in this one program (exact integer
+                    # sums: the buffer's order, set by atomics, does not matter)
+                    num = tl.atomic_xchg(cursor_ptr + row, 0)
+                    buf = buf_x_ptr + row * cap
+                    base_count = tl.where(whole, 0, count_hi)
+                    base_mass = tl.where(whole, 0.0, mass_hi)
+                    entry = phase
+                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target = _search_buffer(
+                        buf, num, base_count, base_mass, phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target,
+                        m, inv_t, top_k, top_p, need_p & whole, hi_start, max_passes, NUM_PIVOTS, BLOCK_V)
+                    # top-k settled but top-p needs tokens not buffered: back to full-row passes
+                    escaped = (entry == 0) & need_p & (~whole)
+                    hi = tl.where(escaped, hi_start, hi)
+                    count_hi = tl.where(escaped, 0, count_hi)
+                    mass_hi = tl.where(escaped, 0.0, mass_hi)
+                    target = tl.where(escaped, top_p * mass_lo, target)
+                    phase = tl.where(escaped, 1, phase)
+                    phase, hi, count_hi, mass_hi, target = _settle(
+                        phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, False)
+                    if (phase == 2) & (~escaped):
+                        # the race: buffered tokens with key >= theta, against the chunks' surely kept ones
+                        threshold = tl.maximum(_key_to_float(lo), tl.minimum(m + tl.log(min_p) / inv_t, m))
+                        best_b, index_b = _race_buffer(buf, buf_i_ptr + row * cap, num, seed, inv_t, threshold, V,
+                                                       BLOCK_V)
+                        sp = tl.arange(0, BLOCK_S)
+                        ok = sp < num_splits
+                        pbest = tl.load(part_f_ptr + (row * num_splits + sp) * 4 + 3, mask=ok, other=float("-inf"),
+                                        cache_modifier=".cg")
+                        best_a = tl.max(pbest, axis=0)
+                        first = tl.min(tl.where(ok & (pbest == best_a), sp, BLOCK_S), axis=0)
+                        index_a = tl.load(part_i_ptr + (row * num_splits + first) * 2 + 1, cache_modifier=".cg")
+                        best = tl.maximum(best_a, best_b)
+                        token = tl.minimum(tl.where(best_a == best, index_a, V), tl.where(best_b == best, index_b, V))
+                        x_token = tl.load(row_ptr + token).to(tl.float32)
+                        tl.store(tokens_ptr + row, token.to(tl.int64))
+                        tl.store(logprobs_ptr + row, (x_token - m) * inv_t - tl.load(state_f_ptr + row * 5 + 1))
+                        phase = phase * 0 + 3
+                    _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
+                                 mass_hi, target)
+            else:
+                # B) pivot pass: this chunk's count and mass at NUM_PIVOTS pivots in (lo, hi)
+                pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
+                count, mass = _count_mass_ge(row_ptr, begin, end, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, False, "")
+                j = tl.arange(0, NUM_PIVOTS)
+                base = (row * num_splits + split) * NUM_PIVOTS + j
+                tl.store(count_part_ptr + base, count)
+                tl.store(mass_part_ptr + base, mass)
+                if _is_last(counter_ptr + row, num_splits):
                     sp = tl.arange(0, BLOCK_S)
-                    ok = sp < num_splits
-                    pbest = tl.load(part_f_ptr + (row * num_splits + sp) * 4 + 3, mask=ok, other=float("-inf"),
-                                    cache_modifier=".cg")
-                    best_a = tl.max(pbest, axis=0)
-                    first = tl.min(tl.where(ok & (pbest == best_a), sp, BLOCK_S), axis=0)
-                    index_a = tl.load(part_i_ptr + (row * num_splits + first) * 2 + 1, cache_modifier=".cg")
-                    best = tl.maximum(best_a, best_b)
-                    token = tl.minimum(tl.where(best_a == best, index_a, V), tl.where(best_b == best, index_b, V))
-                    x_token = tl.load(row_ptr + token).to(tl.float32)
-                    tl.store(tokens_ptr + row, token.to(tl.int64))
-                    tl.store(logprobs_ptr + row, (x_token - m) * inv_t - tl.load(state_f_ptr + row * 5 + 1))
-                    phase = phase * 0 + 3
-                _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
-                             mass_hi, target)
-        else:
-            # B) pivot pass: this chunk's count and mass at NUM_PIVOTS pivots in (lo, hi)
-            pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
-            count, mass = _count_mass_ge(row_ptr, begin, end, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, False, "")
-            j = tl.arange(0, NUM_PIVOTS)
-            base = (row * num_splits + split) * NUM_PIVOTS + j
-            tl.store(count_part_ptr + base, count)
-            tl.store(mass_part_ptr + base, mass)
-            if _is_last(counter_ptr + row, num_splits):
-                sp = tl.arange(0, BLOCK_S)
-                at = (row * num_splits + sp[:, None]) * NUM_PIVOTS + j[None, :]
-                ok = (sp < num_splits)[:, None]
-                count = tl.sum(tl.load(count_part_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=0)
-                mass = tl.sum(tl.load(mass_part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                lo, hi, count_lo, count_hi, mass_lo, mass_hi = _narrow(
-                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, pivot, count.to(tl.int64), mass, top_k, target)
-                phase, hi, count_hi, mass_hi, target = _settle(
-                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p)
-                _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
-                             mass_hi, target)
+                    at = (row * num_splits + sp[:, None]) * NUM_PIVOTS + j[None, :]
+                    ok = (sp < num_splits)[:, None]
+                    count = tl.sum(tl.load(count_part_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=0)
+                    mass = tl.sum(tl.load(mass_part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                    lo, hi, count_lo, count_hi, mass_lo, mass_hi = _narrow(phase, lo, hi, count_lo, count_hi, mass_lo,
+                                                                           mass_hi, pivot, count.to(tl.int64), mass,
+                                                                           top_k, target)
+                    phase, hi, count_hi, mass_hi, target = _settle(
+                        phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p)
+                    _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
+                                 mass_hi, target)
+        tl.debug_barrier()  # solo mode: the next pass reads the state this one wrote
 
 
 @triton.jit

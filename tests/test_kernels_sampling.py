@@ -269,7 +269,8 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
     for state in states:
         assert set(state[1:, 0].tolist()) <= {2, 3}  # every sampled row settled before the race (3: done)
         theta = state[1:, 1]
-        kept = (_key(logits[1:]) >= theta[:, None]) & (z[1:] >= z[1:].amax(1, keepdim=True) + args["min_p"][1:, None].log())
+        min_p_ok = z[1:] >= z[1:].amax(1, keepdim=True) + args["min_p"][1:, None].log()
+        kept = (_key(logits[1:]) >= theta[:, None]) & min_p_ok
         assert torch.equal(kept, expected), (kept.sum(1), expected.sum(1))
     assert torch.equal(whole[0], split[0]) and split[0][0] == logits[0].argmax()
     torch.testing.assert_close(whole[1], split[1], atol=1e-6, rtol=1e-6)
