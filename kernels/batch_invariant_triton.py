@@ -33,7 +33,7 @@ def _bmm_kernel(
     a_stride_b, a_stride_m, a_stride_k,
     b_stride_b, b_stride_k, b_stride_n,
     out_stride_b, out_stride_m, out_stride_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -48,7 +48,10 @@ def _bmm_kernel(
         k = k0 + ks
         a = tl.load(a_base + k[None, :] * a_stride_k, mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(b_base + k[:, None] * b_stride_k, mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc += tl.dot(a, b, input_precision="ieee")
+        if IEEE:  # fp32 operands: true fp32 products, not TF32 (whose rounding is the hardware's)
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
     out = out_ptr + batch * out_stride_b + rows[:, None] * out_stride_m + cols[None, :] * out_stride_n
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -72,6 +75,7 @@ def bmm_triton(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None =
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N), batch)
     _bmm_kernel[grid](
         a, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, IEEE=a.dtype == torch.float32,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
     return out
