@@ -306,7 +306,8 @@ def sampler_cpu(quick: bool) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT, env=env).stdout
     interpret = json.loads(out.strip().splitlines()[-1])
-    print("Triton sampler under TRITON_INTERPRET=1 (refine passes per row; reads of the row = passes + 1)")
+    print("Triton sampler under TRITON_INTERPRET=1: refine passes per row (the row is also read by the stats pass,"
+          " and by the race pass unless the last refine pass was the buffer's, which races)")
     for r in interpret["rows"]:
         print(f"  {r['logits']:>10} V={r['vocab']:<7}{r['case']:>8}: passes {r['passes']}, kept {r['kept']},"
               f" token in kept set {r['token_kept']}, {r['interpreter_s']:.0f} s")
