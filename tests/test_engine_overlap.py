@@ -152,3 +152,29 @@ def test_fence_table_and_batched_detokenisation():
         i += n
     assert batched.text == one.text and batched.is_holding_back == one.is_holding_back
 
+
+
+class SplitCharTokenizer(ByteTokenizer):
+    """Bytes, EOS 256, and two tokens that split one character: 257 = b"``\\xe2", 258 = b"\\x82\\xac"
+    ("``€" together): the fence's last backticks come with half a character, held back until 258."""
+
+    vocab_size = 259
+    EXTRA = {257: b"``\xe2", 258: b"\x82\xac"}
+
+    def decode(self, ids: list[int]) -> str:
+        data = b"".join(self.EXTRA.get(i, bytes([i]) if i < 256 else b"") for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+
+def test_a_fence_hidden_behind_half_a_character_is_found_at_the_token_that_completes_it():
+    tok = SplitCharTokenizer()
+    prompt = tok.encode("H: s")
+    feedback = tok.encode(feedback_text(format_feedback(EchoExecutor.result("print(3)\n"))))
+    fence = tok.encode("```python\nprint(3)\n`") + [257, 258]  # the block closes at 258, not at 257
+    script = prompt + fence + feedback + tok.encode("done") + [EOS]
+    engine = Engine(ScriptedModel({prompt[0] % 16: script}, EOS, vocab_size=tok.vocab_size), tok,
+                    EngineConfig(block_size=4, num_kv_blocks=64, show_progress=False))
+    (traj,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=200),
+                              tools=ToolConfig(executor=EchoExecutor(), max_calls=1))
+    assert traj.response_ids == script[len(prompt):]
+    assert traj.num_tool_calls == 1 and traj.finish_reason == "eos"

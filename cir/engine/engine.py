@@ -335,7 +335,7 @@ class Engine:
             table = self._fence_table
             check |= True if table is None else table[np.minimum(ids, len(table) - 1)]
         rows = np.flatnonzero(check).tolist()
-        extra = step.ended + [s for s in self._must_check if s.status is SequenceStatus.RUNNING]
+        extra = step.ended + list(self._must_check)  # (ended and paused ones leave _must_check)
         if extra:
             row_of = {seq: i for i, seq in enumerate(step.owners)}
             rows = sorted(set(rows).union(row_of[s] for s in extra if s in row_of))
