@@ -25,7 +25,8 @@ if __name__ == "__main__" and not __package__:
     # the module bench.long_decode, repo root on the path.
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "bench.long_decode", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+    os.execve(sys.executable, [sys.executable, "-m", "bench.long_decode", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": _path})
 
 import argparse
 import json
@@ -84,7 +85,8 @@ def long_decode(model, num_seqs: int = 256, contexts: tuple[int, ...] = (1024, 2
     device = param.device
     longest = max(contexts) + steps + 1
     if longest > mc.max_position_embeddings:
-        raise ValueError(f"context {max(contexts)} + {steps} steps > max_position_embeddings {mc.max_position_embeddings}")
+        raise ValueError(f"context {max(contexts)} + {steps} steps > max_position_embeddings "
+                         f"{mc.max_position_embeddings}")
     engine = Engine(model, ByteTokenizer(), EngineConfig(
         max_num_seqs=num_seqs, max_model_len=longest, gpu_memory_utilization=gpu_memory_utilization,
         kv_cache_memory_gb=kv_cache_memory_gb, show_progress=False, seed=seed))
@@ -106,7 +108,8 @@ def long_decode(model, num_seqs: int = 256, contexts: tuple[int, ...] = (1024, 2
         rows.append({
             "context": context, "num_seqs": num_seqs, "step_ms": 1e3 * step_s, "bound_ms": 1e3 * bound_s,
             "fraction_of_bound": bound_s / step_s, "tokens_per_s": num_seqs / step_s,
-            "GB_read_per_step": bytes_read / 1e9, "kv_pool_tokens": engine.kv_cache.num_blocks * engine.config.block_size,
+            "GB_read_per_step": bytes_read / 1e9,
+            "kv_pool_tokens": engine.kv_cache.num_blocks * engine.config.block_size,
             "kv_tokens_needed": num_seqs * (context + steps + 1),
             "num_preemptions": engine.stats["num_preemptions"], "num_preemptions_prefill_only": preempted_short,
         })
@@ -127,7 +130,8 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default=None, help="bench/models.py shape; default: tiny on CPU, qwen2.5-1.5b on CUDA")
+    parser.add_argument("--shape", default=None,
+                        help="bench/models.py shape; default: tiny on CPU, qwen2.5-1.5b on CUDA")
     parser.add_argument("--num-seqs", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default: 1024 ... 5120 on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed per context")
