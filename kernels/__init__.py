@@ -4,8 +4,8 @@
 
 CUDA tensors go to the Triton kernels, CPU tensors to the torch references (same math); the
 `backend="triton" | "torch"` keyword forces one (Triton on CPU needs TRITON_INTERPRET=1).
-- sampling.py (+ sampling_triton.py) / sampling_reference.py: per-row temperature / top-k / top-p /
-  min-p sampling
+- sampling.py (+ sampling_triton.py, sampling_select.py) / sampling_reference.py: per-row temperature /
+  top-k / top-p / min-p sampling
 - logprobs.py: online log-sum-exp row kernels, `logprobs_from_logits`
 - linear_logprobs.py: LM head + log-softmax + gather fused over vocabulary chunks
 - paged_attention.py / paged_attention_reference.py: attention of varlen queries over a paged KV

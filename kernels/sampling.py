@@ -86,13 +86,15 @@ def split_plan(vocab_size: int) -> tuple[int, int, int, int]:
 
 
 # Per-row pass counters, zero between calls (each pass's last program resets its row's counter), kept
-# per (device, stream) so that a call costs no memset launch.
+# per (device, stream) on CUDA so that a call costs no memset launch; fresh on CPU (the interpreter),
+# where an interrupted call could leave them dirty.
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def _counters(num_rows: int, device: torch.device) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    if device.type != "cuda":
+        return torch.zeros(num_rows, dtype=torch.int32, device=device)
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < num_rows:
         counters = torch.zeros(max(num_rows, 256), dtype=torch.int32, device=device)
