@@ -29,7 +29,8 @@ that program) merging the row's S partial results; the next pass is the next lau
         the token is written here. A filter settles when [lo, hi) holds one token or one key.
      The launcher runs _SPLIT_REFINE_PASSES such launches split over programs (what usual rows need),
      then one "solo" launch, one program per row, in which a row still open (ties, near-flat rows)
-     loops over all the passes it may still need: 5 launches in all, not 2 + 8 per filter.
+     loops over all the passes it may still need: 5 launches in all (6 when a batch may use both
+     top-k and top-p), not 2 + 8 per filter.
      A token x_j is kept by top-p iff the mass strictly above it is < target: ties and the max stay.
   3) race, for rows settled by a pivot pass and min-p-only rows: the exponential race over key >=
      theta and x >= m + T log(min_p); the last program writes token and log-prob.
@@ -276,7 +277,7 @@ def _refine_kernel(
                     inside = valid & (key >= lo) & (key < region_hi)
                     num_inside = tl.sum(inside.to(tl.int32), axis=0)
                     if num_inside > 0:
-                        slot = tl.atomic_add(cursor_ptr + row, num_inside) - 1
+                        slot = tl.atomic_add(cursor_ptr + row, num_inside, sem="relaxed") - 1  # _is_last orders
                         slot += tl.cumsum(inside.to(tl.int32), axis=0)
                         tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
                         tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
