@@ -10,8 +10,10 @@ here from the Python lists, so the micro-batch loop never reads a device tensor 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -51,9 +53,15 @@ def pack(trajectories: list, advantages: list[float], max_tokens: int) -> list[M
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
+    groups = first_fit_decreasing(lengths, max_tokens)
+    return [_build([trajectories[i] for i in idx], [advantages[i] for i in idx]) for idx in groups]
+
+
+def first_fit_decreasing(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices per micro-batch (each list ascending): the longest first, each into the first with room."""
     groups: list[list[int]] = []
     used: list[int] = []
-    for i in sorted(range(len(trajectories)), key=lambda i: -lengths[i]):
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         slot = next((g for g in range(len(groups)) if used[g] + lengths[i] <= max_tokens), None)
         if slot is None:
             groups.append([])
@@ -61,36 +69,49 @@ def pack(trajectories: list, advantages: list[float], max_tokens: int) -> list[M
             slot = len(groups) - 1
         groups[slot].append(i)
         used[slot] += lengths[i]
-    return [_build([trajectories[i] for i in sorted(idx)], [advantages[i] for i in sorted(idx)]) for idx in groups]
+    return [sorted(g) for g in groups]
 
 
 def _build(trajectories: list, advantages: list[float]) -> MicroBatch:
-    ids, cu, rows, targets, mask, old, adv, seq_ids = [], [0], [], [], [], [], [], []
-    for s, (traj, a) in enumerate(zip(trajectories, advantages)):
-        start = cu[-1]
-        num_prompt, num_response = len(traj.prompt_ids), len(traj.response_ids)
-        ids += traj.prompt_ids + traj.response_ids
-        cu.append(start + num_prompt + num_response)
-        rows += range(start + num_prompt - 1, start + num_prompt + num_response - 1)
-        targets += traj.response_ids
-        mask += traj.loss_mask
-        old += traj.logprobs
-        adv += [a] * num_response
-        seq_ids += [s] * num_response
-    seq_lens = [end - start for start, end in zip(cu[:-1], cu[1:])]
-    positions = [p for n in seq_lens for p in range(n)]
+    """Host tensors of one micro-batch. Token lists go through numpy (torch.tensor on a Python list costs
+    ~230 ns per element here, np.fromiter ~90: 0.55 -> 0.2 s for 200k tokens on the 2-core VM); the
+    derived index tensors are built vectorised, with every output size given so nothing is read back."""
+    num_prompt = [len(t.prompt_ids) for t in trajectories]
+    num_response = [len(t.response_ids) for t in trajectories]
+    seq_lens = [p + r for p, r in zip(num_prompt, num_response)]
+    num_tokens, num_rows = sum(seq_lens), sum(num_response)
+
+    def flat(lists, dtype, count: int) -> np.ndarray:
+        return np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=count)
+
+    input_ids = flat((itertools.chain(t.prompt_ids, t.response_ids) for t in trajectories), np.int64, num_tokens)
+    targets = flat((t.response_ids for t in trajectories), np.int64, num_rows)
+    mask = flat((t.loss_mask for t in trajectories), np.float32, num_rows)
+    old = flat((t.logprobs for t in trajectories), np.float32, num_rows)
+    lens = torch.tensor(seq_lens, dtype=torch.int64)  # (B,)
+    responses = torch.tensor(num_response, dtype=torch.int64)  # (B,)
+    cu_seqlens = torch.zeros(len(seq_lens) + 1, dtype=torch.int64)
+    torch.cumsum(lens, 0, out=cu_seqlens[1:])
+    starts = cu_seqlens[:-1]  # (B,) each sequence's first packed position
+    positions = torch.arange(num_tokens) - torch.repeat_interleave(starts, lens, output_size=num_tokens)
+    # hidden state t predicts token t + 1: sequence b scores positions start + P - 1 ... start + P + R - 2
+    row_starts = torch.cumsum(responses, 0) - responses  # (B,) each sequence's first scored row
+    first = starts + torch.tensor(num_prompt, dtype=torch.int64) - 1 - row_starts
+    rows = torch.repeat_interleave(first, responses, output_size=num_rows) + torch.arange(num_rows)
+    seq_ids = torch.repeat_interleave(torch.arange(len(trajectories)), responses, output_size=num_rows)
+    adv = torch.repeat_interleave(torch.tensor(advantages, dtype=torch.float32), responses, output_size=num_rows)
     return MicroBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        rows=torch.tensor(rows, dtype=torch.int64),
-        targets=torch.tensor(targets, dtype=torch.int64),
-        mask=torch.tensor(mask, dtype=torch.float32),
-        old_logprobs=torch.tensor(old, dtype=torch.float32),
-        advantages=torch.tensor(adv, dtype=torch.float32),
-        seq_ids=torch.tensor(seq_ids, dtype=torch.int64),
-        num_tokens=len(ids),
-        positions=torch.tensor(positions, dtype=torch.int64),
+        input_ids=torch.from_numpy(input_ids),
+        cu_seqlens=cu_seqlens.to(torch.int32),
+        rows=rows,
+        targets=torch.from_numpy(targets),
+        mask=torch.from_numpy(mask),
+        old_logprobs=torch.from_numpy(old),
+        advantages=adv,
+        seq_ids=seq_ids,
+        num_tokens=num_tokens,
+        positions=positions,
         seq_lens=seq_lens,
-        num_loss_tokens=int(sum(1 for m in mask if m)),
+        num_loss_tokens=int(np.count_nonzero(mask)),
         num_seqs=len(trajectories),
     )
