@@ -39,7 +39,9 @@ def train_cmd(model_dir: Path, out: Path, *extra: str) -> list[str]:
             "--model.path", str(model_dir), "--train.output_dir", str(out), "--train.steps", "4",
             "--train.save_every", "1", "--train.keep_last", "2", "--train.prompts_per_step", "2",
             "--rollout.n", "3", "--rollout.max_response_tokens", "16", "--rollout.prompt_mode", "raw",
-            "--engine.show_progress", "false", *extra]
+            "--engine.show_progress", "false",
+            "--rl.filter_groups", "false",  # random weights have no signal: update anyway, so resume restores Adam
+            *extra]
 
 
 def metrics(out: Path) -> dict[int, dict]:
