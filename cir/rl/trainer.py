@@ -176,8 +176,11 @@ class Trainer:
             return {"skipped": 1.0, "grad_norm": 0.0, "num_loss_tokens": 0, "lr": self.scheduler.get_last_lr()[0]}
         stats = {"grad_norm": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0, "pg_loss": 0.0, "kl": 0.0}
         num_trained = self._train_tokens = 0
+        # a group's mini-batch follows from its index in the global batch, so filtering groups out
+        # never changes which mini-batch the others join, whatever the number of ranks
+        offset = sum(distributed.all_gather_object(rewards.shape[0])[: self.rank])
         for mb in range(rl.mini_batches):
-            mine = groups[mb::rl.mini_batches]
+            mine = [g for g in groups if (offset + g) % rl.mini_batches == mb]
             sel = [g * n + j for g in mine for j in range(n)]
             flat_adv = adv.reshape(-1).tolist()  # one read, not one per trajectory
             micro = pack([trajs[i] for i in sel], [flat_adv[i] for i in sel], self.config.train.micro_batch_tokens)
