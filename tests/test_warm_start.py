@@ -167,3 +167,28 @@ def test_default_config_fits_its_traces(smollm2_dir, box):
     traces = build_traces(exercises, tok, box, cfg.rollout.prompt_mode, tool_fraction=1.0)
     assert max(len(t.response_ids) for t in traces) <= cfg.rollout.max_response_tokens
     assert max(len(t.prompt_ids) for t in traces) <= cfg.rollout.max_prompt_tokens
+
+
+def test_train_warm_starts_then_evaluates_held_out_before_and_after(tmp_path, box, capsys):
+    from cir.config import load_config
+    from cir.rl.trainer import Trainer
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("\n".join(json.dumps({"problem": p.problem, "answer": p.answer})
+                              for p in arithmetic.embedded_problems()[:6]))
+    cfg = load_config(None, [
+        "--train.data", str(data), "--train.output_dir", str(tmp_path / "run"), "--train.steps", "1",
+        "--train.prompts_per_step", "2", "--rollout.n", "2", "--rollout.max_response_tokens", "8",
+        "--rollout.prompt_mode", "plain", "--rollout.tool_budget", "{0: 1}", "--train.save_every", "0",
+        "--engine.num_kv_blocks", "64", "--engine.show_progress", "false", "--train.warm_start", "8",
+        "--train.held_out", "2",
+    ])
+    Trainer(cfg, model=tiny_model(seed=0), tokenizer=TOK, sandbox=box).train()
+    out = capsys.readouterr().out
+    assert "warm start: 8 synthetic traces (30% with the interpreter)" in out
+    before, after = out.index("held-out before RL (2 problems x 2): accuracy"), out.index("held-out after RL")
+    assert before < out.index("step 1:") < after
+    assert "held-out (2 problems x 2): accuracy 0.000 -> 0.000" in out  # random weights: never right
+    evals = [json.loads(line) for line in open(tmp_path / "run" / "eval.jsonl")]
+    assert [(e["step"], e.get("when")) for e in evals] == [(0, None), (0, "before RL"), (1, "after RL")]
+    assert evals[1]["held_out"]["num_problems"] == 2

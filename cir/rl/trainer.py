@@ -272,7 +272,9 @@ class Trainer:
     def train(self) -> None:
         if self.step == 0 and self.config.train.warm_start:
             self.warm_start()
-        before = self.evaluate_held_out("before RL") if self.held_out else None
+        before = None
+        if self.held_out:
+            before = self.evaluate_held_out("before RL" if self.step == 0 else f"at step {self.step} (resumed)")
         while self.step < self.config.train.steps:
             self.train_step()
         if self.held_out:
