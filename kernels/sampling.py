@@ -149,16 +149,16 @@ def sample_triton(
         buf_i = torch.empty(num_rows, cap, dtype=torch.int32, device=device)
         # the split passes that usually settle a row (a pivot pass, then the buffer; one more for
         # top-k then top-p), then one launch in which each row still open runs all it may need alone
-        solo_chunk = triton.cdiv(vocab_size, refine_block) * refine_block
-        plan = [(grid, chunk, splits, 1, block_s)] * (_SPLIT_REFINE_PASSES + int(may_k and may_p))
-        plan.append(((num_rows, 1), solo_chunk, 1, 2 * _REFINE_PASSES, 1))
-        for launch_grid, launch_chunk, launch_splits, num_passes, launch_block_s in plan:
+        # (grid, passes per launch, chunks per program)
+        plan = [(grid, 1, 1)] * (_SPLIT_REFINE_PASSES + int(may_k and may_p))
+        plan.append(((num_rows, 1), 2 * _REFINE_PASSES, splits))
+        for launch_grid, num_passes, chunks_per_program in plan:
             _refine_kernel[launch_grid](
                 logits, logits.stride(0), temperature, top_p, top_k, min_p, seeds,
                 count_part, mass_part, part_f, part_i, buf_x, buf_i,
                 state_f, state_i, counters, counters[num_rows:], tokens, logprobs,
-                vocab_size, launch_chunk, launch_splits, cap, 2 * _REFINE_PASSES, num_passes,
-                NUM_PIVOTS=_NUM_PIVOTS, BLOCK_V=refine_block, BLOCK_S=launch_block_s, num_warps=_NUM_WARPS,
+                vocab_size, chunk, splits, cap, 2 * _REFINE_PASSES, num_passes, chunks_per_program,
+                launch_grid[1], NUM_PIVOTS=_NUM_PIVOTS, BLOCK_V=refine_block, BLOCK_S=block_s, num_warps=_NUM_WARPS,
             )
     if may_k or may_p or may_min_p:
         _race_kernel[grid](

@@ -236,12 +236,15 @@ def _refine_kernel(
     temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, seed_ptr,
     count_part_ptr, mass_part_ptr, part_f_ptr, part_i_ptr, buf_x_ptr, buf_i_ptr,
     state_f_ptr, state_i_ptr, counter_ptr, cursor_ptr, tokens_ptr, logprobs_ptr,
-    V, chunk, num_splits, cap, max_passes, num_passes,
+    V, chunk, num_splits, cap, max_passes, num_passes, chunks_per_program, num_programs,
     NUM_PIVOTS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # split launches: a program per chunk, one pass; the solo launch: a program per row walks every
+    # chunk, pass after pass. Chunks and merges are the same either way, so are the sums and the token.
     row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    for _pass in range(num_passes):  # 1 when the row is split; all the remaining ones in solo mode (S = 1)
+    first_split = tl.program_id(1) * chunks_per_program
+    stop_split = tl.minimum(first_split + chunks_per_program, num_splits)
+    for _pass in range(num_passes):
         phase = tl.load(state_i_ptr + row * 6)
         if phase < 2:
             row_ptr = logits_ptr + row * logits_row_stride
@@ -257,8 +260,6 @@ def _refine_kernel(
             mass_hi = tl.load(state_f_ptr + row * 5 + 3)
             target = tl.load(state_f_ptr + row * 5 + 4)
             hi_start = _key(m) + 1
-            begin = split * chunk
-            end = tl.minimum(begin + chunk, V)
             whole = count_lo <= cap  # every token >= lo fits the buffer: both filters can settle there
             if count_lo - count_hi <= cap:
                 # A) compaction: tokens in [lo, region_hi) go to the row's buffer; the race runs over the
@@ -267,26 +268,29 @@ def _refine_kernel(
                 may_finish = (phase == 1) | (~need_p) | whole
                 threshold = tl.maximum(_key_to_float(region_hi), tl.minimum(m + tl.log(min_p) / inv_t, m))
                 seed = tl.load(seed_ptr + row)
-                best = float("-inf")
-                best_index = begin
-                for start in range(begin, end, BLOCK_V):
-                    offs = start + tl.arange(0, BLOCK_V)
-                    valid = offs < end
-                    x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-                    key = _key(x)
-                    inside = valid & (key >= lo) & (key < region_hi)
-                    num_inside = tl.sum(inside.to(tl.int32), axis=0)
-                    if num_inside > 0:
-                        slot = tl.atomic_add(cursor_ptr + row, num_inside, sem="relaxed") - 1  # _is_last orders
-                        slot += tl.cumsum(inside.to(tl.int32), axis=0)
-                        tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
-                        tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
-                    if may_finish:
-                        best, best_index = _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index,
-                                                      BLOCK_V)
-                tl.store(part_f_ptr + (row * num_splits + split) * 4 + 3, best)
-                tl.store(part_i_ptr + (row * num_splits + split) * 2 + 1, best_index)
-                if _is_last(counter_ptr + row, num_splits):
+                for split in range(first_split, stop_split):
+                    begin = split * chunk
+                    end = tl.minimum(begin + chunk, V)
+                    best = float("-inf")
+                    best_index = begin
+                    for start in range(begin, end, BLOCK_V):
+                        offs = start + tl.arange(0, BLOCK_V)
+                        valid = offs < end
+                        x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+                        key = _key(x)
+                        inside = valid & (key >= lo) & (key < region_hi)
+                        num_inside = tl.sum(inside.to(tl.int32), axis=0)
+                        if num_inside > 0:
+                            slot = tl.atomic_add(cursor_ptr + row, num_inside, sem="relaxed") - 1  # _is_last orders
+                            slot += tl.cumsum(inside.to(tl.int32), axis=0)
+                            tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
+                            tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
+                        if may_finish:
+                            best, best_index = _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index,
+                                                          BLOCK_V)
+                    tl.store(part_f_ptr + (row * num_splits + split) * 4 + 3, best)
+                    tl.store(part_i_ptr + (row * num_splits + split) * 2 + 1, best_index)
+                if _is_last(counter_ptr + row, num_programs):
                     # the exact search over <= cap buffered tokens, in this one program (exact integer
                     # sums: the buffer's order, set by atomics, does not matter)
                     num = tl.atomic_xchg(cursor_ptr + row, 0)
@@ -329,12 +333,15 @@ def _refine_kernel(
             else:
                 # B) pivot pass: this chunk's count and mass at NUM_PIVOTS pivots in (lo, hi)
                 pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
-                count, mass = _count_mass_ge(row_ptr, begin, end, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, False, "")
                 j = tl.arange(0, NUM_PIVOTS)
-                base = (row * num_splits + split) * NUM_PIVOTS + j
-                tl.store(count_part_ptr + base, count)
-                tl.store(mass_part_ptr + base, mass)
-                if _is_last(counter_ptr + row, num_splits):
+                for split in range(first_split, stop_split):
+                    begin = split * chunk
+                    end = tl.minimum(begin + chunk, V)
+                    count, mass = _count_mass_ge(row_ptr, begin, end, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, False, "")
+                    base = (row * num_splits + split) * NUM_PIVOTS + j
+                    tl.store(count_part_ptr + base, count)
+                    tl.store(mass_part_ptr + base, mass)
+                if _is_last(counter_ptr + row, num_programs):
                     sp = tl.arange(0, BLOCK_S)
                     at = (row * num_splits + sp[:, None]) * NUM_PIVOTS + j[None, :]
                     ok = (sp < num_splits)[:, None]
@@ -347,7 +354,7 @@ def _refine_kernel(
                         phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p)
                     _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
                                  mass_hi, target)
-        tl.debug_barrier()  # solo mode: the next pass reads the state this one wrote
+        tl.debug_barrier()  # solo: the next pass reads the state this one wrote
 
 
 @triton.jit

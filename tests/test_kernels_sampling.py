@@ -277,12 +277,20 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
     assert bool(expected.gather(1, split[0][1:, None]).all())
 
 
-def test_passes_a_row_does_not_need_change_nothing():
+@pytest.mark.parametrize("cap,min_chunk", [(8192, 2048), (2, 8)])
+def test_passes_a_row_does_not_need_change_nothing(monkeypatch, cap, min_chunk):
     """With CUDA tensors as parameters every pass is launched (reading them would synchronise): rows
-    that are greedy, temperature-only or already settled must skip those launches unchanged."""
+    that are greedy, temperature-only or already settled must skip those launches unchanged. With
+    cap 2 and 3 chunks a row runs pivot passes split over programs, then in the solo launch: one
+    more split launch (the plan when top-k may be used) must not change its token either."""
     from kernels.sampling_reference import prepare_sampling
 
+    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
+    monkeypatch.setattr(sampling, "_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(sampling, "_SPLIT_REFINE_PASSES", 1)
+
     logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(8)) * 2
+    logits[2] = logits[2].round()  # ties: the bracket shrinks to one key, pass after pass
     params = prepare_sampling(logits, torch.tensor([0.0, 1.0, 0.8, 1.0]), torch.tensor([1.0, 1.0, 0.9, 1.0]),
                               torch.tensor([0, 0, 0, 4]), torch.tensor([0.0, 0.0, 0.0, 0.0]))
     seeds = torch.arange(4, dtype=torch.int64) + 40
@@ -291,6 +299,12 @@ def test_passes_a_row_does_not_need_change_nothing():
     assert torch.equal(needed[0], every[0]) and torch.equal(needed[1], every[1])
     plain = sampling.sample_triton(logits[:2], *(p[:2] for p in params), seeds[:2], may_filter=(False, False, False))
     assert torch.equal(plain[0], every[0][:2])
+    rows = slice(1, 3)  # no top-k: 1 split refine launch then the solo one, instead of 2 then solo
+    top_p_only = sampling.sample_triton(logits[rows], *(p[rows] for p in params), seeds[rows],
+                                        may_filter=(False, True, False), return_passes=True)
+    assert torch.equal(top_p_only[0], every[0][rows]) and torch.equal(top_p_only[1], every[1][rows])
+    if cap == 2:
+        assert top_p_only[2][1] > sampling._SPLIT_REFINE_PASSES  # the top-p row reached the solo launch
 
 
 COMPILE_SM90 = """
@@ -310,7 +324,7 @@ kernels = {
     "_refine_kernel": ({**row, **params, "count_part_ptr": I32, "mass_part_ptr": F, "part_f_ptr": F, "part_i_ptr": I32,
                         "buf_x_ptr": F, "buf_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64, "counter_ptr": I32,
                         "cursor_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32", "cap": "i32",
-                        "max_passes": "i32", "num_passes": "i32"},
+                        "max_passes": "i32", "num_passes": "i32", "chunks_per_program": "i32", "num_programs": "i32"},
                        {"NUM_PIVOTS": 32, "BLOCK_V": 128, "BLOCK_S": 128}),
     "_race_kernel": ({**row, "min_p_ptr": F, "seed_ptr": I64, "part_f_ptr": F, "part_i_ptr": I32, "state_f_ptr": F,
                       "state_i_ptr": I64, "counter_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32"},
