@@ -191,9 +191,10 @@ class Trainer:
                 continue
             # every rank runs as many micro-batches as the busiest one (FSDP collectives must pair up)
             (num_micro,) = distributed.all_reduce_max([len(micro)], self.device)
+            first = num_trained == 0  # no optimizer step yet (an empty mini-batch 0 was skipped)
             sums = self._policy_step(micro, max(global_tokens, 1.0), max(global_seqs, 1.0), max(int(num_micro), 1),
-                                     first=mb == 0)
-            if mb == 0:  # recomputed at the behaviour weights: how off-policy the rollout's log-probs are
+                                     first=first)
+            if first:  # recomputed at the behaviour weights: how off-policy the rollout's log-probs are
                 for k in ("logprob_abs_mean", "logprob_abs_max", "clip_frac_first"):
                     stats[f"mismatch/{k}"] = sums[k]
             for k in ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl"):
