@@ -43,8 +43,8 @@ _REFINE_PASSES = 8  # per filter at most: (_NUM_PIVOTS / 2 + 1)^8 = 17^8 > 2^32 
 # 2 = one pivot pass + the buffer, what top-p 0.95 and top-k 50 + top-p 0.95 take at V = 152064 on
 # N(0, 3^2) logits (measured in the interpreter, bench/kernels.py --sampler-only).
 _SPLIT_REFINE_PASSES = 2
-# A bracket holding <= _COMPACT_CAP tokens is settled by one program from a buffer (8 B a token): at
-# V = 152064, top-p 0.95 on N(0, 3^2) logits leaves ~4.6k tokens in the bracket after one pivot pass.
+# A bracket holding <= _COMPACT_CAP tokens is settled by one program from a buffer of 8 B a token
+# (64 KiB a row: 16 MiB at B = 256); with 8192, one pivot pass then the buffer settle the cases above.
 _COMPACT_CAP = 8192
 _NUM_WARPS = 4
 
