@@ -49,7 +49,7 @@ class Trace:
     response_ids: list[int]
     loss_mask: list[int]  # 1 on the model's tokens, 0 on the interpreter's output block
     uses_tool: bool
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(init=False)  # unused by the supervised loss; `pack` carries them
 
     def __post_init__(self):
         self.logprobs = [0.0] * len(self.response_ids)
@@ -66,7 +66,8 @@ def build_traces(exercises: list[arithmetic.Exercise], tokenizer, executor, prom
     rng = random.Random(seed)
     with_tool = set(rng.sample(range(len(exercises)), round(tool_fraction * len(exercises))))
     if with_tool and executor is None:
-        raise ValueError("tool traces need an executor (the sandbox); set rollout.tool_budget or tool_fraction 0")
+        raise ValueError("tool traces need an executor (the sandbox): give rollout.tool_budget calls, or set "
+                         "train.warm_start_tool_fraction 0")
     futures = {i: executor.submit(exercises[i].code) for i in sorted(with_tool)}
     traces = []
     for i, ex in enumerate(exercises):
