@@ -212,9 +212,12 @@ def _key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -1 - bits, bits + 2**31)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [CONFIGS[2], COMBINED])
-def test_split_rows_follow_the_filtered_distribution(monkeypatch, temperature, top_k, top_p, min_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p,cap",
+                         [(*CONFIGS[2], 8192), (*COMBINED, 8192), (*COMBINED, 2)])
+def test_split_rows_follow_the_filtered_distribution(monkeypatch, temperature, top_k, top_p, min_p, cap):
+    """cap 8192: the whole row goes to the buffer at once; cap 2: pivot passes, then the race pass."""
     monkeypatch.setattr(sampling, "_MIN_CHUNK", 4)
+    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
     assert sampling.split_plan(len(PROBS))[0] == 2
     num_rows = 48
     seeds = torch.arange(num_rows, dtype=torch.int64) * 1000003 + 17
