@@ -246,9 +246,9 @@ class ModelRunner:
         shared = self.shared_params
         params = None if shared is not None else [seq.params for seq in owners]
 
-        def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            if shared is not None:
-                return torch.full((len(owners),), getattr(shared, name), dtype=dtype, device=self.device)
+        def column(name: str, dtype: torch.dtype = torch.float32) -> float | int | torch.Tensor:
+            if shared is not None:  # one setting for every row: a number, so the sampler skips unused filters
+                return getattr(shared, name)
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=self.device)
 
         num = len(owners)
