@@ -65,8 +65,12 @@ class Trainer:
         self.reference = None
         if cfg.rl.kl_coef:
             self.reference = PolicyForward(copy.deepcopy(self.model).requires_grad_(False).eval())
+        self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and self.device.type == "cuda")
+        # FSDP2 under autocast: parameters are unsharded in bf16 (the rollout reads them, no cast per step)
+        masters = next(self.model.parameters()).dtype
+        param_dtype = torch.bfloat16 if self.autocast and masters != torch.bfloat16 else None
         self.policy = distributed.wrap(PolicyForward(self.model), list(self.model.layers), cfg.train.parallel,
-                                       self.device)
+                                       self.device, param_dtype=param_dtype)
         # one fused kernel for all parameters on CUDA; foreach (a few multi-tensor ops) elsewhere
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -75,7 +79,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if cfg.train.parallel == "fsdp" and self.world_size > 1:
             self._forward_through_root()  # after the optimizer took the sharded parameters
-        self.autocast = cfg.train.autocast == "bf16" or (cfg.train.autocast == "auto" and self.device.type == "cuda")
         # 3) engine on the model's own parameters
         self.engine = Engine(self.model, self.tokenizer, cfg.engine)
         self.engine.config.show_progress = self.rank == 0 and cfg.engine.show_progress
