@@ -91,15 +91,23 @@ def _narrow(phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, pivot, count, m
 
 
 @triton.jit
+def _start_top_p(start, hi, count_hi, mass_hi, target, mass_lo, hi_start, top_p):
+    """Where start: top-p's bracket after top-k, [theta_k = lo, hi_start) with W(hi) = 0 and target
+    top_p * (mass kept by top-k)."""
+    hi = tl.where(start, hi_start, hi)
+    count_hi = tl.where(start, 0, count_hi)
+    mass_hi = tl.where(start, 0.0, mass_hi)
+    target = tl.where(start, top_p * mass_lo, target)
+    return hi, count_hi, mass_hi, target
+
+
+@triton.jit
 def _settle(phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, may_start_p):
     """A filter is settled when [lo, hi) holds one key or one element: theta = lo. Top-k settled ->
     top-p starts on the bracket [theta_k, hi_start) with target top_p * (mass kept by top-k)."""
     done = (hi - lo <= 1) | (count_lo - count_hi <= 1)
     to_p = (phase == 0) & done & may_start_p
-    hi = tl.where(to_p, hi_start, hi)
-    count_hi = tl.where(to_p, 0, count_hi)
-    mass_hi = tl.where(to_p, 0.0, mass_hi)
-    target = tl.where(to_p, top_p * mass_lo, target)
+    hi, count_hi, mass_hi, target = _start_top_p(to_p, hi, count_hi, mass_hi, target, mass_lo, hi_start, top_p)
     done = tl.where(to_p, (hi - lo <= 1) | (count_lo - count_hi <= 1), done)
     phase = tl.where(done & (phase < 2), 2, tl.where(to_p, 1, phase))
     return phase, hi, count_hi, mass_hi, target

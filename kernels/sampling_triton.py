@@ -46,7 +46,8 @@ fix the summation order and so the token).
 import triton
 import triton.language as tl
 
-from kernels.sampling_select import _count_mass_ge, _key, _key_to_float, _narrow, _pivots, _search_buffer, _settle
+from kernels.sampling_select import (_count_mass_ge, _key, _key_to_float, _narrow, _pivots, _search_buffer, _settle,
+                                     _start_top_p)
 
 
 @triton.jit
@@ -126,6 +127,42 @@ def _is_last(counter_ptr, num_splits):
 
 
 @triton.jit
+def _race_threshold(theta, m, min_p, inv_t):
+    """The race's floor: x >= it iff key(x) >= theta (the top-k / top-p cut) and p >= min_p * max p,
+    i.e. x >= m + T log(min_p) (at most m: the max is always kept)."""
+    return tl.maximum(_key_to_float(theta), tl.minimum(m + tl.log(min_p) / inv_t, m))
+
+
+@triton.jit
+def _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index):
+    """A chunk's race result: best score in part_f slot 3, its index in part_i slot 1 (slots 0-2 of
+    part_f: m, s, min x; slot 0 of part_i: argmax, written by the stats pass)."""
+    base = row * num_splits + split
+    tl.store(part_f_ptr + base * 4 + 3, best)
+    tl.store(part_i_ptr + base * 2 + 1, best_index)
+
+
+@triton.jit
+def _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S: tl.constexpr):
+    """The row's race merged over its chunks in chunk order: (best score, its index; the lowest
+    chunk on ties)."""
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < num_splits
+    pbest = tl.load(part_f_ptr + (row * num_splits + sp) * 4 + 3, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    best = tl.max(pbest, axis=0)
+    first = tl.min(tl.where(ok & (pbest == best), sp, BLOCK_S), axis=0)
+    return best, tl.load(part_i_ptr + (row * num_splits + first) * 2 + 1, cache_modifier=".cg")
+
+
+@triton.jit
+def _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, log_s):
+    """The row's token and its log-prob (x_token - m)/T - log s over the full vocabulary."""
+    x_token = tl.load(row_ptr + token).to(tl.float32)
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    tl.store(logprobs_ptr + row, (x_token - m) * inv_t - log_s)
+
+
+@triton.jit
 def _race_buffer(buf_x, buf_i, num, seed, inv_t, threshold, V, BLOCK_V: tl.constexpr):
     """The exponential race over buffered tokens with x >= threshold: (best score, its index; the
     lowest index on ties, whatever the buffer's order)."""
@@ -188,9 +225,8 @@ def _stats_kernel(
     tl.store(part_f_ptr + base * 4 + 0, m)
     tl.store(part_f_ptr + base * 4 + 1, s)
     tl.store(part_f_ptr + base * 4 + 2, x_min)
-    tl.store(part_f_ptr + base * 4 + 3, best)
     tl.store(part_i_ptr + base * 2 + 0, argmax)
-    tl.store(part_i_ptr + base * 2 + 1, best_index)
+    _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
 
     # 2) the row's last program merges the chunks (in chunk order: ties go to the lowest index)
     if _is_last(counter_ptr + row, num_splits):
@@ -200,22 +236,17 @@ def _stats_kernel(
         pm = tl.load(part_f_ptr + pbase + 0, mask=ok, other=float("-inf"), cache_modifier=".cg")
         ps = tl.load(part_f_ptr + pbase + 1, mask=ok, other=0.0, cache_modifier=".cg")
         pmin = tl.load(part_f_ptr + pbase + 2, mask=ok, other=float("inf"), cache_modifier=".cg")
-        pbest = tl.load(part_f_ptr + pbase + 3, mask=ok, other=float("-inf"), cache_modifier=".cg")
         m = tl.max(pm, axis=0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         s = tl.sum(ps * tl.exp((pm - m_safe) * inv_t), axis=0)
         log_s = tl.log(s)
         first_max = tl.min(tl.where(ok & (pm == m), sp, BLOCK_S), axis=0)
         argmax = tl.load(part_i_ptr + (row * num_splits + first_max) * 2, cache_modifier=".cg")
-        best = tl.max(pbest, axis=0)
-        first_best = tl.min(tl.where(ok & (pbest == best), sp, BLOCK_S), axis=0)
         token = tl.where(is_greedy, argmax, 0)
         if is_plain:
-            token = tl.load(part_i_ptr + (row * num_splits + first_best) * 2 + 1, cache_modifier=".cg")
+            _, token = _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
         if is_greedy | is_plain:
-            x_token = tl.load(row_ptr + token).to(tl.float32)
-            tl.store(tokens_ptr + row, token.to(tl.int64))
-            tl.store(logprobs_ptr + row, (x_token - m) * inv_t - log_s)
+            _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, log_s)
         # search state of a filtered row: bracket [key(min x), key(m) + 1), W(lo) = all, W(hi) = 0
         lo = _key(tl.min(pmin, axis=0))
         hi_start = _key(m) + 1
@@ -266,7 +297,7 @@ def _refine_kernel(
                 # tokens surely kept (key >= region_hi > theta) when this filter is the last one
                 region_hi = tl.where(whole, hi_start, hi)
                 may_finish = (phase == 1) | (~need_p) | whole
-                threshold = tl.maximum(_key_to_float(region_hi), tl.minimum(m + tl.log(min_p) / inv_t, m))
+                threshold = _race_threshold(region_hi, m, min_p, inv_t)
                 seed = tl.load(seed_ptr + row)
                 for split in range(first_split, stop_split):
                     begin = split * chunk
@@ -288,8 +319,7 @@ def _refine_kernel(
                         if may_finish:
                             best, best_index = _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index,
                                                           BLOCK_V)
-                    tl.store(part_f_ptr + (row * num_splits + split) * 4 + 3, best)
-                    tl.store(part_i_ptr + (row * num_splits + split) * 2 + 1, best_index)
+                    _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
                 if _is_last(counter_ptr + row, num_programs):
                     # the exact search over <= cap buffered tokens, in this one program (exact integer
                     # sums: the buffer's order, set by atomics, does not matter)
@@ -303,30 +333,21 @@ def _refine_kernel(
                         m, inv_t, top_k, top_p, need_p & whole, hi_start, max_passes, NUM_PIVOTS, BLOCK_V)
                     # top-k settled but top-p needs tokens not buffered: back to full-row passes
                     escaped = (entry == 0) & need_p & (~whole)
-                    hi = tl.where(escaped, hi_start, hi)
-                    count_hi = tl.where(escaped, 0, count_hi)
-                    mass_hi = tl.where(escaped, 0.0, mass_hi)
-                    target = tl.where(escaped, top_p * mass_lo, target)
+                    hi, count_hi, mass_hi, target = _start_top_p(escaped, hi, count_hi, mass_hi, target, mass_lo,
+                                                                 hi_start, top_p)
                     phase = tl.where(escaped, 1, phase)
                     phase, hi, count_hi, mass_hi, target = _settle(
                         phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, False)
                     if (phase == 2) & (~escaped):
                         # the race: buffered tokens with key >= theta, against the chunks' surely kept ones
-                        threshold = tl.maximum(_key_to_float(lo), tl.minimum(m + tl.log(min_p) / inv_t, m))
+                        threshold = _race_threshold(lo, m, min_p, inv_t)
                         best_b, index_b = _race_buffer(buf, buf_i_ptr + row * cap, num, seed, inv_t, threshold, V,
                                                        BLOCK_V)
-                        sp = tl.arange(0, BLOCK_S)
-                        ok = sp < num_splits
-                        pbest = tl.load(part_f_ptr + (row * num_splits + sp) * 4 + 3, mask=ok, other=float("-inf"),
-                                        cache_modifier=".cg")
-                        best_a = tl.max(pbest, axis=0)
-                        first = tl.min(tl.where(ok & (pbest == best_a), sp, BLOCK_S), axis=0)
-                        index_a = tl.load(part_i_ptr + (row * num_splits + first) * 2 + 1, cache_modifier=".cg")
+                        best_a, index_a = _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
                         best = tl.maximum(best_a, best_b)
                         token = tl.minimum(tl.where(best_a == best, index_a, V), tl.where(best_b == best, index_b, V))
-                        x_token = tl.load(row_ptr + token).to(tl.float32)
-                        tl.store(tokens_ptr + row, token.to(tl.int64))
-                        tl.store(logprobs_ptr + row, (x_token - m) * inv_t - tl.load(state_f_ptr + row * 5 + 1))
+                        _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t,
+                                     tl.load(state_f_ptr + row * 5 + 1))
                         phase = phase * 0 + 3
                     _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
                                  mass_hi, target)
@@ -374,8 +395,7 @@ def _race_kernel(
         temperature = tl.load(temperature_ptr + row)
         inv_t = 1.0 / temperature
         m = tl.load(state_f_ptr + row * 5 + 0)
-        threshold = tl.maximum(_key_to_float(tl.load(state_i_ptr + row * 6 + 1)),
-                               tl.minimum(m + tl.log(tl.load(min_p_ptr + row)) / inv_t, m))
+        threshold = _race_threshold(tl.load(state_i_ptr + row * 6 + 1), m, tl.load(min_p_ptr + row), inv_t)
         seed = tl.load(seed_ptr + row)
         begin = split * chunk
         end = tl.minimum(begin + chunk, V)
@@ -383,17 +403,7 @@ def _race_kernel(
         best_index = begin
         for start in range(begin, end, BLOCK_V):
             best, best_index = _race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK_V)
-        base = row * num_splits + split
-        tl.store(part_f_ptr + base * 4 + 3, best)
-        tl.store(part_i_ptr + base * 2 + 1, best_index)
+        _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
         if _is_last(counter_ptr + row, num_splits):
-            sp = tl.arange(0, BLOCK_S)
-            ok = sp < num_splits
-            pbest = tl.load(part_f_ptr + (row * num_splits + sp) * 4 + 3, mask=ok, other=float("-inf"),
-                            cache_modifier=".cg")
-            best = tl.max(pbest, axis=0)
-            first_best = tl.min(tl.where(ok & (pbest == best), sp, BLOCK_S), axis=0)
-            token = tl.load(part_i_ptr + (row * num_splits + first_best) * 2 + 1, cache_modifier=".cg")
-            x_token = tl.load(row_ptr + token).to(tl.float32)
-            tl.store(tokens_ptr + row, token.to(tl.int64))
-            tl.store(logprobs_ptr + row, (x_token - m) * inv_t - tl.load(state_f_ptr + row * 5 + 1))
+            _, token = _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
+            _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, tl.load(state_f_ptr + row * 5 + 1))

@@ -23,7 +23,7 @@ from cir.rl.trainer import Trainer
 from kernels import linear_logprobs
 from kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
                                      linear_logprobs_invariant, logprobs_from_logits_invariant)
-from kernels.batch_invariant_triton import bmm_triton
+from kernels.batch_invariant_triton import BLOCK_K, BLOCK_M, BLOCK_N, bmm_triton
 from sandbox import Result
 
 
@@ -69,37 +69,17 @@ def test_triton_bmm_rows_and_batches_are_invariant():
         bmm_triton(a, b[:, :3])
 
 
-COMPILE_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels import batch_invariant_triton as bt
-
-for dtype, ieee in (("fp32", True), ("bf16", False)):
-    signature = {"a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                 **{f"{t}_stride_{d}": "i64" for t, dims in (("a", "bmk"), ("b", "bkn"), ("out", "bmn")) for d in dims}}
-    constants = {"BLOCK_M": bt.BLOCK_M, "BLOCK_N": bt.BLOCK_N, "BLOCK_K": bt.BLOCK_K, "IEEE": ieee}
-    names = list(signature) + list(constants)
-    src = ASTSource(fn=bt._bmm_kernel, signature={**signature, **{k: "constexpr" for k in constants}},
-                    constexprs={(names.index(k),): v for k, v in constants.items()})
-    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm
-print("compiled")
-"""
-
-
-def test_triton_bmm_compiles_for_sm90():
+def test_triton_bmm_compiles_for_sm90(compile_sm90):
     """The interpreter does not type-check like the compiler: compile the kernel (fp32 with ieee
     products, bf16 with plain tl.dot) to an sm_90 cubin, which needs no GPU."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend (with ptxas) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    strides = {f"{t}_stride_{d}": "i64" for t, dims in (("a", "bmk"), ("b", "bkn"), ("out", "bmn")) for d in dims}
+    kernels = []
+    for dtype, ieee in (("fp32", True), ("bf16", False)):
+        signature = {"a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                     **strides}
+        constants = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "IEEE": ieee}
+        kernels.append(("_bmm_kernel", signature, constants))
+    compile_sm90("kernels.batch_invariant_triton", kernels)
 
 
 def test_attention_invariant_matches_sdpa_and_ignores_key_padding():

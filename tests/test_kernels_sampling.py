@@ -310,48 +310,25 @@ def test_passes_a_row_does_not_need_change_nothing(monkeypatch, cap, min_chunk):
         assert top_p_only[2][1] > sampling._SPLIT_REFINE_PASSES  # the top-p row reached the solo launch
 
 
-COMPILE_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels import sampling_triton as st
-
-F, I32, I64 = "*fp32", "*i32", "*i64"
-row = dict(logits_ptr=F, logits_row_stride="i64", temperature_ptr=F)
-params = dict(top_p_ptr=F, top_k_ptr=I64, min_p_ptr=F, seed_ptr=I64)
-out = dict(tokens_ptr=I64, logprobs_ptr=F)
-kernels = {
-    "_stats_kernel": ({**row, **params, "part_f_ptr": F, "part_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
-                       "counter_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32"},
-                      {"BLOCK_V": 1024, "BLOCK_S": 128}),
-    "_refine_kernel": ({**row, **params, "count_part_ptr": I32, "mass_part_ptr": F, "part_f_ptr": F, "part_i_ptr": I32,
-                        "buf_x_ptr": F, "buf_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64, "counter_ptr": I32,
-                        "cursor_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32", "cap": "i32",
-                        "max_passes": "i32", "num_passes": "i32", "chunks_per_program": "i32", "num_programs": "i32"},
-                       {"NUM_PIVOTS": 32, "BLOCK_V": 128, "BLOCK_S": 128}),
-    "_race_kernel": ({**row, "min_p_ptr": F, "seed_ptr": I64, "part_f_ptr": F, "part_i_ptr": I32, "state_f_ptr": F,
-                      "state_i_ptr": I64, "counter_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32"},
-                     {"BLOCK_V": 1024, "BLOCK_S": 128}),
-}
-for name, (signature, constants) in kernels.items():
-    names = list(signature) + list(constants)
-    src = ASTSource(fn=getattr(st, name), signature={**signature, **{k: "constexpr" for k in constants}},
-                    constexprs={(names.index(k),): v for k, v in constants.items()})
-    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(compile_sm90):
     """The interpreter does not type-check like the compiler (loop-carried types, scalar branches,
     constexpr strings): compile the three kernels to an sm_90 cubin, which needs no GPU."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend (with ptxas) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    F, I32, I64 = "*fp32", "*i32", "*i64"
+    row = dict(logits_ptr=F, logits_row_stride="i64", temperature_ptr=F)
+    params = dict(top_p_ptr=F, top_k_ptr=I64, min_p_ptr=F, seed_ptr=I64)
+    out = dict(tokens_ptr=I64, logprobs_ptr=F)
+    compile_sm90("kernels.sampling_triton", [
+        ("_stats_kernel", {**row, **params, "part_f_ptr": F, "part_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
+                           "counter_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32"},
+         {"BLOCK_V": 1024, "BLOCK_S": 128}),
+        ("_refine_kernel", {**row, **params, "count_part_ptr": I32, "mass_part_ptr": F, "part_f_ptr": F,
+                            "part_i_ptr": I32, "buf_x_ptr": F, "buf_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
+                            "counter_ptr": I32, "cursor_ptr": I32, **out, "V": "i32", "chunk": "i32",
+                            "num_splits": "i32", "cap": "i32", "max_passes": "i32", "num_passes": "i32",
+                            "chunks_per_program": "i32", "num_programs": "i32"},
+         {"NUM_PIVOTS": 32, "BLOCK_V": 128, "BLOCK_S": 128}),
+        ("_race_kernel", {**row, "min_p_ptr": F, "seed_ptr": I64, "part_f_ptr": F, "part_i_ptr": I32,
+                          "state_f_ptr": F, "state_i_ptr": I64, "counter_ptr": I32, **out, "V": "i32", "chunk": "i32",
+                          "num_splits": "i32"},
+         {"BLOCK_V": 1024, "BLOCK_S": 128}),
+    ])
