@@ -14,7 +14,7 @@ are skipped and listed under "missing"; their time shows up as host "other". The
     inputs        the step's host lists and tensors, the attention context, the rows to sample
     seeds         the per-draw seeds (sequence_seed) and the sampler's per-row parameter columns
     bookkeeping   per-sequence work after sampling: reading the sampled tokens back, _on_sampled,
-                  mark_computed, share, finishing
+                  mark_computed, share, finishing, writing a decode state back (DecodeState.sync)
     stop_fence    incremental detokenisation and the closing-fence scan (the EOS check is inline
                   in _on_sampled: it counts as bookkeeping)
     tools         collecting sandbox results
@@ -64,6 +64,7 @@ DEVICE_PARTS = ("forward", "sampler")
 TIMED = [
     ("schedule", "cir.engine.scheduler:Scheduler.schedule"),
     ("inputs", "cir.engine.model_runner:ModelRunner._step_inputs"),
+    ("inputs", "cir.engine.model_runner:ModelRunner._decode_inputs"),
     ("inputs", "cir.engine.model_runner:ModelRunner._forward_eager"),
     ("inputs", "cir.engine.model_runner:ModelRunner._sampling_rows"),
     ("inputs", "cir.engine.model_runner:ModelRunner.forward"),
@@ -75,6 +76,9 @@ TIMED = [
     ("seeds", "cir.engine.model_runner:sequence_seeds"),
     ("bookkeeping", "cir.engine.engine:Engine._on_sampled"),
     ("bookkeeping", "cir.engine.engine:Engine._read_pending"),
+    ("bookkeeping", "cir.engine.launched_step:LaunchedStep.read"),
+    ("bookkeeping", "cir.engine.decode_state:DecodeState.mark_computed"),
+    ("bookkeeping", "cir.engine.decode_state:DecodeState.sync"),
     ("bookkeeping", "cir.engine.engine:Engine._finish"),
     ("bookkeeping", "cir.engine.scheduler:Scheduler.retire"),
     ("bookkeeping", "cir.engine.block_manager:BlockManager.mark_computed"),

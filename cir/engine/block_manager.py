@@ -112,6 +112,15 @@ class BlockManager:
         seq.table_version += 1
         return copies
 
+    def append_blocks(self, seqs: list[Sequence]) -> list[int]:
+        """One fresh block at the end of each sequence's table (a decode step that crosses into a new
+        block: nothing to copy); the caller has checked that enough blocks are free. The new ids."""
+        block_ids = [self._take_free_block() for _ in seqs]
+        for seq, block_id in zip(seqs, block_ids):
+            seq.block_table.append(block_id)
+            seq.table_version += 1
+        return block_ids
+
     # 2) after a forward ----------------------------------------------------------------------------
     def mark_computed(self, seq: Sequence, num_tokens: int) -> None:
         """`num_tokens` more tokens of `seq` have their K/V in the cache; hash blocks that filled."""
@@ -120,9 +129,10 @@ class BlockManager:
         if self.enable_prefix_caching:
             self.hash_full_blocks(seq, start)
 
-    def hash_full_blocks(self, seq: Sequence, start: int) -> None:
-        """Hash the blocks filled between token `start` and `seq.num_cached_tokens`."""
-        for i in range(start // self.block_size, seq.num_cached_tokens // self.block_size):
+    def hash_full_blocks(self, seq: Sequence, start: int, end: int | None = None) -> None:
+        """Hash the blocks filled between token `start` and `end` (default `seq.num_cached_tokens`)."""
+        end = seq.num_cached_tokens if end is None else end
+        for i in range(start // self.block_size, end // self.block_size):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:
                 continue

@@ -35,11 +35,13 @@ from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
 from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
+from cir.engine.launched_step import LaunchedStep
 from cir.engine.model_runner import ModelRunner, seed_bases
 from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
-from cir.engine.tools import SegmentDecoder, feedback_text, fence_token_table, find_closed_code, scan_start_hint
+from cir.engine.tools import (SegmentDecoder, check_table, feedback_text, fence_token_table, find_closed_code,
+                               scan_start_hint)
 from sandbox import format_feedback
 
 
@@ -57,38 +59,7 @@ class Trajectory:
     sample_index: int = 0
 
 
-_max_num_tokens = attrgetter("max_num_tokens")
-
-
-@dataclass
-class _Step:
-    """A launched step whose tokens are not read yet: row i of `tokens` belongs to `owners[i]`."""
-
-    owners: list[Sequence]
-    tokens: torch.Tensor  # (R,) int64, on the device: the next step's inputs
-    logprobs: torch.Tensor  # (R,) float32
-    ended: list[Sequence]  # owners whose token is their last (length limit), already out of the batch
-    host: tuple[torch.Tensor, torch.Tensor] | None = None  # CUDA: pinned copies of tokens, logprobs
-    copied: torch.cuda.Event | None = None  # recorded after the copies, before the next step's kernels
-
-    @classmethod
-    def launch(cls, owners, tokens, logprobs, ended) -> _Step:
-        """On CUDA the copies to the host are queued right behind the sampler, so reading them waits
-        for this step only, not for the next one launched after it."""
-        step = cls(owners, tokens, logprobs, ended)
-        if tokens.device.type == "cuda":
-            step.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (tokens, logprobs))
-            step.host[0].copy_(tokens, non_blocking=True)
-            step.host[1].copy_(logprobs, non_blocking=True)
-            step.copied = torch.cuda.Event()
-            step.copied.record()
-        return step
-
-    def read(self) -> tuple[list[int], list[float]]:
-        if self.copied is None:
-            return self.tokens.tolist(), self.logprobs.tolist()
-        self.copied.synchronize()
-        return self.host[0].tolist(), self.host[1].tolist()
+_seed_slot = attrgetter("seed_slot")
 
 
 class Engine:
@@ -111,7 +82,7 @@ class Engine:
         self.stats: dict[str, float] = {}
         self._fence_table = None  # per token: may it close a code block (tools.fence_token_table)
         self._must_check: set[Sequence] = set()
-        self._pending: _Step | None = None
+        self._pending: LaunchedStep | None = None
         self._num_dropped = 0  # sequences ended or paused while the current step ran
         self.rollout_weights: RolloutWeights | None = None  # bf16 copies of fp32 masters, under autocast
 
@@ -229,13 +200,17 @@ class Engine:
         self._stop_ids = [] if params.ignore_eos else sorted(self.eos_token_ids | set(params.stop_token_ids))
         if tools is not None and self._fence_table is None:
             self._fence_table = fence_token_table(self.tokenizer)
+        vocab = getattr(self.model.config, "vocab_size", None)
+        self._check_table = check_table(self._stop_ids, self._fence_table, tools is not None, (vocab or 0) + 1)
+        self._check_unclipped = bool(vocab)  # every sampled id indexes the table
         self._must_check: set[Sequence] = set()
-        self._pending: _Step | None = None
+        self._pending: LaunchedStep | None = None
         self.runner.on_launch = lambda: self._read_pending(scheduler, tools, bar)
         try:
             num_steps, num_generated = self._loop(scheduler, tools, bar)
+            scheduler.drop_decode()
         finally:
-            self.runner.on_launch = self.runner.prev_tokens = self._pending = None
+            self.runner.on_launch = self.runner.prev_tokens = self.runner.prev_slots = self._pending = None
             self.runner.seed_bases = self.runner.shared_params = self.runner.table_rows = None
         bar.close()
         self.stats = dict(num_steps=num_steps, num_generated_tokens=num_generated,
@@ -264,27 +239,25 @@ class Engine:
                     continue
                 raise RuntimeError("scheduler produced an empty step with no sequence waiting on a tool")
             # 1) launch: placeholders gather the previous step's tokens on the device
-            self.runner.prev_tokens = None if self._pending is None else self._pending.tokens
+            pending = self._pending
+            self.runner.prev_tokens, self.runner.prev_slots = (None, None) if pending is None else (pending.tokens, pending.slots)
             self._num_dropped = 0
             owners, logits = self.runner.forward(batch)
             self._read_pending(scheduler, tools, bar)  # a no-op: forward's on_launch read it
             num_steps += 1
-            tokens, logprobs = self.runner.sample(owners, logits)
-            ended = []
-            if batch.is_plain_decode and not self._num_dropped:
-                # 2) the common step: each sequence decoded one token and sampled one (a placeholder,
-                # filled one step later)
-                for row, seq in enumerate(owners):
-                    seq.num_cached_tokens += 1
-                    seq.token_ids.append(-1)
-                    seq.pending_row = row
-                lengths = self.runner.sampled_lengths + 1  # (R,) tokens now, the placeholder included
-                if caching:  # blocks that just filled get their prefix hash
-                    for i in np.flatnonzero((lengths - 1) % bs == 0).tolist():
-                        bm.hash_full_blocks(owners[i], owners[i].num_cached_tokens - 1)
-                limits = np.fromiter(map(_max_num_tokens, owners), dtype=np.int64, count=len(owners))
-                ended = [owners[i] for i in np.flatnonzero(lengths >= limits).tolist()]
+            tokens, logprobs = self.runner.sample(owners, logits, batch.decode)
+            ended, state = [], batch.decode
+            if state is not None and state.alive and not self._num_dropped:
+                # 2) the common step, a plain decode of the running batch: array updates, C-level maps
+                ended = [state.seqs[i] for i in state.mark_computed().tolist()]
+                if caching and len(state.filled):  # blocks that just filled get their prefix hash
+                    for i, end in zip(state.filled.tolist(), state.starts[state.filled].tolist()):
+                        bm.hash_full_blocks(state.seqs[i], end - 1, end)
+                slots = state.slots
             else:
+                if state is not None:  # a sequence ended or paused while the step ran
+                    scheduler.drop_decode()
+                    state = None
                 # 2') K/V written; sequences that ended or paused at the previous step drop out of this one
                 for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
                     if seq.status is running:
@@ -297,21 +270,21 @@ class Engine:
                         for follower in seq.followers:  # the leader finished its prompt: samples share it
                             bm.share(seq, follower)
                             follower.status = running
-                            scheduler.running.append(follower)
+                            scheduler.add_running(follower)
                         seq.followers = []
                 # 3') each running owner gets a placeholder for its token, filled one step later
                 kept = [i for i, seq in enumerate(owners) if seq.status is running]
                 if len(kept) < len(owners):
                     index = torch.tensor(kept, dtype=torch.int64, device=tokens.device)
                     owners, tokens, logprobs = [owners[i] for i in kept], tokens[index], logprobs[index]
-                for row, seq in enumerate(owners):
+                for seq in owners:
                     seq.token_ids.append(-1)
-                    seq.pending_row = row
                     if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
                         ended.append(seq)
+                slots = np.fromiter(map(_seed_slot, owners), dtype=np.int64, count=len(owners))
             for seq in ended:  # known without the token: out of the next step, blocks back now
                 scheduler.retire(seq)
-            self._pending = _Step.launch(owners, tokens, logprobs, ended)
+            self._pending = LaunchedStep.launch(owners, slots, tokens, logprobs, ended, state)
             num_generated += len(owners)
         return num_steps, num_generated
 
@@ -321,19 +294,9 @@ class Engine:
         step, self._pending = self._pending, None
         if step is None:
             return
-        tokens, logprobs = step.read()
-        for seq, token, logprob in zip(step.owners, tokens, logprobs):
-            seq.token_ids[-1] = token
-            seq.loss_mask.append(1)
-            seq.logprobs.append(logprob)
-            seq.pending_row = -1
-        ids = np.asarray(tokens, dtype=np.int64)
-        check = np.zeros(len(ids), dtype=bool)
-        if self._stop_ids:
-            check |= np.isin(ids, self._stop_ids)
-        if tools is not None:
-            table = self._fence_table
-            check |= True if table is None else table[np.minimum(ids, len(table) - 1)]
+        ids, tokens = step.read()  # fills the placeholders
+        table = self._check_table
+        check = table[ids] if self._check_unclipped else table[np.minimum(ids, len(table) - 1)]
         rows = np.flatnonzero(check).tolist()
         extra = step.ended + list(self._must_check)  # (ended and paused ones leave _must_check)
         if extra:

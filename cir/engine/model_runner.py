@@ -3,8 +3,10 @@
 It runs the training model's own parameters (no copy). Per step:
 1) input ids, positions, slot mapping, block tables, sequence lengths of the scheduled tokens, built
    as numpy arrays (one list comprehension per field, no Python call per sequence). A token the
-   previous step sampled is not on the host yet: its id is -1 in `seq.token_ids` and
-   `seq.pending_row` its row in the previous step's tokens (`prev_tokens`), gathered on the device;
+   previous step sampled is not on the host yet: its id is -1 in `seq.token_ids`, gathered on the
+   device from the previous step's tokens (`prev_tokens`, row i that of `prev_slots[i]`). A step that
+   decodes the running batch again (`batch.decode`, decode_state.py) takes its inputs from the
+   state's arrays, and its input ids are the previous step's tokens as they are;
 2) `model.forward_hidden(ids, positions, ctx)` on the packed tokens (mixed prefill + decode); on
    CUDA a decode-only step replays the CUDA graph of its batch-size bucket instead (cuda_graphs.py);
 3) logits only for the rows that sample (the last token of each sequence that reaches its end),
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from cir.engine.cuda_graphs import DecodeGraphs
+from cir.engine.decode_state import DecodeState
 from cir.engine.kv_cache import KVCache
 from cir.engine.scheduler import ScheduledBatch
 from cir.engine.sequence import Sequence
@@ -35,8 +38,9 @@ from kernels import sample
 
 
 _MASK64 = (1 << 64) - 1
+_SEEDS_AHEAD = 16  # decode steps whose seeds are hashed together (DecodeState.seeds)
 # per-sequence fields read in C (map over a batch runs no Python frame per sequence)
-_num_cached, _block_table, _pending_row = (attrgetter(f) for f in ("num_cached_tokens", "block_table", "pending_row"))
+_num_cached, _block_table = attrgetter("num_cached_tokens"), attrgetter("block_table")
 _seed_slot, _token_ids, _num_prompt = (attrgetter(f) for f in ("seed_slot", "token_ids", "num_prompt_tokens"))
 _table_version = attrgetter("table_version")
 
@@ -113,6 +117,8 @@ class ModelRunner:
         self.seed_bases: np.ndarray | None = None  # (N,) uint64 per sequence (seq.seed_slot) of this call
         self.table_rows: np.ndarray | None = None  # (N, max blocks) int32 per sequence of this call (begin_call)
         self.table_lens = self.table_versions = None
+        self.prev_slots: np.ndarray | None = None  # (R,) the seed slots of prev_tokens' rows
+        self._aranges: dict[int, np.ndarray] = {}  # cu_seqlens_q of decode steps, by batch size
 
     def new_call(self) -> None:
         """Draw this generate call's seed (the generator state is what checkpoints save)."""
@@ -124,13 +130,25 @@ class ModelRunner:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
+    def _decode_inputs(self, state: DecodeState) -> StepInputs:
+        """The running batch decodes again: every input is the token the previous step sampled for
+        the same row, so the input ids are the previous step's tokens; the rest from the state's arrays."""
+        num_seqs = len(state)
+        cu_seqlens_q = self._aranges.get(num_seqs)
+        if cu_seqlens_q is None:
+            cu_seqlens_q = self._aranges[num_seqs] = np.arange(num_seqs + 1, dtype=np.int32)
+        return StepInputs(self.prev_tokens, state.starts, state.slot_mapping, state.tables, state.seq_lens,
+                          cu_seqlens_q, 1)
+
     def _step_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """Per-sequence fields gathered by `map(attrgetter)` (no Python frame per sequence), the
         rest numpy."""
+        if batch.decode is not None and batch.decode.num_steps:
+            return self._decode_inputs(batch.decode)
         seqs, num_tokens, bs, num_seqs = batch.seqs, batch.num_tokens, self.block_size, len(batch.seqs)
         starts = np.fromiter(map(_num_cached, seqs), dtype=np.int64, count=num_seqs)
         block_tables = self._block_tables(seqs)
-        pending_rows = np.fromiter(map(_pending_row, seqs), dtype=np.int64, count=num_seqs)
+        pending_rows = self._pending_rows(seqs)
         if batch.is_plain_decode and pending_rows.min() >= 0:
             # steady decode: every input is a token the previous step sampled, still on the device
             positions, seq_of_token = starts, None
@@ -156,8 +174,17 @@ class ModelRunner:
                 input_ids[self._to_device(pending)] = self.prev_tokens[self._to_device(rows)]
         owner = np.arange(num_seqs) if seq_of_token is None else seq_of_token
         slots = block_tables[owner, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = (starts + np.array(num_tokens)).astype(np.int32)
+        seq_lens = (starts + np.asarray(num_tokens, dtype=np.int64)).astype(np.int32)
         return StepInputs(input_ids, positions, slots, block_tables, seq_lens, cu_seqlens_q, max(num_tokens))
+
+    def _pending_rows(self, seqs: list[Sequence]) -> np.ndarray:
+        """Each sequence's row in `prev_tokens`, -1 if its last token is on the host. (When a step's
+        inputs are built, every token of the previous step is unread and every earlier one read.)"""
+        if self.prev_slots is None or not len(self.prev_slots):
+            return np.full(len(seqs), -1, dtype=np.int64)
+        rows = np.full(len(self.table_lens), -1, dtype=np.int64)  # per sequence of the call
+        rows[self.prev_slots] = np.arange(len(self.prev_slots))
+        return rows[np.fromiter(map(_seed_slot, seqs), dtype=np.int64, count=len(seqs))]
 
     def begin_call(self, seqs: list[Sequence], max_blocks: int) -> None:
         """Per generate call: room for each sequence's block table as a numpy row (by seq.seed_slot),
@@ -208,7 +235,7 @@ class ModelRunner:
         """Packed-token index of each row to sample (None: every token, in order) and its sequence.
         A leader that finishes its prompt samples one row per member of its group."""
         if batch.is_plain_decode:
-            return None, list(batch.seqs)
+            return None, batch.seqs if batch.decode is not None else list(batch.seqs)
         rows, owners, end = [], [], 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             end += n
@@ -238,8 +265,10 @@ class ModelRunner:
         return owners, logits
 
     @torch.no_grad()
-    def sample(self, owners: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (R,) int64 and behaviour log-probs (R,) float32, left on the device."""
+    def sample(self, owners: list[Sequence], logits: torch.Tensor,
+               decode: DecodeState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (R,) int64 and behaviour log-probs (R,) float32, left on the device. `decode`: the
+        owners' arrays when the step is a plain decode of the running batch (`batch.decode`)."""
         if not owners:
             empty = torch.empty(0, device=self.device)
             return empty.long(), empty
@@ -251,14 +280,22 @@ class ModelRunner:
                 return getattr(shared, name)
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=self.device)
 
-        num = len(owners)
-        if self.seed_bases is not None:  # this call's per-sequence bases, indexed by seq.seed_slot
-            bases = self.seed_bases[np.fromiter(map(_seed_slot, owners), dtype=np.int64, count=num)]
+        num, state = len(owners), decode
+        if state is not None:  # plain decode of the running batch: the seeds of the next steps at once
+            step = state.num_steps - state.seeds_step
+            if state.seeds is None or step >= len(state.seeds):
+                if state.bases is None:
+                    state.bases = self.seed_bases[state.slots]
+                ahead = np.arange(_SEEDS_AHEAD)[:, None]
+                state.seeds, state.seeds_step, step = draw_seeds(state.bases, state.starts + state.seed_positions + ahead), state.num_steps, 0
+            seeds = state.seeds[step]
         else:
-            bases = seed_bases(self.call_seed, [s.seed_key for s in owners], [s.sample_idx for s in owners])
-        lengths = np.fromiter(map(len, map(_token_ids, owners)), dtype=np.int64, count=num)
-        self.sampled_lengths = lengths  # (R,) each owner's tokens before this draw (the engine reuses it)
-        seeds = draw_seeds(bases, lengths - np.fromiter(map(_num_prompt, owners), dtype=np.int64, count=num))
+            if self.seed_bases is not None:  # this call's per-sequence bases, indexed by seq.seed_slot
+                bases = self.seed_bases[np.fromiter(map(_seed_slot, owners), dtype=np.int64, count=num)]
+            else:
+                bases = seed_bases(self.call_seed, [s.seed_key for s in owners], [s.sample_idx for s in owners])
+            lengths = np.fromiter(map(len, map(_token_ids, owners)), dtype=np.int64, count=num)
+            seeds = draw_seeds(bases, lengths - np.fromiter(map(_num_prompt, owners), dtype=np.int64, count=num))
         tokens, logprobs = sample(
             logits,
             temperature=column("temperature"),

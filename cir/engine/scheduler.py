@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig
+from cir.engine.decode_state import DecodeState
 from cir.engine.sequence import Sequence, SequenceStatus
 
 
@@ -24,6 +25,7 @@ class ScheduledBatch:
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies (src, dst)
     is_plain_decode: bool = True  # one token per sequence, each its last: every sequence samples once
     leaders: list[Sequence] = field(default_factory=list)  # sequences with followers (sample for them)
+    decode: DecodeState | None = None  # a plain decode step of exactly the running batch: its arrays
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -42,6 +44,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.paused: list[Sequence] = []  # waiting for the sandbox, blocks kept
         self.num_preemptions = 0
+        # the running batch's arrays while it only decodes; dropped (`drop_decode`) whenever `running` changes
+        self.decode: DecodeState | None = None
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SequenceStatus.WAITING
@@ -58,6 +62,7 @@ class Scheduler:
         return 1 + len(seq.followers)
 
     def preempt(self, seq: Sequence) -> None:
+        self.drop_decode()
         self.block_manager.free(seq)
         self.running.remove(seq)
         self.num_preemptions += 1
@@ -66,9 +71,42 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
-        bm = self.block_manager
+        if self.decode is not None and self._advance(batch, budget):
+            budget -= len(batch.seqs)
+        else:
+            self.drop_decode()
+            budget = self._schedule_running(batch, budget)
+        admitted = self._admit(batch, budget) if self.waiting and budget > 0 else False
+        if admitted:
+            batch.decode = None  # (add_running dropped the state)
+        elif self.decode is None and batch.is_plain_decode and batch.seqs and len(batch.seqs) == len(self.running):
+            self.decode = batch.decode = DecodeState(batch.seqs, self.block_manager.block_size)
+        return batch
 
-        # 1) running sequences: decode tokens and the rest of chunked prefills
+    def drop_decode(self) -> None:
+        """The running batch changes: write the decode state back into the sequences, forget it."""
+        if self.decode is not None:
+            self.decode.sync()
+            self.decode = None
+
+    def _advance(self, batch: ScheduledBatch, budget: int) -> bool:
+        """The running batch decodes again, unchanged since the last step: the decode state's arrays
+        say which sequences cross into a new block (no walk over the sequences). False when it does
+        not fit (token budget, free blocks): the general path decides (and preempts)."""
+        state, bm = self.decode, self.block_manager
+        if len(state) > budget:
+            return False
+        need = state.filled  # they cross into a new block
+        if len(need):
+            if len(need) > bm.num_free_blocks:
+                return False
+            state.add_blocks(need, bm.append_blocks([state.seqs[i] for i in need.tolist()]))
+        batch.seqs, batch.num_tokens, batch.decode = state.seqs, [1] * len(state), state
+        return True
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        """Running sequences: decode tokens and the rest of chunked prefills; the budget left."""
+        bm = self.block_manager
         bs, blocks, running = bm.block_size, bm.blocks, SequenceStatus.RUNNING
         seqs, counts = batch.seqs, batch.num_tokens
         for seq in list(self.running):
@@ -103,8 +141,12 @@ class Scheduler:
             seqs.append(seq)
             counts.append(num_tokens)
             budget -= num_tokens
+        return budget
 
-        # 2) waiting sequences: new prompts, returns from the sandbox, preempted ones
+    def _admit(self, batch: ScheduledBatch, budget: int) -> bool:
+        """Waiting sequences (new prompts, returns from the sandbox, preempted ones) while they fit;
+        whether any was admitted."""
+        bm, admitted = self.block_manager, False
         num_running = len(self.running) + sum([len(s.followers) for s in self.running]) if self.waiting else 0
         while self.waiting and budget > 0:
             seq = self.waiting[0]
@@ -122,12 +164,15 @@ class Scheduler:
             self._note(batch, seq, num_tokens)
             batch.copies += bm.append_slots(seq, num_tokens)
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self.add_running(seq)
             num_running += self._num_seqs(seq)
+            if batch.decode is not None:  # the batch's list is the decode state's: not to be changed
+                batch.seqs, batch.decode = list(batch.seqs), None
             batch.seqs.append(seq)
             batch.num_tokens.append(num_tokens)
             budget -= num_tokens
-        return batch
+            admitted = True
+        return admitted
 
     @staticmethod
     def _note(batch: ScheduledBatch, seq: Sequence, num_tokens: int) -> None:
@@ -156,24 +201,31 @@ class Scheduler:
             f"or lower max_tokens"
         )
 
+    def add_running(self, seq: Sequence) -> None:
+        self.drop_decode()
+        self.running.append(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        self.block_manager.free(seq)
         if seq in self.running:
+            self.drop_decode()  # (before the block manager resets the sequence)
             self.running.remove(seq)
         elif seq in self.paused:
             self.paused.remove(seq)
+        self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     def retire(self, seq: Sequence) -> None:
         """Out of the running batch with its blocks freed, before `finish` (its last token is sampled
         but not read yet, so the reason is not known)."""
+        self.drop_decode()
         self.block_manager.free(seq)
         self.running.remove(seq)
 
     def pause_for_tool(self, seq: Sequence) -> None:
         """Leave the running batch (blocks kept) until the sandbox answers."""
         if seq in self.running:
+            self.drop_decode()
             self.running.remove(seq)
         else:  # preempted while its last token was on the device: it recomputes after the tool
             self.waiting.remove(seq)

@@ -39,12 +39,11 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.followers: list[Sequence] = []  # samples 1..n-1 of the group, forked after this one's prefill
-        # a token sampled but not yet read back: token_ids[-1] is -1 and this is its row in the step's
-        # tokens on the device (the engine fills it one step later)
-        self.pending_row = -1
+        # a token sampled but not yet read back is a -1 at the end of token_ids (the engine fills it one
+        # step later; its row in that step's tokens on the device is ModelRunner.pending_rows[seed_slot])
         self.max_response_tokens = params.max_tokens  # the engine lowers it to fit max_model_len
         self.max_num_tokens = len(prompt_ids) + params.max_tokens  # prompt + most response tokens
-        self.seed_slot = 0  # index of this sequence's seed base in the generate call (ModelRunner.seed_bases)
+        self.seed_slot = 0  # index of this sequence in the generate call (seed bases, per-sequence arrays)
         # tool state
         self.num_tool_calls = 0
         self.num_tool_successes = 0

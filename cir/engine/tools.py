@@ -61,6 +61,22 @@ def fence_token_table(tokenizer) -> np.ndarray | None:
     return table
 
 
+def check_table(stop_ids: list[int], fence_table: np.ndarray | None, tools: bool, size: int = 1) -> np.ndarray:
+    """(L >= size,) bool: whether a sampled token is looked at one by one (a stop id; with tools, a
+    token that may close a code block, see fence_token_table). Index min(id, L - 1): the last entry
+    stands for every larger id."""
+    vocab = 0 if not tools else 1 if fence_table is None else len(fence_table) - 1
+    table = np.zeros(max(size, 1 + vocab, max(stop_ids, default=-1) + 2), dtype=bool)
+    if tools:
+        if fence_table is None:
+            table[:] = True
+        else:
+            table[:vocab] = fence_table[:vocab]
+            table[vocab:] = fence_table[vocab]
+    table[stop_ids] = True
+    return table
+
+
 def find_closed_code(text: str, start: int = 0) -> tuple[str, int] | None:
     """The code of the first ```python block opened at or after `start` and closed, and the index
     just past its closing fence; None while no block is closed."""
