@@ -14,9 +14,10 @@ The host never holds the device up: step t + 1 is launched before step t's token
 stay on the device as step t + 1's inputs; on the host each is a -1 placeholder until read). So EOS
 and closed code blocks are seen one step late: a sequence that ended or paused at step t was also
 computed in step t + 1, and the token it got there is dropped (its blocks are freed when it ends).
-The length limit needs no token, so a sequence at its limit leaves the batch at once. Per step the
-host work is a few passes over the running sequences plus numpy; only tokens that may stop a
-sequence (EOS, a backtick) are looked at one by one. Under autocast with fp32 masters the matmul
+The length limit needs no token, so a sequence at its limit leaves the batch at once. While the
+running batch only decodes, a step's host work is numpy on its arrays (decode_state.py) plus two
+C-level maps over the token lists (placeholder, fill); only tokens that may stop a sequence (EOS, a
+backtick) are looked at one by one. Under autocast with fp32 masters the matmul
 weights are read from a persistent bf16 copy (rollout_weights.py; `refresh_rollout_weights`).
 """
 from __future__ import annotations
@@ -204,6 +205,7 @@ class Engine:
         self._check_table = check_table(self._stop_ids, self._fence_table, tools is not None, (vocab or 0) + 1)
         self._check_unclipped = bool(vocab)  # every sampled id indexes the table
         self._must_check: set[Sequence] = set()
+        self._row_of_slot = np.full(len(seqs), -1, dtype=np.int64)  # scratch of _read_pending
         self._pending: LaunchedStep | None = None
         self.runner.on_launch = lambda: self._read_pending(scheduler, tools, bar)
         try:
@@ -299,9 +301,12 @@ class Engine:
         check = table[ids] if self._check_unclipped else table[np.minimum(ids, len(table) - 1)]
         rows = np.flatnonzero(check).tolist()
         extra = step.ended + list(self._must_check)  # (ended and paused ones leave _must_check)
-        if extra:
-            row_of = {seq: i for i, seq in enumerate(step.owners)}
-            rows = sorted(set(rows).union(row_of[s] for s in extra if s in row_of))
+        if extra:  # their rows in this step, if they have one (by seed slot: no walk over the owners)
+            row_of = self._row_of_slot
+            row_of[step.slots] = np.arange(len(step.slots))
+            found = row_of[np.fromiter(map(_seed_slot, extra), dtype=np.int64, count=len(extra))]
+            row_of[step.slots] = -1
+            rows = sorted(set(rows).union(found[found >= 0].tolist()))
         for i in rows:
             self._on_sampled(step.owners[i], tokens[i], scheduler, tools, bar)
 
