@@ -242,7 +242,10 @@ class Engine:
                 raise RuntimeError("scheduler produced an empty step with no sequence waiting on a tool")
             # 1) launch: placeholders gather the previous step's tokens on the device
             pending = self._pending
-            self.runner.prev_tokens, self.runner.prev_slots = (None, None) if pending is None else (pending.tokens, pending.slots)
+            if pending is None:
+                self.runner.prev_tokens = self.runner.prev_slots = None
+            else:
+                self.runner.prev_tokens, self.runner.prev_slots = pending.tokens, pending.slots
             self._num_dropped = 0
             owners, logits = self.runner.forward(batch)
             self._read_pending(scheduler, tools, bar)  # a no-op: forward's on_launch read it

@@ -286,8 +286,9 @@ class ModelRunner:
             if state.seeds is None or step >= len(state.seeds):
                 if state.bases is None:
                     state.bases = self.seed_bases[state.slots]
-                ahead = np.arange(_SEEDS_AHEAD)[:, None]
-                state.seeds, state.seeds_step, step = draw_seeds(state.bases, state.starts + state.seed_positions + ahead), state.num_steps, 0
+                ahead = np.arange(_SEEDS_AHEAD)[:, None]  # (K, 1): this step and the K - 1 after it
+                state.seeds = draw_seeds(state.bases, state.starts + state.seed_positions + ahead)  # (K, B)
+                state.seeds_step, step = state.num_steps, 0
             seeds = state.seeds[step]
         else:
             if self.seed_bases is not None:  # this call's per-sequence bases, indexed by seq.seed_slot
