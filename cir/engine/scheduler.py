@@ -98,8 +98,8 @@ class Scheduler:
             return False
         need = state.filled  # they cross into a new block
         if len(need):
-            if len(need) > bm.num_free_blocks:
-                return False
+            if len(need) > bm.num_free_blocks or (state.table_lens[need] * bm.block_size != state.starts[need]).any():
+                return False  # (the second: a table with room left, never seen; the general path is right)
             state.add_blocks(need, bm.append_blocks([state.seqs[i] for i in need.tolist()]))
         batch.seqs, batch.num_tokens, batch.decode = state.seqs, [1] * len(state), state
         return True
