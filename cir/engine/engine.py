@@ -287,8 +287,8 @@ class Engine:
                     if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
                         ended.append(seq)
                 slots = np.fromiter(map(_seed_slot, owners), dtype=np.int64, count=len(owners))
-            for seq in ended:  # known without the token: out of the next step, blocks back now
-                scheduler.retire(seq)
+            if ended:  # known without the token: out of the next step, blocks back now
+                scheduler.retire(ended)
             self._pending = LaunchedStep.launch(owners, slots, tokens, logprobs, ended, state)
             num_generated += len(owners)
         return num_steps, num_generated

@@ -215,12 +215,14 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def retire(self, seq: Sequence) -> None:
-        """Out of the running batch with its blocks freed, before `finish` (its last token is sampled
-        but not read yet, so the reason is not known)."""
+    def retire(self, seqs: list[Sequence]) -> None:
+        """Out of the running batch with their blocks freed, before `finish` (their last token is
+        sampled but not read yet, so the reason is not known). One pass over `running` for all."""
         self.drop_decode()
-        self.block_manager.free(seq)
-        self.running.remove(seq)
+        for seq in seqs:
+            self.block_manager.free(seq)
+        gone = set(seqs)
+        self.running[:] = [seq for seq in self.running if seq not in gone]
 
     def pause_for_tool(self, seq: Sequence) -> None:
         """Leave the running batch (blocks kept) until the sandbox answers."""
