@@ -261,7 +261,8 @@ class Trainer:
         self.engine.refresh_rollout_weights()  # fp32 masters under autocast: the bf16 rollout copy, in place
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        values = torch.cat([sums, grad_norm.detach().float().reshape(1).to(sums.device), mismatch]).tolist()  # the one read
+        norm = grad_norm.detach().float().reshape(1).to(sums.device)
+        values = torch.cat([sums, norm, mismatch]).tolist()  # the one read
         num_stats = len(_STAT_KEYS)
         out = dict(zip(_STAT_KEYS, distributed.all_reduce_sum(values[:num_stats], self.device)))
         out["grad_norm"] = values[num_stats]
