@@ -104,20 +104,25 @@ def test_supervised_loss_matches_a_full_forward_and_falls(box):
         assert float(reference_nll(model, traces)) < 0.5 * losses[0]
 
 
-def test_warm_start_through_the_trainer(tmp_path, box):
+def small_run_config(tmp_path, num_problems: int, *overrides: str):
+    """One RL step on the first `num_problems` embedded problems (the last 2 held out), tiny rollouts."""
     from cir.config import load_config
-    from cir.rl.trainer import Trainer
 
     data = tmp_path / "p.jsonl"
     data.write_text("\n".join(json.dumps({"problem": p.problem, "answer": p.answer})
-                              for p in arithmetic.embedded_problems()[:12]))
-    cfg = load_config(None, [
+                              for p in arithmetic.embedded_problems()[:num_problems]))
+    return load_config(None, [
         "--train.data", str(data), "--train.output_dir", str(tmp_path / "run"), "--train.steps", "1",
         "--train.prompts_per_step", "2", "--rollout.n", "2", "--rollout.max_response_tokens", "8",
         "--rollout.prompt_mode", "plain", "--rollout.tool_budget", "{0: 1}", "--train.save_every", "0",
-        "--engine.num_kv_blocks", "64", "--engine.show_progress", "false", "--train.warm_start", "16",
-        "--train.warm_start_batch", "8", "--train.held_out", "2",
+        "--engine.num_kv_blocks", "64", "--engine.show_progress", "false", "--train.held_out", "2", *overrides,
     ])
+
+
+def test_warm_start_through_the_trainer(tmp_path, box):
+    from cir.rl.trainer import Trainer
+
+    cfg = small_run_config(tmp_path, 12, "--train.warm_start", "16", "--train.warm_start_batch", "8")
     model = tiny_model(seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(cfg, model=model, tokenizer=TOK, sandbox=box)
@@ -170,19 +175,9 @@ def test_default_config_fits_its_traces(smollm2_dir, box):
 
 
 def test_train_warm_starts_then_evaluates_held_out_before_and_after(tmp_path, box, capsys):
-    from cir.config import load_config
     from cir.rl.trainer import Trainer
 
-    data = tmp_path / "p.jsonl"
-    data.write_text("\n".join(json.dumps({"problem": p.problem, "answer": p.answer})
-                              for p in arithmetic.embedded_problems()[:6]))
-    cfg = load_config(None, [
-        "--train.data", str(data), "--train.output_dir", str(tmp_path / "run"), "--train.steps", "1",
-        "--train.prompts_per_step", "2", "--rollout.n", "2", "--rollout.max_response_tokens", "8",
-        "--rollout.prompt_mode", "plain", "--rollout.tool_budget", "{0: 1}", "--train.save_every", "0",
-        "--engine.num_kv_blocks", "64", "--engine.show_progress", "false", "--train.warm_start", "8",
-        "--train.held_out", "2",
-    ])
+    cfg = small_run_config(tmp_path, 6, "--train.warm_start", "8")
     Trainer(cfg, model=tiny_model(seed=0), tokenizer=TOK, sandbox=box).train()
     out = capsys.readouterr().out
     assert "warm start: 8 synthetic traces (30% with the interpreter)" in out
