@@ -3,6 +3,7 @@
     python bench/exact.py                                   # CPU: SmolLM2-135M, the embedded default
     python bench/exact.py --prompts 8 --n 4 --max-tokens 128 --model-path /models/Qwen2.5-0.5B
     from bench.exact import measure; row = measure(model)   # from another bench (bench/gpu.py), any device
+    python bench/exact.py --attention-lengths 512,2048,8192 # exact-mode attention alone, one long sequence
 
 For each mode: a rollout on the engine (random prompts, `ignore_eos`, so both modes generate the same
 tokens count), then the update's training forward + backward (`PolicyForward` over the packed
@@ -12,6 +13,11 @@ paper's clip range [0.8, 1.28]. Reports rollout tokens/s, update seconds and the
 the last line is one JSON object. Timings exclude a short warm-up rollout and update per mode; the
 modes run interleaved `--repeats` times and each figure is the best (wall clock; CPU process time
 too, the steadier figure on a shared machine).
+
+`--attention-lengths`: the exact mode's attention (`causal_attention_invariant`, SmolLM2's 9 query /
+3 kv heads of 64) against SDPA on one causal sequence of each length: forward + backward CPU time, the
+largest tensor any op creates, and the process's peak RSS (lengths ascending, so each peak is that
+length's).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import time
 import torch
 
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
+SDPA_MAX_LENGTH = 8192  # --attention-lengths: longest sequence SDPA is timed on (see attention_cost)
 
 
 class _NoTokenizer:
@@ -152,6 +159,57 @@ def measure(model, *, num_prompts: int = 4, n: int = 2, prompt_len: int = 48, ma
             "update_slowdown_cpu": on["update_cpu_s"] / off["update_cpu_s"]}
 
 
+def attention_cost(lengths: list[int], num_q_heads: int = 9, num_kv_heads: int = 3, head_dim: int = 64) -> list[dict]:
+    """Exact-mode attention vs SDPA, forward + backward over one causal sequence per length (CPU)."""
+    import resource
+
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels.batch_invariant import causal_attention_invariant
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.nbytes = max(self.nbytes, t.untyped_storage().nbytes())
+            return out
+
+    def sdpa(q, k, v):
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(0, 1)
+
+    def inputs(length: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(length)
+        return [torch.randn(length, h, head_dim, generator=gen).requires_grad_()
+                for h in (num_q_heads, num_kv_heads, num_kv_heads)]
+
+    def cpu_s(fn, length: int) -> float:
+        leaves = inputs(length)
+        c0 = time.process_time()
+        fn(*leaves).sum().backward()
+        return time.process_time() - c0
+
+    lengths = sorted(lengths)
+    rows = [{"length": n} for n in lengths]
+    cpu_s(causal_attention_invariant, 64), cpu_s(sdpa, 64)  # warm-up
+    for row in rows:  # exact mode first, lengths ascending: the peak RSS after each is that length's
+        row["exact_cpu_s"] = cpu_s(causal_attention_invariant, row["length"])
+        row["exact_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with Largest() as mode:
+            causal_attention_invariant(*inputs(row["length"])).sum().backward()
+        row["exact_largest_tensor_mb"] = mode.nbytes / 2**20
+        print(json.dumps(row), flush=True)
+    for row in rows:  # SDPA's CPU backward past 8k tokens was killed on the 23 GB test machine
+        if row["length"] <= SDPA_MAX_LENGTH:
+            row["sdpa_cpu_s"] = cpu_s(sdpa, row["length"])
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="HF model directory (default: embedded SmolLM2-135M)")
@@ -162,7 +220,13 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per mode, interleaved; best kept")
     parser.add_argument("--bf16", action="store_true", help="fp32 weights, bf16 autocast (CUDA)")
+    parser.add_argument("--attention-lengths", default=None,
+                        help="comma-separated sequence lengths: time the exact-mode attention alone, then exit")
     args = parser.parse_args()
+    if args.attention_lengths:
+        rows = attention_cost([int(n) for n in args.attention_lengths.split(",")])
+        print(json.dumps({"device": f"CPU, {torch.get_num_threads()} thread(s)", "attention": rows}))
+        return
     from cir.model import default_model_path, from_pretrained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

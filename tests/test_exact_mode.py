@@ -2,10 +2,10 @@
 training forward's log-prob of the same token bit for bit, whatever the batching.
 
 The ops (kernels/batch_invariant*.py) are checked against plain torch (values within float32
-tolerance) and against themselves over row counts, row positions, key padding (bits equal); then
-end to end: random prompts with shared prefixes, chunked prefill, preemption, several samples per
-prompt and tool feedback, against `PolicyForward` on the packed trajectories and the trainer's
-first mini-batch.
+tolerance) and against themselves over row counts, row positions, key padding and key tiles (bits
+equal), attention's memory against the sequence length; then end to end: random prompts with shared
+prefixes, chunked prefill, preemption, several samples per prompt and tool feedback, against
+`PolicyForward` on the packed trajectories and the trainer's first mini-batch.
 """
 import json
 from concurrent.futures import Future
@@ -13,17 +13,21 @@ from concurrent.futures import Future
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from engine_utils import ByteTokenizer, tiny_model
 
 from cir.config import load_config
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
+from cir.model.attention import VarlenContext
 from cir.rl.batching import pack
 from cir.rl.policy import PolicyForward
 from cir.rl.trainer import Trainer
 from kernels import linear_logprobs
 from kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
-                                     linear_logprobs_invariant, logprobs_from_logits_invariant)
+                                     linear_logprobs_invariant, logprobs_from_logits_invariant,
+                                     paged_attention_invariant)
 from kernels.batch_invariant_triton import BLOCK_K, BLOCK_M, BLOCK_N, bmm_triton
+from kernels.paged_attention_reference import plan_reference
 from sandbox import Result
 
 
@@ -97,13 +101,19 @@ def test_attention_invariant_matches_sdpa_and_ignores_key_padding():
     lens = [9, 45, 30]
     qd = torch.stack([q[n - 1] for n in lens]).view(3, Hkv, Hq // Hkv, D)
     kd, vd = (torch.stack([t.transpose(0, 1)] * 3) for t in (k, v))
-    mask = (torch.arange(L)[None, :] < torch.tensor(lens)[:, None])[:, None, None].expand(3, 1, Hq // Hkv, L)
-    out = attention_invariant(qd, kd, vd, mask.contiguous()).reshape(3, Hq, D)
+    key_lens = torch.tensor(lens)[:, None].expand(3, Hq // Hkv)
+    out = attention_invariant(qd, kd, vd, key_lens).reshape(3, Hq, D)
     for i, n in enumerate(lens):
         assert torch.equal(out[i], full[n - 1])
 
 
-def test_attention_invariant_gradient_is_sdpa_gradient():
+@pytest.mark.parametrize("kv_tile", [None, 8])
+def test_attention_invariant_gradient_is_sdpa_gradient(kv_tile, monkeypatch):
+    """kv_tile 8: the backward's recompute over 5 key tiles, the causal skip of early row tiles."""
+    if kv_tile is not None:
+        from kernels import batch_invariant
+
+        monkeypatch.setattr(batch_invariant, "KV_TILE", kv_tile)
     torch.manual_seed(8)
     L, Hq, Hkv, D = 37, 4, 2, 16
     leaves = [torch.randn(L, h, D) for h in (Hq, Hkv, Hkv)]
@@ -114,6 +124,93 @@ def test_attention_invariant_gradient_is_sdpa_gradient():
     F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(0, 1).backward(g)
     for got, want in zip(mine, ref):
         assert_close(got.grad, want.grad, atol=1e-5)  # fp32, softmax over <= 37 keys
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """The largest storage any op in the block creates (views count their base's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.nbytes = max(self.nbytes, t.untyped_storage().nbytes())
+        return out
+
+
+def _paged_rows(q, k, v, steps, block_size=4):
+    """The engine's path: the sequence's keys in a paged cache (shuffled blocks, another sequence of
+    26 tokens beside it), attended in `steps` of (first, last) query positions, each step batched
+    with a decode row of the other sequence; -> the sequence's rows of every step, concatenated."""
+    torch.manual_seed(10)
+    L, Hkv, D = k.shape
+    other_len = 26
+    blocks = torch.randperm(-(-L // block_size) + -(-other_len // block_size) + 3)
+    tables = [blocks[:-(-L // block_size)], blocks[-(-L // block_size):]]
+    width = max(len(t) for t in tables)
+    block_tables = torch.stack([torch.cat((t, t.new_zeros(width - len(t)))) for t in tables]).int()
+    k_cache, v_cache = (torch.full((len(blocks), block_size, Hkv, D), float("nan")) for _ in range(2))
+    other_k, other_v = torch.randn(other_len, Hkv, D), torch.randn(other_len, Hkv, D)
+    other_q = torch.randn(1, *q.shape[1:])
+    for pos in range(max(L, other_len)):
+        for b, (kk, vv) in enumerate(((k, v), (other_k, other_v))):
+            if pos < kk.shape[0]:
+                slot = int(block_tables[b, pos // block_size]) * block_size + pos % block_size
+                k_cache.view(-1, Hkv, D)[slot], v_cache.view(-1, Hkv, D)[slot] = kk[pos], vv[pos]
+    outs = []
+    for first, last in steps:  # queries first..last-1 over keys 0..last-1, then the other sequence's decode row
+        q_step = torch.cat((q[first:last], other_q))
+        cu = torch.tensor([0, last - first, last - first + 1], dtype=torch.int32)
+        plan = plan_reference(cu, block_tables, torch.tensor([last, other_len], dtype=torch.int32), block_size)
+        outs.append(paged_attention_invariant(q_step, k_cache, v_cache, plan)[:last - first])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_attention_over_many_key_tiles_same_bits_in_every_path(monkeypatch, triton):
+    """300 tokens over key tiles of 8 (38 tiles, the last one partial): the packed training forward
+    (beside other sequences), chunked prefill of odd sizes after a cached prefix and decode steps
+    give the same bits. triton: the CUDA branch (fixed-tile Triton bmm) under the interpreter."""
+    from kernels import batch_invariant
+
+    monkeypatch.setattr(batch_invariant, "KV_TILE", 8)
+    monkeypatch.setattr(batch_invariant, "_TRITON_ON_CPU", triton)
+    torch.manual_seed(11)
+    L, Hq, Hkv, D = (300, 4, 2, 16) if not triton else (75, 2, 1, 16)
+    q, k, v = torch.randn(L, Hq, D), torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         is_causal=True, enable_gqa=True).transpose(0, 1)
+    # (i) the training forward: the packed batch of three sequences, through the model's context
+    lens = [37, L, 5]
+    extra = [torch.randn(n, h, D) for n in (lens[0], lens[2]) for h in (Hq, Hkv, Hkv)]
+    packed = [torch.cat((a, b, c)) for a, b, c in zip(extra[:3], (q, k, v), extra[3:])]
+    full = VarlenContext.from_seq_lens(lens).attend_invariant(0, *packed)[lens[0]:lens[0] + L]
+    assert_close(full, ref, atol=1e-5)  # fp32 softmax over <= 300 keys
+    # (ii) chunked prefill of odd sizes, (iii) decode: one query per step (the last 9 tokens)
+    cuts = [0, 7, 60, 61, 124, 203, L - 9] if not triton else [0, 13, 14, 45, L - 9]
+    steps = list(zip(cuts[:-1], cuts[1:])) + [(p, p + 1) for p in range(L - 9, L)]
+    assert torch.equal(_paged_rows(q, k, v, steps), full)
+
+
+def test_attention_memory_grows_linearly_in_the_sequence(monkeypatch):
+    """Forward + backward of one sequence: the largest tensor any op makes is O(T x KV_TILE), not the
+    (T x T) scores: it doubles (at most) when T doubles and stays a few rows x (D + KV_TILE) in size."""
+    from kernels import batch_invariant
+
+    monkeypatch.setattr(batch_invariant, "KV_TILE", 8)
+    Hq, Hkv, D = 2, 1, 16
+    largest = {}
+    for L in (150, 300):
+        q, k, v = (torch.randn(L, h, D, requires_grad=True) for h in (Hq, Hkv, Hkv))
+        with _LargestAllocation() as mode:
+            causal_attention_invariant(q, k, v).backward(torch.ones(L, Hq, D))
+        largest[L] = mode.nbytes
+    rows = 300 * Hq + batch_invariant.Q_TILE  # query rows of the longer call, padded
+    assert largest[300] <= 4 * rows * (D + 1 + 8), largest  # fp32: a tile's scores or P [V, 1], q, the output
+    assert largest[300] <= 2.2 * largest[150], largest  # the (T x T) scores would be 4x
 
 
 def test_linear_logprobs_invariant_values_rows_and_gradients():
@@ -245,10 +342,16 @@ def rollout(model, n=3, max_tokens=40, temperature=1.0, **engine_kw):
     return trajs, engine.stats
 
 
-@pytest.mark.parametrize("temperature, dtype", [(1.0, "float32"), (0.7, "float32"), (1.0, "bfloat16"),
-                                                (1.0, "autocast")])
-def test_behaviour_logprobs_equal_the_training_forward_exactly(temperature, dtype):
-    """dtype: the parameters' (float32 / bfloat16), or fp32 masters under bf16 autocast (the paper's)."""
+@pytest.mark.parametrize("temperature, dtype, kv_tile", [(1.0, "float32", None), (0.7, "float32", None),
+                                                         (1.0, "bfloat16", None), (1.0, "autocast", None),
+                                                         (1.0, "float32", 4), (1.0, "autocast", 4)])
+def test_behaviour_logprobs_equal_the_training_forward_exactly(temperature, dtype, kv_tile, monkeypatch):
+    """dtype: the parameters' (float32 / bfloat16), or fp32 masters under bf16 autocast (the paper's).
+    kv_tile 4: attention's online softmax over many key tiles (up to 17 per sequence)."""
+    if kv_tile is not None:
+        from kernels import batch_invariant
+
+        monkeypatch.setattr(batch_invariant, "KV_TILE", kv_tile)
     model = phrase_model().set_batch_invariant(True)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
