@@ -1,10 +1,9 @@
 """Batch-invariant ops: a token's result has the same bits whatever else shares the call.
 
-    from kernels.batch_invariant import linear_invariant, attention_invariant, linear_logprobs_invariant
+    from kernels.batch_invariant import linear_invariant, attention_invariant
     y = linear_invariant(x, weight, bias)                        # (..., K) -> (..., N), like F.linear
     o = attention_invariant(q, k, v, key_lens)                   # (n, Hkv, M, D) rows over keys [0, key_lens)
-    logp = linear_logprobs_invariant(hidden, weight, targets, temperature, mask)
-    logp = logprobs_from_logits_invariant(linear_invariant(hidden, weight, out_dtype=torch.float32), targets)
+    # log-probs by the same reduction in training and sampling: kernels/batch_invariant_logprobs.py
 
 What an exact (batch-invariant) forward needs: the value computed for one row (a token) must not
 depend on how many other rows are in the call, nor on where the row sits among them. Plain torch
@@ -26,7 +25,7 @@ call by up to 4e-5), cuBLAS picks kernels and split-K by shape. What these ops d
   to a chunk's end (chunked prefill) or to the whole sequence (training forward). Memory: one key
   tile's scores for the call's rows, O(rows x KV_TILE), never (rows x keys); the backward recomputes
   each tile's p (flash attention's), O(rows x KV_TILE) too.
-- Log-probs: the logits of `linear_invariant` (per ROW_TILE rows, the very logits the engine samples
+- Log-probs (kernels/batch_invariant_logprobs.py): the logits of `linear_invariant` (per ROW_TILE rows, the very logits the engine samples
   from) reduced by `kernels.logprobs`' row kernel (the one `kernels.linear_logprobs` runs) in fixed
   VOCAB_CHUNK column chunks, so the recorded behaviour log-prob of a sampled token and the training
   forward's log-prob of the same token are the same reduction of the same numbers.
@@ -48,8 +47,6 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_temperature
-from kernels.logprobs import finish_state, logits_grad, lse_update, new_state
 
 # Rows per CPU matmul tile. 1024 x 576 @ 576 x 1536 (2-core CPU, 1 thread): one F.linear 18.4 ms;
 # tiles of 8 / 16 / 32 / 64 rows: 35 / 24 / 21 / 20 ms. 32 keeps the update near a plain GEMM;
@@ -60,7 +57,6 @@ ROW_TILE = 32
 # of one 2048-token sequence 0.88 / 0.85 / 1.04 s (the causal skip is coarser with larger tiles).
 Q_TILE, KV_TILE = 16, 64
 PV_MIN_COLS = 16  # P [V, 1] widened with zero columns to at least this (tiny head_dim only, see above)
-VOCAB_CHUNK = 4096  # logit columns per step of the row kernel (and of the backward's recompute)
 
 
 _TRITON_ON_CPU = False  # tests: run the CUDA path (Triton, TRITON_INTERPRET=1) on CPU tensors
@@ -380,103 +376,3 @@ def paged_attention_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v = plan.gather(v_cache, slots, 1, "v1")[0].transpose(0, 1)
         out[start:end] = causal_attention_invariant(q[start:end], k, v, scale)
     return out
-
-
-def _logit_rows(vocab_size: int, device: torch.device) -> int:
-    """Rows of fp32 logits held at once by linear_logprobs_invariant: whole ROW_TILE tiles within
-    256 MiB (CUDA) / 32 MiB (CPU), as `kernels.linear_logprobs` budgets its chunks. The count does not
-    change any bits (a row's logits do not depend on the other rows of the call)."""
-    budget = (256 << 20) if device.type == "cuda" else (32 << 20)
-    return max(1, budget // (4 * vocab_size) // ROW_TILE) * ROW_TILE
-
-
-def _rows_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, ...]:
-    """`kernels.logprobs`' row kernel over logits z (R, V) in fixed VOCAB_CHUNK column chunks:
-    (logp, entropy, lse, E_p[z]) per row, each row's bits independent of R."""
-    backend = "triton" if _use_triton(z) else "torch"
-    z = z.float()
-    state = new_state(z.shape[0], z.device)  # (4, R)
-    for col in range(0, z.shape[1], VOCAB_CHUNK):
-        lse_update(z[:, col:col + VOCAB_CHUNK], col, targets, inv_t, state, backend)
-    return finish_state(state)
-
-
-class _LinearLogprobsInvariant(torch.autograd.Function):
-    """Forward: per ROW_TILE rows, z = `linear_invariant`'s product (the logits the engine samples
-    from), then the row kernel. Backward: linear_logprobs' math (`logits_grad` per vocabulary chunk,
-    z recomputed with plain GEMMs: gradients need not be bitwise)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_t: float):
-        step = _logit_rows(weight.shape[0], hidden.device)
-        outs = [_rows_logprobs(_mm_rows_invariant(hidden[r0:r0 + step], weight, torch.float32), targets[r0:r0 + step],
-                               inv_t) for r0 in range(0, hidden.shape[0], step)]
-        logp, entropy, lse, mean_z = (torch.cat(parts) for parts in zip(*outs))
-        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.inv_t = inv_t
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
-        if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
-            return None, None, None, None
-        g_logp = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
-        g_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
-        backend = "triton" if _use_triton(hidden) else "torch"
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs_hidden else None
-        grad_w = torch.empty_like(weight) if needs_weight else None
-        for col in range(0, weight.shape[0], VOCAB_CHUNK):
-            w_c = weight[col:col + VOCAB_CHUNK]  # (C, D)
-            z = (hidden @ w_c.t()).float()  # (N, C), recomputed
-            logits_grad(z, col, targets, ctx.inv_t, lse, mean_z, g_logp, g_entropy, z, backend)  # dz, in place
-            dz = z.to(hidden.dtype)
-            if needs_weight:
-                grad_w[col:col + VOCAB_CHUNK] = dz.t() @ hidden
-            if needs_hidden:
-                grad_h += (dz @ w_c).float()
-        return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, None, None
-
-
-def logprobs_from_logits_invariant(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                                   return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The engine's side of `linear_logprobs_invariant`: logits (R, V) = `linear_invariant(hidden,
-    weight, out_dtype=torch.float32)` (what exact-mode sampling reads) -> log_softmax(logits / temperature)[targets] (R,) fp32,
-    the same bits `linear_logprobs_invariant(hidden, weight, targets, temperature)` gives. No autograd."""
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"logprobs_from_logits_invariant: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}")
-    logp, entropy, _, _ = _rows_logprobs(logits, targets.to(torch.int64), 1.0 / check_temperature(temperature))
-    return (logp, entropy) if return_entropy else logp
-
-
-def linear_logprobs_invariant(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-    mask: torch.Tensor | None = None, return_entropy: bool = False, *, check_targets: bool = True,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.linear_logprobs` (same arguments, same values within float tolerance) whose value for
-    a row does not depend on the other rows: masked rows are computed too (then zeroed), the logits of
-    ROW_TILE rows at a time are `linear_invariant`'s (so the engine can sample from the very logits
-    it records the log-prob of, `logprobs_from_logits_invariant`), reduced by `kernels.logprobs`' row
-    kernel in fixed VOCAB_CHUNK column chunks. check_targets: as linear_logprobs
-    (a target outside [0, V) is a ValueError on CPU; False skips the host read)."""
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"linear_logprobs_invariant: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}")
-    if check_targets and not targets.is_cuda:
-        bad = (targets < 0) | (targets >= weight.shape[0])
-        if mask is not None:
-            bad &= mask != 0
-        if bool(bad.any()):
-            raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got {int(targets[bad][0])}")
-    if hidden.shape[0] == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return (empty, empty) if return_entropy else empty
-    inv_t = 1.0 / check_temperature(temperature)
-    logp, entropy = _LinearLogprobsInvariant.apply(hidden, weight, targets.to(torch.int64), inv_t)
-    if mask is not None:
-        if mask.shape != targets.shape:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, targets {tuple(targets.shape)}")
-        keep = mask != 0
-        logp, entropy = torch.where(keep, logp, 0.0), torch.where(keep, entropy, 0.0)
-    return (logp, entropy) if return_entropy else logp

@@ -24,8 +24,8 @@ from cir.rl.policy import PolicyForward
 from cir.rl.trainer import Trainer
 from kernels import linear_logprobs
 from kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
-                                     linear_logprobs_invariant, logprobs_from_logits_invariant,
                                      paged_attention_invariant)
+from kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
 from kernels.batch_invariant_triton import BLOCK_K, BLOCK_M, BLOCK_N, bmm_triton
 from kernels.paged_attention_reference import plan_reference
 from sandbox import Result

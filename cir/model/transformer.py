@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from cir.model.attention import AttentionContext, VarlenContext
 from cir.model.config import ModelConfig
 from cir.model.rope import RotaryEmbedding, apply_rotary
-from kernels.batch_invariant import (linear_invariant, linear_logprobs_invariant, logprobs_from_logits_invariant,
-                                     row_mean_invariant)
+from kernels.batch_invariant import linear_invariant, row_mean_invariant
+from kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
 from kernels.linear_logprobs import linear_logprobs
 from kernels.logprobs import logprobs_from_logits
 

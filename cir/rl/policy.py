@@ -13,7 +13,7 @@ from torch import nn
 
 from cir.model.attention import VarlenContext
 from kernels import linear_logprobs
-from kernels.batch_invariant import linear_logprobs_invariant
+from kernels.batch_invariant_logprobs import linear_logprobs_invariant
 
 
 class PolicyForward(nn.Module):
