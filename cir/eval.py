@@ -18,6 +18,7 @@ from collections import Counter
 from cir.data.problems import Problem
 from cir.data.prompts import build_prompt
 from cir.engine import Engine, SamplingParams, ToolConfig
+from cir.errors import UserError
 from cir.eval_metrics import avg_at_n, pass_at_k_curve
 from cir.rewards import extract_boxed, score_many
 
@@ -26,15 +27,16 @@ from cir.rewards import extract_boxed, score_many
 def _encode_prompts(engine: Engine, tokenizer, problems: list[Problem], prompt_mode: str,
                     max_prompt_tokens: int | None) -> tuple[list[list[int]], list[Problem]]:
     """Prompt ids of the problems that fit. Too long: skipped when `max_prompt_tokens` is given
-    (the trainer's rule), else a ValueError naming the problem."""
+    (the trainer's rule), else a UserError (a ValueError) naming the problem."""
     limit = engine.max_model_len - 1 if max_prompt_tokens is None else min(max_prompt_tokens, engine.max_model_len - 1)
     prompts, kept = [], []
     for p in problems:
         ids = tokenizer.encode(build_prompt(p, tokenizer, mode=prompt_mode))
         if len(ids) > limit:
             if max_prompt_tokens is None:
-                raise ValueError(f"problem {p.id}: prompt of {len(ids)} tokens leaves no room to answer "
-                                 f"(max_model_len {engine.max_model_len})")
+                raise UserError(f"problem {p.id}: prompt of {len(ids)} tokens leaves no room to answer "
+                                f"(max_model_len {engine.max_model_len})",
+                                hint="shorten or drop that problem, or use a model with a longer context")
             print(f"evaluate: skipping problem {p.id}: prompt of {len(ids)} tokens > {limit}", flush=True)
             continue
         prompts.append(ids)

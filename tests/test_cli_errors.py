@@ -91,6 +91,16 @@ def test_evaluate_negative_temperature(tmp_path, capsys):
     assert line.startswith("error: temperature must be >= 0, got -1.0") and "--temperature" in line
 
 
+def test_evaluate_prompt_longer_than_the_context(tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "m", context=16)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"id": "long-1", "problem": " ".join("abcd" * 5), "answer": "1"}) + "\n")
+    line = run_inprocess(evaluate.main, ["--data", str(data), "--model", str(model), "--prompt-mode", "raw",
+                                         "--max-tool-calls", "0", "--n", "1", "--out", str(tmp_path / "out")], capsys)
+    assert line.startswith("error: problem long-1: prompt of ") and "leaves no room to answer (max_model_len 16)" \
+        in line and line.endswith("or use a model with a longer context")
+
+
 # 2) sandbox.run: its own copy of the convention (sandbox/ imports nothing from cir/) ---------------
 @pytest.mark.parametrize("case", ["missing", "directory", "binary", "timeout", "warm"])
 def test_sandbox_run_mistakes(tmp_path, case):
