@@ -15,7 +15,8 @@ import torch
 
 from kernels._checks import check_temperature
 from kernels.batch_invariant import ROW_TILE, _mm_rows_invariant, _use_triton
-from kernels.logprobs import finish_state, logits_grad, lse_update, new_state
+from kernels.linear_logprobs import chunked_backward
+from kernels.logprobs import finish_state, lse_update, new_state
 
 VOCAB_CHUNK = 4096  # logit columns per step of the row kernel (and of the backward's recompute)
 
@@ -41,8 +42,8 @@ def _rows_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float) -> tupl
 
 class _LinearLogprobsInvariant(torch.autograd.Function):
     """Forward: per ROW_TILE rows, z = `linear_invariant`'s product (the logits the engine samples
-    from), then the row kernel. Backward: linear_logprobs' math (`logits_grad` per vocabulary chunk,
-    z recomputed with plain GEMMs: gradients need not be bitwise)."""
+    from), then the row kernel. Backward: `linear_logprobs`' own (`chunked_backward`, its torch GEMMs
+    with fp32 accumulation: gradients need not be bitwise)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_t: float):
@@ -61,21 +62,10 @@ class _LinearLogprobsInvariant(torch.autograd.Function):
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
             return None, None, None, None
-        g_logp = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
-        g_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
         backend = "triton" if _use_triton(hidden) else "torch"
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs_hidden else None
-        grad_w = torch.empty_like(weight) if needs_weight else None
-        for col in range(0, weight.shape[0], VOCAB_CHUNK):
-            w_c = weight[col:col + VOCAB_CHUNK]  # (C, D)
-            z = (hidden @ w_c.t()).float()  # (N, C), recomputed
-            logits_grad(z, col, targets, ctx.inv_t, lse, mean_z, g_logp, g_entropy, z, backend)  # dz, in place
-            dz = z.to(hidden.dtype)
-            if needs_weight:
-                grad_w[col:col + VOCAB_CHUNK] = dz.t() @ hidden
-            if needs_hidden:
-                grad_h += (dz @ w_c).float()
-        return None if grad_h is None else grad_h.to(hidden.dtype), grad_w, None, None
+        grad_h, grad_w = chunked_backward(hidden, weight, targets, lse, mean_z, grad_logp, grad_entropy, ctx.inv_t,
+                                          VOCAB_CHUNK, backend, False, needs_hidden, needs_weight)
+        return grad_h, grad_w, None, None
 
 
 def logprobs_from_logits_invariant(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

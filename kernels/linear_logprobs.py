@@ -96,6 +96,42 @@ def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buffer[: rows * cols].view(rows, cols)
 
 
+def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                     mean_z: torch.Tensor, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+                     inv_t: float, chunk: int, backend: str, fused: bool, needs_hidden: bool,
+                     needs_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of (logp, entropy) w.r.t. hidden and weight, the logits recomputed `chunk` vocabulary
+    columns at a time (fp32 accumulation); also the exact mode's backward (kernels/batch_invariant_logprobs)."""
+    h, num_rows = hidden, hidden.shape[0]
+    g_logp = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
+    g_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
+    vocab_size = weight.shape[0]
+    grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if needs_hidden else None
+    grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs_weight else None
+    # fused: dz straight from the GEMM epilogue, in h's dtype; torch: fp32 z, then dz in place or in h's dtype
+    buffer = _chunk_buffer(h, chunk, h.dtype if fused else torch.float32)
+    dz_buffer = _chunk_buffer(h, chunk, h.dtype) if not fused and h.dtype != torch.float32 else None
+    for col in range(0, vocab_size, chunk):
+        w_c = weight[col:col + chunk]  # (C, D)
+        if fused:
+            dz = _view(buffer, num_rows, w_c.shape[0])
+            dz_gemm(h, w_c, col, targets, inv_t, lse, mean_z, g_logp, g_entropy, dz)
+        else:
+            z = _mm_f32(h, w_c.t(), _view(buffer, num_rows, w_c.shape[0]) if h.dtype == torch.float32 else None)
+            dz = z if dz_buffer is None else _view(dz_buffer, num_rows, w_c.shape[0])
+            logits_grad(z, col, targets, inv_t, lse, mean_z, g_logp, g_entropy, dz, backend)
+            del z
+        if needs_weight:
+            torch.mm(dz.t(), h, out=grad_w[col:col + chunk])  # (C, D), complete: its own rows of grad_W
+        if needs_hidden:
+            grad_h = _add_mm_f32(grad_h, dz, w_c)  # (N, D) += (N, C) @ (C, D), fp32
+        del dz
+    del buffer, dz_buffer
+    if needs_hidden:
+        grad_h = grad_h.to(hidden.dtype)
+    return grad_h, grad_w
+
+
 class LinearLogprobs(torch.autograd.Function):
     """Every row is computed (a mask is applied outside, without a host sync). fused: the Triton GEMMs
     of `linear_logprobs_triton`; else torch GEMMs into an fp32 chunk + the row ops of `backend`."""
@@ -126,33 +162,8 @@ class LinearLogprobs(torch.autograd.Function):
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
             return None, None, None, None, None, None, None
-        h, num_rows = hidden, hidden.shape[0]
-        g_logp = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
-        g_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
-        vocab_size, chunk, fused = weight.shape[0], ctx.chunk, ctx.fused
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if needs_hidden else None
-        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs_weight else None
-        # fused: dz straight from the GEMM epilogue, in h's dtype; torch: fp32 z, then dz in place or in h's dtype
-        buffer = _chunk_buffer(h, chunk, h.dtype if fused else torch.float32)
-        dz_buffer = _chunk_buffer(h, chunk, h.dtype) if not fused and h.dtype != torch.float32 else None
-        for col in range(0, vocab_size, chunk):
-            w_c = weight[col:col + chunk]  # (C, D)
-            if fused:
-                dz = _view(buffer, num_rows, w_c.shape[0])
-                dz_gemm(h, w_c, col, targets, ctx.inv_t, lse, mean_z, g_logp, g_entropy, dz)
-            else:
-                z = _mm_f32(h, w_c.t(), _view(buffer, num_rows, w_c.shape[0]) if h.dtype == torch.float32 else None)
-                dz = z if dz_buffer is None else _view(dz_buffer, num_rows, w_c.shape[0])
-                logits_grad(z, col, targets, ctx.inv_t, lse, mean_z, g_logp, g_entropy, dz, ctx.backend)
-                del z
-            if needs_weight:
-                torch.mm(dz.t(), h, out=grad_w[col:col + chunk])  # (C, D), complete: its own rows of grad_W
-            if needs_hidden:
-                grad_h = _add_mm_f32(grad_h, dz, w_c)  # (N, D) += (N, C) @ (C, D), fp32
-            del dz
-        del buffer, dz_buffer
-        if needs_hidden:
-            grad_h = grad_h.to(hidden.dtype)
+        grad_h, grad_w = chunked_backward(hidden, weight, targets, lse, mean_z, grad_logp, grad_entropy, ctx.inv_t,
+                                          ctx.chunk, ctx.backend, ctx.fused, needs_hidden, needs_weight)
         return grad_h, grad_w, None, None, None, None, None
 
 
