@@ -1,4 +1,4 @@
-"""cir: code-integrated reasoning RL trainer. One package set: cir, kernels, sandbox.
+"""cir: code-integrated reasoning RL trainer. One package set: cir, cir_kernels, cir_sandbox.
 
     pip install torch==2.13.0 -e ".[test]"     # CPU
     pip install -e ".[gpu]"                     # on a CUDA node (adds flash-attn)
@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Fast, hackable RL for code-integrated reasoning (arXiv 2505.24480)",
     python_requires=">=3.10",
-    packages=find_packages(include=["cir", "cir.*", "kernels", "kernels.*", "sandbox", "sandbox.*"]),
+    packages=find_packages(include=["cir", "cir.*", "cir_kernels", "cir_kernels.*", "cir_sandbox", "cir_sandbox.*"]),
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "transformers>=4.45", "accelerate>=1.0", "sympy"],
+        "test": ["pytest>=8", "transformers>=4.45", "accelerate>=1.0", "sympy", "scipy", "ruff>=0.15,<0.18"],
     },
     package_data={"cir": ["data/*.jsonl"]},
 )

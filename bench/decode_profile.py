@@ -20,7 +20,7 @@ are skipped and listed under "missing"; their time shows up as host "other". The
     tools         collecting sandbox results
     other         the rest of the step (the generate loop itself, and whatever is not wrapped)
     forward       the model's forward_hidden + compute_logits (on CUDA synchronised: device time)
-    sampler       the sampling kernel (kernels.sample)
+    sampler       the sampling kernel (cir_kernels.sample)
 
 host = every part but forward and sampler. On CPU with the tiny model the forward and the sampler
 are small and the host work is what is measured; the same function runs on CUDA from bench/gpu.py,
@@ -221,14 +221,15 @@ class _InstantExecutor:
     """An executor that answers every snippet at once (the sandbox is not what is profiled)."""
 
     def submit(self, code: str) -> Future:
-        from sandbox import Result
+        from cir_sandbox import Result
 
         future = Future()
         future.set_result(Result(status="ok", stdout="0"))
         return future
 
 
-def run_profiled(engine, prompts: list[list[int]], params, n: int, tools, mode: str, sync=None) -> tuple[StepProfile, list[str]]:
+def run_profiled(engine, prompts: list[list[int]], params, n: int, tools, mode: str,
+                 sync=None) -> tuple[StepProfile, list[str]]:
     """One generate call under the profile. mode: "plain" (step boundaries + device parts only),
     "split" (every part), "calls" (step boundaries + a Python call counter)."""
     profile = StepProfile(sync=sync, num_seqs=len(prompts) * n)
@@ -269,7 +270,8 @@ def profile_decode(engine, prompts: list[list[int]], n: int, max_tokens: int, sy
 
     tools = ToolConfig(_InstantExecutor(), max_calls=2)
     params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
-    engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True), n=n, tools=tools)  # warm-up
+    # warm-up
+    engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True), n=n, tools=tools)
     runs = {"plain": [], "split": [], "calls": []}
     for _ in range(repeats):
         for mode in runs:
@@ -334,8 +336,8 @@ def random_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int
 
 def print_table(result: dict) -> None:
     ms = result["split_ms"]
-    print(f"decode step of {result['num_seqs']} sequences, best of {result['repeats']} runs' means over {result['num_steps']} steps: "
-          f"{result['step_ms']:.2f} ms ({result['step_ms_unwrapped']:.2f} ms unwrapped)")
+    print(f"decode step of {result['num_seqs']} sequences, best of {result['repeats']} runs' means over "
+          f"{result['num_steps']} steps: {result['step_ms']:.2f} ms ({result['step_ms_unwrapped']:.2f} ms unwrapped)")
     print(f"{'part':<14}{'ms/step':>9}{'share':>8}")
     for part in HOST_PARTS + DEVICE_PARTS:
         print(f"{part:<14}{ms[part]:>9.3f}{ms[part] / result['step_ms']:>8.1%}")

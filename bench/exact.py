@@ -141,7 +141,8 @@ def measure(model, *, num_prompts: int = 4, n: int = 2, prompt_len: int = 48, ma
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(num_prompts)]
     params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
     engine_config = engine_config or EngineConfig(show_progress=False, kv_cache_memory_gb=0.5)
-    modes = {"off": _Mode(model, False, engine_config, autocast_dtype), "on": _Mode(model, True, engine_config, autocast_dtype)}
+    modes = {"off": _Mode(model, False, engine_config, autocast_dtype),
+             "on": _Mode(model, True, engine_config, autocast_dtype)}
     try:
         for mode in modes.values():
             mode.run(prompts, params, n, micro_batch_tokens, warmup=True)
@@ -166,7 +167,7 @@ def attention_cost(lengths: list[int], num_q_heads: int = 9, num_kv_heads: int =
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from kernels.batch_invariant import causal_attention_invariant
+    from cir_kernels.batch_invariant import causal_attention_invariant
 
     class Largest(TorchDispatchMode):
         nbytes = 0

@@ -27,7 +27,8 @@ if __name__ == "__main__" and not __package__:
     # would shadow the `kernels` package: run again as the module bench.forward, repo root on the path.
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "bench.forward", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+    os.execve(sys.executable, [sys.executable, "-m", "bench.forward", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": _path})
 
 import argparse
 import json
@@ -90,8 +91,8 @@ def compare_models(ours, theirs, label: str, shapes: list[tuple[int, int]], reps
     rows = []
     for batch, length in shapes:
         ids = torch.randint(0, ours.config.vocab_size, (batch, length), device=device)
-        run_ours = lambda: ours(ids)  # noqa: E731
-        run_theirs = lambda: theirs(input_ids=ids, use_cache=False).logits  # noqa: E731
+        run_ours = lambda ids=ids: ours(ids)  # noqa: E731
+        run_theirs = lambda ids=ids: theirs(input_ids=ids, use_cache=False).logits  # noqa: E731
         with torch.inference_mode():
             diff = (run_ours().float() - run_theirs().float()).abs().max().item()
             for _ in range(warmup):
@@ -105,7 +106,7 @@ def compare_models(ours, theirs, label: str, shapes: list[tuple[int, int]], reps
         tokens = batch * length
         row = dict(model=label, dtype=str(dtype).removeprefix("torch."), batch=batch, length=length,
                    ours_tok_s=tokens / statistics.median(t_ours), hf_tok_s=tokens / statistics.median(t_theirs),
-                   ratio=statistics.median(b / a for a, b in zip(t_ours, t_theirs)),
+                   ratio=statistics.median(b / a for a, b in zip(t_ours, t_theirs, strict=True)),
                    ours_gflop_s=flops / statistics.median(t_ours) / 1e9, max_abs_logit_diff=diff)
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
@@ -150,7 +151,8 @@ def main() -> None:
         mfu = f"{r['ours_mfu']:.1%}/{r['hf_mfu']:.1%}" if r.get("ours_mfu") is not None else "-"
         shape = f"{r['batch']}x{r['length']}"
         print(f"{r['model']:<28} {r['dtype']:<9} {shape:<8} {r['ours_tok_s']:>11.0f} "
-              f"{r['hf_tok_s']:>10.0f} {r['ratio']:>5.2f}x {r['ours_gflop_s']:>8.1f} {mfu:>12} {r['max_abs_logit_diff']:>11.2e}")
+              f"{r['hf_tok_s']:>10.0f} {r['ratio']:>5.2f}x {r['ours_gflop_s']:>8.1f} {mfu:>12} "
+              f"{r['max_abs_logit_diff']:>11.2e}")
     ratios = [r["ratio"] for r in rows]
     print(json.dumps({"bench": "forward", "device": device, "threads": torch.get_num_threads(),
                       "min_ratio": min(ratios), "geomean_ratio": statistics.geometric_mean(ratios), "rows": rows}))

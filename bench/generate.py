@@ -31,7 +31,8 @@ if __name__ == "__main__" and not __package__:
     # would shadow the `kernels` package: run again as the module bench.generate, repo root on the path.
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "bench.generate", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+    os.execve(sys.executable, [sys.executable, "-m", "bench.generate", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": _path})
 
 import argparse
 import json
@@ -243,7 +244,7 @@ def main() -> None:
     # 2) with the sandbox in the loop
     tools_rate = calls_rate = None
     if in_budget("the tools run"):
-        from sandbox import Sandbox
+        from cir_sandbox import Sandbox
 
         with Sandbox(workers=4, timeout=10.0) as box:
             seconds, tokens, tool_trajs = run_ours(engine, prompts[: args.prompts], params, args.n,

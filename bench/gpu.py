@@ -9,7 +9,7 @@ Parts (issue 10's table, then the figures later issues add):
                      transformers `generate` on the same weights (tokens/s)
     paged_attention  decode attention, 28 q / 4 kv heads, D 128, block 16, context 8k, B 1 / 32 / 256:
                      fraction of the HBM peak (bench/paged_attention.py)
-    sampler          `kernels.sample` vs a torch sort sampler, V 152064, top-p 0.95, B 1 and 256
+    sampler          `cir_kernels.sample` vs a torch sort sampler, V 152064, top-p 0.95, B 1 and 256
     linear_logprobs  fwd + bwd vs the naive [N, V] path, D 3584, V 152064, N 4k..32k: time, peak memory
     rl_step          one RL step of the real trainer, 1.5B shape, bf16 params, 128 x 256 tokens:
                      rollout tokens/s, training tokens/s and MFU
@@ -39,6 +39,7 @@ if __name__ == "__main__" and not __package__:
     os.execve(sys.executable, [sys.executable, "-m", "bench.gpu", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
 
 import argparse
+import functools
 import json
 import multiprocessing
 import tempfile
@@ -138,14 +139,14 @@ def _time_ms(c: Ctx, fn) -> float:
 
 def part_sampler(c: Ctx) -> dict:
     from bench.kernels import sort_sample
-    from kernels import sample
+    from cir_kernels import sample
 
     vocab = c.pick(512, 152064)
     rows = []
     for batch in c.pick((1, 4), (1, 256)):
         logits = torch.randn(batch, vocab, device=c.device) * 3
-        ours = _time_ms(c, lambda: sample(logits, 1.0, top_p=0.95))
-        sort = _time_ms(c, lambda: sort_sample(logits, 1.0, 0.95, 0))
+        ours = _time_ms(c, functools.partial(sample, logits, 1.0, top_p=0.95))
+        sort = _time_ms(c, functools.partial(sort_sample, logits, 1.0, 0.95, 0))
         rows.append({"batch": batch, "vocab": vocab, "sample_ms": ours, "torch_sort_ms": sort, "speedup": sort / ours})
     return {"top_p": 0.95, "rows": rows}
 
@@ -162,9 +163,17 @@ def _peak_mib(c: Ctx, fn) -> float | None:
     return (torch.cuda.max_memory_allocated(c.device) - before) / 2**20
 
 
+def _logprobs_step(f, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor):
+    """One fwd+bwd of `f(hidden, weight, targets)` against `grad`, clearing the input grads first."""
+    def run():
+        hidden.grad = weight.grad = None
+        (f(hidden, weight, targets) * grad).sum().backward()
+    return run
+
+
 def part_linear_logprobs(c: Ctx) -> dict:
     from bench.kernels import naive_logprobs
-    from kernels import linear_logprobs
+    from cir_kernels import linear_logprobs
 
     d, v = c.pick((32, 512), (3584, 152064))
     rows = []
@@ -173,17 +182,11 @@ def part_linear_logprobs(c: Ctx) -> dict:
         weight = (torch.randn(v, d, device=c.device) * 0.02).to(c.dtype).requires_grad_()
         targets = torch.randint(0, v, (num,), device=c.device)
         grad = torch.randn(num, device=c.device)
-
-        def step(f):
-            def run():
-                hidden.grad = weight.grad = None
-                (f(hidden, weight, targets) * grad).sum().backward()
-            return run
         row = {"n": num, "d": d, "v": v}
         for name, f in (("naive", naive_logprobs), ("kernel", linear_logprobs)):
             try:
-                row[f"{name}_mib"] = _peak_mib(c, step(f))
-                row[f"{name}_ms"] = _time_ms(c, step(f))
+                row[f"{name}_mib"] = _peak_mib(c, _logprobs_step(f, hidden, weight, targets, grad))
+                row[f"{name}_ms"] = _time_ms(c, _logprobs_step(f, hidden, weight, targets, grad))
             except torch.OutOfMemoryError:
                 row[f"{name}_mib"] = row[f"{name}_ms"] = None
         if row["naive_ms"] and row["kernel_ms"]:
@@ -286,7 +289,7 @@ PARTS = {  # name: (function, cap in seconds on GPU)
     "decode_profile": (part_decode_profile, 30),
 }
 SMOKE_CAP_S = 20
-SMOKE_PREIMPORTS = ("transformers", "kernels", "cir.engine", "cir.rl.trainer", "bench.models", "bench.generate",
+SMOKE_PREIMPORTS = ("transformers", "cir_kernels", "cir.engine", "cir.rl.trainer", "bench.models", "bench.generate",
                     "bench.decode_profile", "bench.exact", "bench.kernels", "bench.paged_attention", "bench.train")
 
 

@@ -1,4 +1,4 @@
-"""Benchmark of kernels/: fused masked log-probs and sampling against plain torch baselines.
+"""Benchmark of cir_kernels/: fused masked log-probs and sampling against plain torch baselines.
 
     python bench/kernels.py            # CUDA: Qwen2.5-7B shapes; CPU: the torch reference's memory
     python bench/kernels.py --quick    # smaller shapes (a smoke run)
@@ -28,6 +28,7 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -39,11 +40,12 @@ if __name__ == "__main__" and not __package__:
     # As `python bench/kernels.py` this file would shadow the `kernels` package it measures (the
     # script's folder comes first on sys.path): run it again as the module bench.kernels.
     _path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "bench.kernels", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+    os.execve(sys.executable, [sys.executable, "-m", "bench.kernels", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": _path})
 
 import torch  # noqa: E402
 
-from kernels import linear_logprobs, sample  # noqa: E402
+from cir_kernels import linear_logprobs, sample  # noqa: E402
 
 MIB = 1 << 20
 
@@ -53,7 +55,8 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
-def sort_sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_sample(logits: torch.Tensor, temperature: float, top_p: float,
+                top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The usual sort-based sampler (vLLM v0 / gpt-fast style), no host sync."""
     z = logits.float() / temperature
     logprobs_all = torch.log_softmax(z, dim=-1)
@@ -150,6 +153,11 @@ def _cuda_measure(fn, grad_to_none: list[torch.Tensor] | None = None) -> tuple[f
         return None, None
 
 
+def _fwd_bwd(f, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor):
+    """One fwd+bwd of `f(hidden, weight, targets)` against `grad`."""
+    return lambda: (f(hidden, weight, targets) * grad).sum().backward()
+
+
 def cuda_bench(quick: bool) -> dict:
     device, d, v = "cuda", 3584, 152064
     results: dict = {"device": torch.cuda.get_device_name(), "logprobs": [], "sampling": []}
@@ -161,14 +169,11 @@ def cuda_bench(quick: bool) -> dict:
         weight = (torch.randn(v, d, device=device) * 0.02).to(torch.bfloat16).requires_grad_()
         targets = torch.randint(0, v, (n,), device=device)
         grad = torch.randn(n, device=device)
-
-        def run(f):
-            return lambda: (f(hidden, weight, targets) * grad).sum().backward()
-
-        t_ms, t_mib = _cuda_measure(run(naive_logprobs), [hidden, weight])
-        k_ms, k_mib = _cuda_measure(run(linear_logprobs), [hidden, weight])
+        t_ms, t_mib = _cuda_measure(_fwd_bwd(naive_logprobs, hidden, weight, targets, grad), [hidden, weight])
+        k_ms, k_mib = _cuda_measure(_fwd_bwd(linear_logprobs, hidden, weight, targets, grad), [hidden, weight])
         # the path before the fused GEMMs: cuBLAS into fp32 chunks + the Triton row kernels
-        u_ms, u_mib = _cuda_measure(run(lambda h, w, t: linear_logprobs(h, w, t, fused=False)), [hidden, weight])
+        unfused = functools.partial(linear_logprobs, fused=False)
+        u_ms, u_mib = _cuda_measure(_fwd_bwd(unfused, hidden, weight, targets, grad), [hidden, weight])
         grad_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / MIB  # both paths must hold them
         row = {"n": n, "torch_ms": t_ms, "kernel_ms": k_ms, "torch_mib": t_mib, "kernel_mib": k_mib,
                "unfused_ms": u_ms, "unfused_mib": u_mib, "grad_mib": grad_mib}
@@ -198,8 +203,8 @@ def race_sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor,
 
 
 def _refine_passes(logits: torch.Tensor, top_p: float, top_k: int) -> list[int]:
-    from kernels.sampling import sample_triton
-    from kernels.sampling_reference import prepare_sampling
+    from cir_kernels.sampling import sample_triton
+    from cir_kernels.sampling_reference import prepare_sampling
 
     params = prepare_sampling(logits, 1.0, top_p, top_k, 0.0)
     seeds = torch.arange(logits.shape[0], device=logits.device)
@@ -228,18 +233,18 @@ def sampler_cuda(quick: bool) -> dict:
         logits = torch.randn(b, v, device="cuda") * 3
         seeds = torch.arange(b, device="cuda") * 7919 + 1  # per-row seeds, as the engine passes them
         for name, top_p, top_k in SAMPLER_CASES:
-            s_ms, _ = _cuda_measure(lambda: sort_sample(logits, 1.0, top_p, top_k))
-            k_ms, _ = _cuda_measure(lambda: sample(logits, 1.0, top_p=top_p, top_k=top_k, generator=seeds))
+            s_ms, _ = _cuda_measure(functools.partial(sort_sample, logits, 1.0, top_p, top_k))
+            k_ms, _ = _cuda_measure(functools.partial(sample, logits, 1.0, top_p=top_p, top_k=top_k, generator=seeds))
             t, p, mp = (torch.full((b,), x, device="cuda") for x in (1.0, top_p, 0.0))
             k = torch.full((b,), top_k, dtype=torch.int64, device="cuda")
-            t_ms, _ = _cuda_measure(lambda: sample(logits, t, top_p=p, top_k=k, min_p=mp, generator=seeds))
+            t_ms, _ = _cuda_measure(functools.partial(sample, logits, t, top_p=p, top_k=k, min_p=mp, generator=seeds))
             passes = _refine_passes(logits, top_p, top_k) if top_p < 1 or top_k else [0]
             gbps = b * v * 4 / (k_ms * 1e-3) / 1e9
             row = {"b": b, "case": name, "sort_ms": s_ms, "kernel_ms": k_ms, "speedup": s_ms / k_ms,
                    "tensor_params_ms": t_ms, "passes_mean": sum(passes) / len(passes), "passes_max": max(passes),
                    "read_gbps": gbps, "pct_of_copy": 100 * gbps / copy}
             if name == "temp-only":
-                r_ms, _ = _cuda_measure(lambda: race_sample(logits, 1.0))
+                r_ms, _ = _cuda_measure(functools.partial(race_sample, logits, 1.0))
                 row["torch_race_ms"] = r_ms
             rows.append(row)
             print(f"{b:>5}{name:>11}{s_ms:>9.3f}{k_ms:>11.3f}{s_ms / k_ms:>8.2f}x{t_ms:>12.3f}"
@@ -260,8 +265,8 @@ def _median_seconds(fn, repeat: int = 5) -> float:
 def sampler_interpret_child(quick: bool) -> dict:
     """In a TRITON_INTERPRET=1 process: the Triton sampler on full-size rows, checked against the
     reference's kept set; refine passes per row."""
-    from kernels.sampling import sample_triton
-    from kernels.sampling_reference import keep_mask, prepare_sampling
+    from cir_kernels.sampling import sample_triton
+    from cir_kernels.sampling_reference import keep_mask, prepare_sampling
 
     inputs = [("N(0, 3^2)", torch.randn(1, SAMPLER_VOCAB, generator=torch.Generator().manual_seed(0)) * 3)]
     model_dir = os.path.expanduser("~/.cache/cir/SmolLM2-135M-Instruct")
@@ -298,8 +303,8 @@ def sampler_cpu(quick: bool) -> dict:
     for b in (1,) if quick else (1, 16):
         logits = torch.randn(b, v) * 3
         for name, top_p, top_k in SAMPLER_CASES:
-            ours = _median_seconds(lambda: sample(logits, 1.0, top_p=top_p, top_k=top_k)) * 1e3
-            sort = _median_seconds(lambda: sort_sample(logits, 1.0, top_p, top_k)) * 1e3
+            ours = _median_seconds(functools.partial(sample, logits, 1.0, top_p=top_p, top_k=top_k)) * 1e3
+            sort = _median_seconds(functools.partial(sort_sample, logits, 1.0, top_p, top_k)) * 1e3
             rows.append({"b": b, "case": name, "sample_ms": ours, "sort_sample_ms": sort})
             print(f"{b:>5}{name:>11}{ours:>11.2f}{sort:>16.2f}")
     cmd = [sys.executable, "-m", "bench.kernels", "--sampler-interpret"] + (["--quick"] if quick else [])
@@ -336,11 +341,12 @@ def main() -> None:
         return
     if args.sampler_only:
         sampling = sampler_cuda(args.quick) if torch.cuda.is_available() else sampler_cpu(args.quick)
-        summary = {"bench": "kernels", "device": "cuda" if torch.cuda.is_available() else "cpu", "sampling": sampling}
+        summary = {"bench": "cir_kernels", "device": "cuda" if torch.cuda.is_available() else "cpu",
+                   "sampling": sampling}
     elif torch.cuda.is_available():
-        summary = {"bench": "kernels", "device": "cuda", **cuda_bench(args.quick)}
+        summary = {"bench": "cir_kernels", "device": "cuda", **cuda_bench(args.quick)}
     else:
-        summary = {"bench": "kernels", "device": "cpu", **cpu_bench(args.quick, args.threads),
+        summary = {"bench": "cir_kernels", "device": "cpu", **cpu_bench(args.quick, args.threads),
                    "sampling": sampler_cpu(args.quick)}
     print(json.dumps(summary))
 

@@ -49,7 +49,8 @@ def tiny_shape(shape: str, **overrides) -> ModelConfig:
                                          head_dim=16, max_position_embeddings=4096), **overrides})
 
 
-def random_model(shape: str | ModelConfig, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Transformer:
+def random_model(shape: str | ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                 seed: int = 0) -> Transformer:
     """A Transformer of `shape` with N(0, 0.02) weights (norms 1), built on `device` in `dtype`."""
     config = model_config(shape)
     device = torch.device(device)

@@ -6,7 +6,7 @@
 Decode only (one query per sequence, every sequence at the same context length). Reports the median
 time of triton.testing.do_bench on CUDA; on CPU the best of 10 perf_counter runs (the machine is
 shared, and the minimum is what survives other people's load). The achieved bandwidth
-= KV bytes read / time (the kernel's expected traffic, see kernels/paged_attention.py) and, on
+= KV bytes read / time (the kernel's expected traffic, see cir_kernels/paged_attention.py) and, on
 CUDA, its fraction of the HBM peak. Prints a table, then one JSON line.
 """
 import os
@@ -17,16 +17,18 @@ if __name__ == "__main__" and not __package__:
     # would shadow the `kernels` package: run again as the module bench.paged_attention, repo root on the path.
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = os.pathsep.join(p for p in (_root, os.environ.get("PYTHONPATH")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "bench.paged_attention", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path})
+    os.execve(sys.executable, [sys.executable, "-m", "bench.paged_attention", *sys.argv[1:]],
+              {**os.environ, "PYTHONPATH": _path})
 
 import argparse
+import functools
 import json
 import time
 
 import torch
 
-from kernels.paged_attention import paged_attention
-from kernels.paged_attention_reference import paged_attention_reference
+from cir_kernels.paged_attention import paged_attention
+from cir_kernels.paged_attention_reference import paged_attention_reference
 
 # HBM peak, bytes/s, from the vendors' data sheets (matched on the device name).
 HBM_PEAK = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
@@ -78,16 +80,17 @@ def flash_attn_fn(args):
 
 
 def measure_decode(grid: list[tuple[int, int]], heads: tuple[int, int], head_dim: int, block_size: int,
-                   dtype: torch.dtype, device: torch.device, impls: tuple[str, ...] = ("torch", "triton", "flash_attn")) -> list[dict]:
+                   dtype: torch.dtype, device: torch.device,
+                   impls: tuple[str, ...] = ("torch", "triton", "flash_attn")) -> list[dict]:
     """One row per (batch, context) of `grid` and implementation: ms, KV GB/s, fraction of HBM peak."""
     peak = hbm_peak(device) if device.type == "cuda" else None
     rows = []
     for num_seqs, context in grid:
         args = make_decode_batch(num_seqs, context, *heads, head_dim, block_size, dtype, device)
         kv_bytes = num_seqs * context * heads[1] * head_dim * 2 * dtype.itemsize
-        fns = {"torch": lambda: paged_attention_reference(*args, max_seqlen_q=1)}
+        fns = {"torch": functools.partial(paged_attention_reference, *args, max_seqlen_q=1)}
         if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-            fns["triton"] = lambda: paged_attention(*args, max_seqlen_q=1, backend="triton")
+            fns["triton"] = functools.partial(paged_attention, *args, max_seqlen_q=1, backend="triton")
         if device.type == "cuda" and (fa := flash_attn_fn(args)) is not None:
             fns["flash_attn"] = fa
         for impl, fn in fns.items():
@@ -98,7 +101,7 @@ def measure_decode(grid: list[tuple[int, int]], heads: tuple[int, int], head_dim
             rows.append({"impl": impl, "batch": num_seqs, "context": context, "ms": round(ms, 4),
                          "GB/s": round(gbps, 1),
                          "peak_frac": round(gbps * 1e9 / peak, 3) if peak else None})
-        del args
+        del args, fns, fn  # the partials hold the KV cache too
     return rows
 
 

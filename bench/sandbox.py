@@ -33,6 +33,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
@@ -41,7 +42,7 @@ import subprocess
 import threading
 import time
 
-from sandbox import Sandbox  # noqa: E402
+from cir_sandbox import Sandbox  # noqa: E402
 
 SNIPPETS = {
     "trivial": "print(1 + 1)",
@@ -96,7 +97,7 @@ def bench_server(calls: int, workers: int) -> dict:
     out = {}
     with Sandbox(workers=workers, timeout=30) as sb:
         for name, code in SNIPPETS.items():
-            def one() -> None:
+            def one(name: str = name, code: str = code) -> None:
                 r = sb.run(code)
                 _check(name, r.stdout)
             for _ in range(10):
@@ -124,8 +125,8 @@ def bench_fresh_process(calls: int) -> dict:
     out = {}
     for name, code in SNIPPETS.items():
         _fresh_call(name, code)                             # warm the page cache
-        out[(name, 1)] = _concurrent(1, calls, lambda: _fresh_call(name, code))
-        out[(name, 16)] = _concurrent(16, 1, lambda: _fresh_call(name, code))
+        out[(name, 1)] = _concurrent(1, calls, functools.partial(_fresh_call, name, code))
+        out[(name, 16)] = _concurrent(16, 1, functools.partial(_fresh_call, name, code))
     return out
 
 
@@ -163,7 +164,7 @@ def bench_pool_per_batch(calls: int, batches: int) -> dict:
 FLOOR_SCRIPT = """
 import gc, json, os, sys, time
 import math, numpy, sympy
-from sandbox.warm import collapse_heap, warm_up
+from cir_sandbox.warm import collapse_heap, warm_up
 warm_up(("numpy", "sympy"))
 gc.collect(); gc.freeze(); collapse_heap()
 n, procs = int(sys.argv[1]), int(sys.argv[2])
@@ -225,7 +226,7 @@ def main() -> None:
     print(f"goals: trivial p50 at 1 caller {goals['trivial_p50_ms_1_caller']:.2f} ms (goal <= 0.5); "
           f"trivial at 16 callers {goals['trivial_calls_per_s_16_callers']:.0f} calls/s (goal >= 500); "
           f"sympy p50 {goals['sympy_p50_speedup_vs_fresh']:.0f}x faster than fresh python -c (goal >= 25)")
-    print(json.dumps({"bench": "sandbox", "cpus": os.cpu_count(), "rows": rows, "goals": goals}))
+    print(json.dumps({"bench": "cir_sandbox", "cpus": os.cpu_count(), "rows": rows, "goals": goals}))
 
 
 if __name__ == "__main__":

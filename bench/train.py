@@ -20,10 +20,11 @@ tokens up to 4096, interpreter-feedback spans masked), on a random-weight model 
 device, for each precision (fp32 masters + bf16 autocast, bf16 parameters), gradient checkpointing
 off / on, micro-batch token budget. Reports tokens/s and MFU = (6 x parameters x tokens + causal
 attention FLOPs) / time / bf16 dense peak (also `mfu_exact`: the LM head counted on the scored rows
-only, the embedding lookup as free), peak memory, the host synchronisations torch reports in one update (`set_sync_debug_mode`; the
-count must not grow with the number of micro-batches), and the split of an update into model forward /
-log-prob forward / loss / log-prob + loss backward / model backward / optimizer, timed with CUDA
-events in a second pass of the same code (no host sync inside it). On CPU: tokens/s, MFU owed.
+only, the embedding lookup as free), peak memory, the host synchronisations torch reports in one update
+(`set_sync_debug_mode`; the count must not grow with the number of micro-batches), and the split of an
+update into model forward / log-prob forward / loss / log-prob + loss backward / model backward /
+optimizer, timed with CUDA events in a second pass of the same code (no host sync inside it). On CPU:
+tokens/s, MFU owed.
 The last line is one JSON object.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import random
@@ -175,7 +177,7 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize()
         out: dict[str, float] = {}
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:], strict=False):
             seconds = a.elapsed_time(b) / 1e3 if self.cuda else b - a
             out[name] = out.get(name, 0.0) + seconds
         return out
@@ -187,7 +189,7 @@ def split_update(trainer, trajs: list, rewards: torch.Tensor) -> dict[str, float
     from cir.model.attention import VarlenContext
     from cir.rl.batching import pack
     from cir.rl.loss import policy_loss
-    from kernels import linear_logprobs
+    from cir_kernels import linear_logprobs
 
     rl, model = trainer.config.rl, trainer.model
     adv = trainer.advantages(rewards).reshape(-1).tolist()
@@ -285,7 +287,7 @@ def bench_update(shape: str, precision: str, checkpointing: bool, micro_tokens: 
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         if device.type == "cuda":
-            row["cuda_syncs_per_update"] = count_cuda_syncs(lambda: trainer.update(trajs, rewards))
+            row["cuda_syncs_per_update"] = count_cuda_syncs(functools.partial(trainer.update, trajs, rewards))
         peak = peak_flops(device)
         row.update(seconds=seconds, tokens_per_s=flops["tokens"] / seconds, tokens=flops["tokens"],
                    scored_rows=flops["scored_rows"], params=flops["params"],

@@ -14,8 +14,8 @@ Every other exception is a bug and keeps its traceback. A command's module ends 
 and builds its parser with `ArgumentParser` (argparse whose usage errors are that one line too).
 
 `UserError` is a ValueError (the house rule: bad input raises ValueError naming the value), and
-`MissingPathError` is also a FileNotFoundError, so code catching those keeps working. sandbox/run.py
-follows the same convention with a few lines of its own: sandbox/ imports nothing from cir/.
+`MissingPathError` is also a FileNotFoundError, so code catching those keeps working. cir_sandbox/run.py
+follows the same convention with a few lines of its own: cir_sandbox/ imports nothing from cir/.
 """
 from __future__ import annotations
 

@@ -124,7 +124,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    data = {name: load_problems(path)[: args.limit] for name, path in zip(_unique_names(args.data), args.data)}
+    data = {name: load_problems(path)[: args.limit]
+            for name, path in zip(_unique_names(args.data), args.data, strict=True)}
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         # 1) the sandbox server first: a small process forked before the model takes memory
         tools = None
         if args.max_tool_calls > 0:
-            from sandbox import Sandbox
+            from cir_sandbox import Sandbox
 
             sandbox = stack.enter_context(Sandbox(workers=args.sandbox_workers, timeout=args.sandbox_timeout))
             tools = ToolConfig(sandbox, max_calls=args.max_tool_calls)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: avg@{args.n} {100 * m[f'avg@{args.n}']:.1f} ({m['time/generate']:.0f}s generating, "
                   f"{m['throughput/tokens_per_s']:.0f} tokens/s)", flush=True)
     settings = {k: v for k, v in vars(args).items() if k != "data"}
-    settings.update(model=model_path, data=dict(zip(data, args.data)))
+    settings.update(model=model_path, data=dict(zip(data, args.data, strict=True)))
     (out / "summary.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
     print(format_table(results))
     print(f"per-problem outputs and summary.json in {out}")

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sandbox = None
     if args.tools:  # the fork-server starts before the model is loaded
-        from sandbox import Sandbox
+        from cir_sandbox import Sandbox
 
         sandbox = Sandbox(workers=2, timeout=10.0)
     try:

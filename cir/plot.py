@@ -98,8 +98,9 @@ def _panel(ax, records: list[dict], title: str, curves: list[tuple[str, str]], y
 def _eval_points(ax, evals: list[dict]) -> None:
     """Held-out accuracy (each eval set's avg@n) as dotted markers on the reward panel."""
     names = sorted({k for r in evals for k, v in r.items() if isinstance(v, dict)})
-    styles = itertools.cycle(zip("s^Dvp*", ["tab:red", "tab:cyan", "tab:olive", "tab:pink", "black", "tab:brown"]))
-    for name, (marker, color) in zip(names, styles):
+    styles = itertools.cycle(zip("s^Dvp*", ["tab:red", "tab:cyan", "tab:olive", "tab:pink", "black", "tab:brown"],
+                                 strict=True))
+    for name, (marker, color) in zip(names, styles, strict=True):
         steps, values, metric = [], [], "avg@n"
         for r in evals:
             m = r.get(name)

@@ -78,7 +78,8 @@ def main() -> None:
         trainer.update(mine, rewards[list(groups)])
     state = distributed.full_state_dict(trainer.model)
     if state:
-        tag = f"{args.parallel}_{args.agg}_w{trainer.world_size}_r{trainer.rank}{'_g' + args.groups if args.groups else ''}"
+        tag = (f"{args.parallel}_{args.agg}_w{trainer.world_size}_r{trainer.rank}"
+               f"{'_g' + args.groups if args.groups else ''}")
         torch.save(state, os.path.join(args.out, f"weights_{tag}.pt"))
         mc = trainer.model.config
         update = {"lrs": lrs, "num_tokens": sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs),

@@ -27,7 +27,7 @@ def _reference(trajs: list[Trajectory], adv: list[float]) -> dict[str, list]:
     out = {k: [] for k in ("input_ids", "positions", "rows", "targets", "mask", "old_logprobs", "advantages",
                            "seq_ids")}
     cu = [0]
-    for s, (t, a) in enumerate(zip(trajs, adv)):
+    for s, (t, a) in enumerate(zip(trajs, adv, strict=True)):
         start, num_prompt = cu[-1], len(t.prompt_ids)
         out["input_ids"] += t.prompt_ids + t.response_ids
         out["positions"] += list(range(num_prompt + len(t.response_ids)))
@@ -51,7 +51,7 @@ def test_micro_batches_match_a_per_token_construction(seed):
     micro = pack(trajs, adv, budget)
     assert sorted(i for g in groups for i in g) == list(range(len(trajs)))  # each trajectory exactly once
     assert len(micro) == len(groups)
-    for mb, chosen in zip(micro, groups):
+    for mb, chosen in zip(micro, groups, strict=True):
         ref = _reference([trajs[i] for i in chosen], [adv[i] for i in chosen])
         for key, want in ref.items():
             got = getattr(mb, key).tolist()

@@ -101,7 +101,7 @@ def test_evaluate_prompt_longer_than_the_context(tmp_path, capsys):
         in line and line.endswith("or use a model with a longer context")
 
 
-# 2) sandbox.run: its own copy of the convention (sandbox/ imports nothing from cir/) ---------------
+# 2) cir_sandbox.run: its own copy of the convention (cir_sandbox/ imports nothing from cir/) ---------------
 @pytest.mark.parametrize("case", ["missing", "directory", "binary", "timeout", "warm"])
 def test_sandbox_run_mistakes(tmp_path, case):
     binary = tmp_path / "prog.bin"
@@ -113,14 +113,14 @@ def test_sandbox_run_mistakes(tmp_path, case):
         "directory": ([str(tmp_path)], f"error: {tmp_path} is a directory, not a Python file"),
         "binary": ([str(binary)], f"error: {binary} is a binary file, not Python source"),
         "timeout": ([str(snippet), "--timeout", "0"], "error: --timeout must be > 0 seconds, got 0.0; "
-                                                      "see python -m sandbox.run --help"),
+                                                      "see python -m cir_sandbox.run --help"),
         "warm": ([str(snippet), "--warm", "math,nosuchmodule"], "error: --warm: no module named nosuchmodule"),
     }[case]
-    assert one_line(run_cli("-m", "sandbox.run", *args)) == expected
+    assert one_line(run_cli("-m", "cir_sandbox.run", *args)) == expected
 
 
 def test_sandbox_run_debug_shows_the_traceback(tmp_path):
-    proc = run_cli("-m", "sandbox.run", str(tmp_path / "nope.py"), "--debug")
+    proc = run_cli("-m", "cir_sandbox.run", str(tmp_path / "nope.py"), "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "UsageError: no such file" in proc.stderr
 
 

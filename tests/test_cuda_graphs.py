@@ -59,7 +59,7 @@ def test_padded_decode_matches_eager_and_full_forward(num_kv_heads):
     assert sizes and len(set(sizes)) > 1 and any(s not in batch_buckets(16) for s in sizes)
     assert [t.response_ids for t in trajs] == [t.response_ids for t in expected]
     assert len(seen) == len(seen_eager)
-    worst = max((a[1] - b[1]).abs().max().item() for a, b in zip(seen, seen_eager))
+    worst = max((a[1] - b[1]).abs().max().item() for a, b in zip(seen, seen_eager, strict=True))
     assert worst < 1e-5, f"padded decode differs from eager by {worst:.2e}"
     assert_rows_match_full_forward(model, seen)
 

@@ -86,7 +86,8 @@ def test_verl_parquet(tmp_path):
          "ability": "math", "reward_model": {"ground_truth": "42", "style": "rule"},
          "extra_info": {"index": 10, "split": "train"}},
         {"data_source": "toy", "prompt": [{"role": "user", "content": "Half of 1?"}], "ability": "math",
-         "reward_model": {"ground_truth": r"\frac{1}{2}", "style": "rule"}, "extra_info": {"index": 11, "split": "train"}},
+         "reward_model": {"ground_truth": r"\frac{1}{2}", "style": "rule"},
+         "extra_info": {"index": 11, "split": "train"}},
     ]
     path = tmp_path / "train.parquet"
     pq.write_table(verl_table(rows), path)

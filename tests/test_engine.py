@@ -5,7 +5,7 @@ import torch
 from engine_utils import ByteTokenizer, tiny_model
 
 from cir.engine import Engine, EngineConfig, SamplingParams
-from kernels import linear_logprobs
+from cir_kernels import linear_logprobs
 
 
 def make_engine(model, **config) -> Engine:
@@ -21,7 +21,7 @@ def record_logits(engine: Engine) -> list[tuple[list[int], torch.Tensor]]:
 
     def spy(batch):
         owners, logits = forward(batch)
-        seen.extend((list(seq.token_ids), row.clone()) for seq, row in zip(owners, logits))
+        seen.extend((list(seq.token_ids), row.clone()) for seq, row in zip(owners, logits, strict=True))
         return owners, logits
 
     engine.runner.forward = spy
@@ -81,7 +81,7 @@ def test_greedy_equals_repeated_full_forward():
     model = tiny_model(seed=3)
     prompts = prompts_of([3, 9, 21], seed=4)
     trajs = make_engine(model).generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
-    for prompt, traj in zip(prompts, trajs):
+    for prompt, traj in zip(prompts, trajs, strict=True):
         assert traj.response_ids == greedy_by_full_forward(model, prompt, 16)
 
 

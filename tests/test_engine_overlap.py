@@ -11,7 +11,7 @@ from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
 from cir.engine.model_runner import sequence_seed, sequence_seeds
 from cir.engine.sequence import Sequence
 from cir.engine.tools import SegmentDecoder, feedback_text, fence_token_table
-from sandbox import format_feedback
+from cir_sandbox import format_feedback
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_token_id

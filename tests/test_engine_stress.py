@@ -11,7 +11,7 @@ from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
 from cir.engine import scheduler as scheduler_module
 from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.tools import feedback_text
-from sandbox import Result, format_feedback
+from cir_sandbox import Result, format_feedback
 
 TOK = ByteTokenizer()
 MAX_STEPS = 5000

@@ -7,7 +7,7 @@ from engine_utils import ByteTokenizer, ScriptedModel
 
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
 from cir.engine.tools import feedback_text, find_closed_code
-from sandbox import Sandbox, format_feedback
+from cir_sandbox import Sandbox, format_feedback
 
 TOK = ByteTokenizer()
 
@@ -54,7 +54,8 @@ def run_scripts(box, scripts: dict[str, list], max_calls: int = 2, max_tokens: i
         expected[prompt] = (ids, mask)
         models[TOK.encode(prompt)[0] % 16] = ids + [TOK.eos_token_id]
     engine = Engine(ScriptedModel(models, TOK.eos_token_id), TOK,
-                    EngineConfig(**{"block_size": 4, "num_kv_blocks": 512, "show_progress": False, **(engine_kw or {})}))
+                    EngineConfig(**{"block_size": 4, "num_kv_blocks": 512, "show_progress": False,
+                                    **(engine_kw or {})}))
     finished = []
     finish = engine._finish
 
@@ -75,16 +76,16 @@ def test_response_is_sampled_ids_with_feedback_ids_inserted(box):
         "B: err": ["Try: ", ("code", "1 / 0"), " then ", ("code", "print('ok')"), " done."],
     }
     trajs, expected, _ = run_scripts(box, scripts)
-    for traj, prompt in zip(trajs, scripts):
+    for traj, prompt in zip(trajs, scripts, strict=True):
         ids, mask = expected[prompt]
         assert traj.prompt_ids + traj.response_ids == ids + [TOK.eos_token_id]
         assert traj.loss_mask == mask + [1]
-        assert all(lp == 0.0 for lp, m in zip(traj.logprobs, traj.loss_mask) if m == 0)
+        assert all(lp == 0.0 for lp, m in zip(traj.logprobs, traj.loss_mask, strict=True) if m == 0)
         assert traj.finish_reason == "eos"
     a, b = trajs
     assert (a.num_tool_calls, a.num_tool_successes) == (1, 1)
     assert (b.num_tool_calls, b.num_tool_successes) == (2, 1)
-    fb = [t for t, m in zip(a.response_ids, a.loss_mask) if m == 0]
+    fb = [t for t, m in zip(a.response_ids, a.loss_mask, strict=True) if m == 0]
     assert TOK.decode(fb) == feedback_text("2")
     assert "ZeroDivisionError" in b.text
 
@@ -131,7 +132,7 @@ def test_slow_code_does_not_hold_back_other_sequences(box):
     trajs, expected, finished = run_scripts(box, scripts)
     assert time.monotonic() - start >= 2.0
     assert finished[-1] == 0, f"finish order by prompt index: {finished}"
-    for traj, prompt in zip(trajs, scripts):
+    for traj, prompt in zip(trajs, scripts, strict=True):
         assert traj.prompt_ids + traj.response_ids == expected[prompt][0] + [TOK.eos_token_id]
 
 

@@ -18,7 +18,7 @@ from cir.eval import evaluate, summarize
 from cir.evaluate import _parse_args, _unique_names, format_table
 from cir.rl.budget import ToolBudget
 from cir.rl.evaluation import evaluate_problems
-from sandbox.result import Result, format_feedback
+from cir_sandbox.result import Result, format_feedback
 
 
 def record(rewards, calls, successes, finish, predictions=None, lengths=None) -> dict:
@@ -103,7 +103,7 @@ def test_evaluate_end_to_end_tiny_model():
     assert sum(v for k, v in m.items() if k.startswith("finish/")) == pytest.approx(1.0)
     assert m["time/generate"] > 0
     assert [r["id"] for r in records] == ["a", "b", "c"]
-    for r, p in zip(records, PROBLEMS):
+    for r, p in zip(records, PROBLEMS, strict=True):
         assert r["answer"] == p.answer and r["num_correct"] == 0
         assert r["rewards"] == [-1.0] * n
         for key in ("responses", "predictions", "num_tool_calls", "num_tool_successes", "finish_reasons",
@@ -140,7 +140,8 @@ def test_evaluate_counts_tool_calls_and_correct_answers():
     tok = ByteTokenizer()
     problem = Problem(problem="2+2?", answer="4", id="four")
     prompt = tok.encode(build_prompt(problem, mode="raw"))
-    response = (tok.encode("```python\nprint(2+2)\n```") + tok.encode(feedback_text(format_feedback(Result("ok", "4\n"))))
+    response = (tok.encode("```python\nprint(2+2)\n```")
+                + tok.encode(feedback_text(format_feedback(Result("ok", "4\n"))))
                 + tok.encode("So \\boxed{4}."))
     model = ScriptedModel({prompt[0] % 16: prompt + response + [tok.eos_token_id]}, tok.eos_token_id)
     engine = Engine(model, tok, EngineConfig(block_size=16, num_kv_blocks=128, show_progress=False))

@@ -1,7 +1,7 @@
 """Exact mode (Transformer.set_batch_invariant): every behaviour log-prob the engine records equals the
 training forward's log-prob of the same token bit for bit, whatever the batching.
 
-The ops (kernels/batch_invariant*.py) are checked against plain torch (values within float32
+The ops (cir_kernels/batch_invariant*.py) are checked against plain torch (values within float32
 tolerance) and against themselves over row counts, row positions, key padding and key tiles (bits
 equal), attention's memory against the sequence length; then end to end: random prompts with shared
 prefixes, chunked prefill, preemption, several samples per prompt and tool feedback, against
@@ -22,18 +22,19 @@ from cir.model.attention import VarlenContext
 from cir.rl.batching import pack
 from cir.rl.policy import PolicyForward
 from cir.rl.trainer import Trainer
-from kernels import linear_logprobs
-from kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
+from cir_kernels import linear_logprobs
+from cir_kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
                                      paged_attention_invariant)
-from kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
-from kernels.batch_invariant_triton import BLOCK_K, BLOCK_M, BLOCK_N, bmm_triton
-from kernels.paged_attention_reference import plan_reference
-from sandbox import Result
+from cir_kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
+from cir_kernels.batch_invariant_triton import BLOCK_K, BLOCK_M, BLOCK_N, bmm_triton
+from cir_kernels.paged_attention_reference import plan_reference
+from cir_sandbox import Result
 
 
 def assert_close(got, want, atol, rtol=1e-5):
     err = (got - want).abs()
-    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"max err {err.max().item():.3g}, mean {err.mean().item():.3g}"
+    assert torch.allclose(got, want, atol=atol, rtol=rtol), \
+        f"max err {err.max().item():.3g}, mean {err.mean().item():.3g}"
 
 
 # 1) the ops -------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def test_linear_invariant_gradient_is_f_linear_gradient():
     g = torch.randn(37, 20)
     linear_invariant(*leaves[:3]).backward(g)
     F.linear(*leaves[3:]).backward(g)
-    for got, want in zip(leaves[:3], leaves[3:]):
+    for got, want in zip(leaves[:3], leaves[3:], strict=True):
         assert_close(got.grad, want.grad, atol=1e-5)
 
 
@@ -83,7 +84,7 @@ def test_triton_bmm_compiles_for_sm90(compile_sm90):
                      **strides}
         constants = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "IEEE": ieee}
         kernels.append(("_bmm_kernel", signature, constants))
-    compile_sm90("kernels.batch_invariant_triton", kernels)
+    compile_sm90("cir_kernels.batch_invariant_triton", kernels)
 
 
 def test_attention_invariant_matches_sdpa_and_ignores_key_padding():
@@ -111,7 +112,7 @@ def test_attention_invariant_matches_sdpa_and_ignores_key_padding():
 def test_attention_invariant_gradient_is_sdpa_gradient(kv_tile, monkeypatch):
     """kv_tile 8: the backward's recompute over 5 key tiles, the causal skip of early row tiles."""
     if kv_tile is not None:
-        from kernels import batch_invariant
+        from cir_kernels import batch_invariant
 
         monkeypatch.setattr(batch_invariant, "KV_TILE", kv_tile)
     torch.manual_seed(8)
@@ -122,7 +123,7 @@ def test_attention_invariant_gradient_is_sdpa_gradient(kv_tile, monkeypatch):
     causal_attention_invariant(*mine).backward(g)
     q, k, v = (t.transpose(0, 1) for t in ref)
     F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(0, 1).backward(g)
-    for got, want in zip(mine, ref):
+    for got, want in zip(mine, ref, strict=True):
         assert_close(got.grad, want.grad, atol=1e-5)  # fp32, softmax over <= 37 keys
 
 
@@ -174,7 +175,7 @@ def test_attention_over_many_key_tiles_same_bits_in_every_path(monkeypatch, trit
     """300 tokens over key tiles of 8 (38 tiles, the last one partial): the packed training forward
     (beside other sequences), chunked prefill of odd sizes after a cached prefix and decode steps
     give the same bits. triton: the CUDA branch (fixed-tile Triton bmm) under the interpreter."""
-    from kernels import batch_invariant
+    from cir_kernels import batch_invariant
 
     monkeypatch.setattr(batch_invariant, "KV_TILE", 8)
     monkeypatch.setattr(batch_invariant, "_TRITON_ON_CPU", triton)
@@ -186,19 +187,19 @@ def test_attention_over_many_key_tiles_same_bits_in_every_path(monkeypatch, trit
     # (i) the training forward: the packed batch of three sequences, through the model's context
     lens = [37, L, 5]
     extra = [torch.randn(n, h, D) for n in (lens[0], lens[2]) for h in (Hq, Hkv, Hkv)]
-    packed = [torch.cat((a, b, c)) for a, b, c in zip(extra[:3], (q, k, v), extra[3:])]
+    packed = [torch.cat((a, b, c)) for a, b, c in zip(extra[:3], (q, k, v), extra[3:], strict=True)]
     full = VarlenContext.from_seq_lens(lens).attend_invariant(0, *packed)[lens[0]:lens[0] + L]
     assert_close(full, ref, atol=1e-5)  # fp32 softmax over <= 300 keys
     # (ii) chunked prefill of odd sizes, (iii) decode: one query per step (the last 9 tokens)
     cuts = [0, 7, 60, 61, 124, 203, L - 9] if not triton else [0, 13, 14, 45, L - 9]
-    steps = list(zip(cuts[:-1], cuts[1:])) + [(p, p + 1) for p in range(L - 9, L)]
+    steps = list(zip(cuts[:-1], cuts[1:], strict=True)) + [(p, p + 1) for p in range(L - 9, L)]
     assert torch.equal(_paged_rows(q, k, v, steps), full)
 
 
 def test_attention_memory_grows_linearly_in_the_sequence(monkeypatch):
     """Forward + backward of one sequence: the largest tensor any op makes is O(T x KV_TILE), not the
     (T x T) scores: it doubles (at most) when T doubles and stays a few rows x (D + KV_TILE) in size."""
-    from kernels import batch_invariant
+    from cir_kernels import batch_invariant
 
     monkeypatch.setattr(batch_invariant, "KV_TILE", 8)
     Hq, Hkv, D = 2, 1, 16
@@ -243,7 +244,7 @@ def test_linear_logprobs_invariant_values_rows_and_gradients():
 def test_cuda_path_under_the_interpreter(monkeypatch):
     """The CUDA branches (fixed-tile Triton bmm everywhere, fixed-order row means, Triton row kernel)
     run on CPU tensors through TRITON_INTERPRET=1: the same invariances, the same values."""
-    from kernels import batch_invariant
+    from cir_kernels import batch_invariant
 
     torch.manual_seed(7)
     x, w = torch.randn(40, 24), torch.randn(36, 24) * 0.3
@@ -349,7 +350,7 @@ def test_behaviour_logprobs_equal_the_training_forward_exactly(temperature, dtyp
     """dtype: the parameters' (float32 / bfloat16), or fp32 masters under bf16 autocast (the paper's).
     kv_tile 4: attention's online softmax over many key tiles (up to 17 per sequence)."""
     if kv_tile is not None:
-        from kernels import batch_invariant
+        from cir_kernels import batch_invariant
 
         monkeypatch.setattr(batch_invariant, "KV_TILE", kv_tile)
     model = phrase_model().set_batch_invariant(True)

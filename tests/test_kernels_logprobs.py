@@ -6,7 +6,7 @@ against a plain full-logits computation, values and gradients, fp32 and bf16, ma
 import pytest
 import torch
 
-from kernels import linear_logprobs, linear_logprobs_reference, logprobs_from_logits
+from cir_kernels import linear_logprobs, linear_logprobs_reference, logprobs_from_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: NaN in masked lanes
 
@@ -21,7 +21,8 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
     actual, expected = actual.float(), expected.float()
     err = (actual - expected).abs()
     bound = atol + rtol * expected.abs()
-    assert bool((err <= bound).all()), f"{name}: max err {err.max():.3g}, mean err {err.mean():.3g}, atol {atol}, rtol {rtol}"
+    assert bool((err <= bound).all()), \
+        f"{name}: max err {err.max():.3g}, mean err {err.mean():.3g}, atol {atol}, rtol {rtol}"
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +192,7 @@ def test_linear_logprobs_several_tiles_splits_and_chunks(backend, fused):
 def test_fused_gemms_with_each_cuda_tile_config(monkeypatch, config):
     """The tile configs CUDA autotunes over, run here through the interpreter (the autotuner needs a
     GPU): a vocabulary split that is not a multiple of BLOCK_N, partial row and K tiles."""
-    import kernels.linear_logprobs_triton as fused_gemms
+    import cir_kernels.linear_logprobs_triton as fused_gemms
 
     gen = torch.Generator().manual_seed(config)
     n, d, v = 150, 80, 700

@@ -1,4 +1,4 @@
-"""kernels.sample (Triton through TRITON_INTERPRET=1) and kernels.sample_reference: statistical
+"""cir_kernels.sample (Triton through TRITON_INTERPRET=1) and cir_kernels.sample_reference: statistical
 correctness of temperature / top-k / top-p / min-p (chi-square against the exact filtered,
 renormalised distribution), greedy, log-probs, determinism, per-row streams, bad input.
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from kernels import sample, sample_reference
-from kernels import sampling
+from cir_kernels import sample, sample_reference
+from cir_kernels import sampling
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log(0) in masked lanes
 
@@ -182,7 +182,7 @@ def test_per_row_seeds_follow_the_distribution(temperature, top_k, top_p, min_p)
 def test_inverse_cdf_across_chunks_follows_the_weights():
     # 3 x 256 + 5 weights: the mass sits on both sides of each chunk boundary and in the ragged last
     # chunk, whole chunks are empty, zeros sit between kept tokens; also the two extremes of u
-    from kernels.sampling_reference import inverse_cdf
+    from cir_kernels.sampling_reference import inverse_cdf
 
     vocab = 3 * 256 + 5
     weights = torch.zeros(vocab)
@@ -238,7 +238,7 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
     reference's (sorting), and the split launch draws the unsplit launch's tokens. cap: the bracket
     size settled from the buffer (8192: at once; 12: after pivot passes, top-k from the buffer then
     top-p back on the full row; 2: pivot passes only)."""
-    from kernels.sampling_reference import keep_mask
+    from cir_kernels.sampling_reference import keep_mask
 
     monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
 
@@ -286,7 +286,7 @@ def test_passes_a_row_does_not_need_change_nothing(monkeypatch, cap, min_chunk):
     that are greedy, temperature-only or already settled must skip those launches unchanged. With
     cap 2 and 3 chunks a row runs pivot passes split over programs, then in the solo launch: one
     more split launch (the plan when top-k may be used) must not change its token either."""
-    from kernels.sampling_reference import prepare_sampling
+    from cir_kernels.sampling_reference import prepare_sampling
 
     monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
     monkeypatch.setattr(sampling, "_MIN_CHUNK", min_chunk)
@@ -317,7 +317,7 @@ def test_kernels_compile_for_sm90(compile_sm90):
     row = dict(logits_ptr=F, logits_row_stride="i64", temperature_ptr=F)
     params = dict(top_p_ptr=F, top_k_ptr=I64, min_p_ptr=F, seed_ptr=I64)
     out = dict(tokens_ptr=I64, logprobs_ptr=F)
-    compile_sm90("kernels.sampling_triton", [
+    compile_sm90("cir_kernels.sampling_triton", [
         ("_stats_kernel", {**row, **params, "part_f_ptr": F, "part_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
                            "counter_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32"},
          {"BLOCK_V": 1024, "BLOCK_S": 128}),

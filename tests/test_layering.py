@@ -1,4 +1,4 @@
-"""DESIGN invariant 7: kernels/ and sandbox/ stand alone - they import nothing from cir/."""
+"""DESIGN invariant 7: cir_kernels/ and cir_sandbox/ stand alone - they import nothing from cir/."""
 import ast
 from pathlib import Path
 
@@ -17,7 +17,7 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package", ["kernels", "sandbox"])
+@pytest.mark.parametrize("package", ["cir_kernels", "cir_sandbox"])
 def test_standalone_packages_do_not_import_cir(package):
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"no python files under {package}/"
@@ -29,8 +29,8 @@ def test_standalone_packages_do_not_import_cir(package):
 def test_sandbox_imports_only_stdlib_and_seccomp():
     import sys
 
-    allowed = set(sys.stdlib_module_names) | {"sandbox", "pyseccomp", "seccomp"}
-    for f in sorted((ROOT / "sandbox").rglob("*.py")):
+    allowed = set(sys.stdlib_module_names) | {"cir_sandbox", "pyseccomp", "seccomp"}
+    for f in sorted((ROOT / "cir_sandbox").rglob("*.py")):
         top = {m.split(".")[0] for m in imported_modules(f)}
         # warm modules (numpy, sympy) are imported by name at run time, never by an import statement
         assert top <= allowed, f"{f.name} imports {sorted(top - allowed)}"

@@ -20,7 +20,7 @@ from cir.config import load_config
 from cir.data.arithmetic import Exercise
 from cir.data.problems import Problem
 from cir.rl.trainer import Trainer
-from sandbox import Sandbox
+from cir_sandbox import Sandbox
 
 
 def multiplications(num: int, seed: int) -> list[Exercise]:

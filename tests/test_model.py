@@ -159,7 +159,8 @@ def test_bf16_forward_close_to_fp32():
 
 def test_uniform_and_ragged_attention_paths_agree():
     gen = torch.Generator().manual_seed(5)
-    q, k, v = torch.randn(24, 4, 8, generator=gen), torch.randn(24, 2, 8, generator=gen), torch.randn(24, 2, 8, generator=gen)
+    q = torch.randn(24, 4, 8, generator=gen)
+    k, v = torch.randn(24, 2, 8, generator=gen), torch.randn(24, 2, 8, generator=gen)
     uniform = VarlenContext.from_seq_lens([12, 12]).attend(0, q, k, v)
     ctx = VarlenContext.from_seq_lens([12, 12])
     ctx.seq_lens = [12, 12, 0]  # forces the per-sequence loop; an empty sequence is allowed

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels.paged_attention import paged_attention, store_kv
-from kernels.paged_attention_reference import paged_attention_reference
+from cir_kernels.paged_attention import paged_attention, store_kv
+from cir_kernels.paged_attention_reference import paged_attention_reference
 
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}  # (atol, rtol)
 # name -> (q_lens, seq_lens): q_len 1 = decode, q_len < seq_len = prefill chunk after a cached prefix
@@ -52,7 +52,7 @@ def dense_attention(q, cu, ks, vs, scale=None):
     num_q_heads, head_dim = q.shape[1:]
     scale = head_dim ** -0.5 if scale is None else scale
     out = torch.zeros(q.shape, dtype=torch.float64)
-    for b, (k, v) in enumerate(zip(ks, vs)):
+    for b, (k, v) in enumerate(zip(ks, vs, strict=True)):
         group = num_q_heads // k.shape[1]
         k = k.double().repeat_interleave(group, dim=1)  # (L, Hq, D)
         v = v.double().repeat_interleave(group, dim=1)

@@ -72,7 +72,8 @@ def test_advantages_reject_bad_input():
 def one_token_loss(ratio: float, adv: float, **kwargs):
     old = torch.tensor([-1.0], dtype=torch.float64)
     logp = (old + math.log(ratio)).requires_grad_()
-    loss, stats = policy_loss(logp, old, torch.tensor([adv], dtype=torch.float64), torch.ones(1, dtype=torch.bool), **kwargs)
+    loss, stats = policy_loss(logp, old, torch.tensor([adv], dtype=torch.float64), torch.ones(1, dtype=torch.bool),
+                              **kwargs)
     loss.backward()
     return loss.item(), logp.grad.item(), stats
 

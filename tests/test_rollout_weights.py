@@ -79,11 +79,11 @@ def test_copy_follows_the_optimizer_step(explicit_refresh):
     optimizer_step(model)
     if explicit_refresh:  # what the trainer does right after the step
         engine.refresh_rollout_weights()
-        for master, copy in zip(engine.rollout_weights.masters, engine.rollout_weights.copies):
+        for master, copy in zip(engine.rollout_weights.masters, engine.rollout_weights.copies, strict=True):
             assert torch.equal(copy, master.detach().to(torch.bfloat16))
     # else: the masters' version counters moved, so the next rollout refreshes first
     after = bf16_rollout(engine, prompts)
-    assert all(a is b for a, b in zip(engine.rollout_weights.copies, copies))  # refreshed in place
+    assert all(a is b for a, b in zip(engine.rollout_weights.copies, copies, strict=True))  # refreshed in place
     casting = make_engine(model, seed=4, rollout_weight_copy=False)
     bf16_rollout(casting, prompts)  # the same call seeds: its second call is compared
     fresh = bf16_rollout(casting, prompts)
@@ -110,9 +110,8 @@ def test_tied_embedding_is_not_copied():
     weights = RolloutWeights(model, torch.bfloat16)
     assert all(m is not model.embed_tokens.weight for m in weights.masters)
     assert len(weights) == sum(1 for p in model.parameters() if p.dim() == 2) - 1
-    with pytest.raises(RuntimeError, match="during a rollout"):
-        with weights.swapped():
-            weights.refresh()
+    with pytest.raises(RuntimeError, match="during a rollout"), weights.swapped():
+        weights.refresh()
 
 
 def test_refresh_between_sharded_rollouts_defers_the_copy():
@@ -131,7 +130,7 @@ def test_refresh_between_sharded_rollouts_defers_the_copy():
     up._parameters["weight"] = full  # "unsharded" again for the next rollout
     after = bf16_rollout(engine, prompts)
     weights = engine.rollout_weights
-    copy = next(c for m, c in zip(weights.masters, weights.copies) if m is full)
+    copy = next(c for m, c in zip(weights.masters, weights.copies, strict=True) if m is full)
     assert torch.equal(copy, full.detach().to(torch.bfloat16))
     casting = make_engine(model, seed=5, rollout_weight_copy=False)
     bf16_rollout(casting, prompts)

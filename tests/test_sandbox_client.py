@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-import sandbox
-from sandbox import Sandbox
+import cir_sandbox
+from cir_sandbox import Sandbox
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_session_restarts_after_a_timeout_and_says_so():
 
 
 def test_module_level_session_owns_its_sandbox():
-    with sandbox.session(warm_modules=("math",), timeout=5) as s:
+    with cir_sandbox.session(warm_modules=("math",), timeout=5) as s:
         s.run("acc = [1]")
         s.run("acc.append(2)")
         assert s.run("print(acc)").stdout == "[1, 2]\n"
@@ -98,7 +98,7 @@ def test_invalid_arguments_are_value_errors(sb):
 
 
 def test_cli_runs_stdin():
-    proc = subprocess.run([sys.executable, "-m", "sandbox.run", "--warm", "math", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "cir_sandbox.run", "--warm", "math", "--json"],
                           input="print(6 * 7)", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert '"stdout": "42\\n"' in proc.stdout.splitlines()[-1]
@@ -107,7 +107,7 @@ def test_cli_runs_stdin():
 def test_cli_runs_a_file_and_fails_on_error(tmp_path):
     path = tmp_path / "snippet.py"
     path.write_text("print('before')\n1 / 0\n")
-    proc = subprocess.run([sys.executable, "-m", "sandbox.run", str(path), "--warm", ""],
+    proc = subprocess.run([sys.executable, "-m", "cir_sandbox.run", str(path), "--warm", ""],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "feedback: 'ZeroDivisionError: division by zero'" in proc.stdout
@@ -144,7 +144,7 @@ def test_a_module_on_the_callers_pythonpath_is_importable_warm(tmp_path):
 
 
 def test_server_environment_carries_the_import_path_and_no_variable(monkeypatch, tmp_path):
-    from sandbox.environment import import_path, is_scrubbed, package_root, server_environment
+    from cir_sandbox.environment import import_path, is_scrubbed, package_root, server_environment
 
     monkeypatch.setenv("CIR_SANDBOX_TEST_SECRET", "s3cret")
     env = server_environment(["", str(tmp_path), "/no/such/dir", str(tmp_path), package_root()])

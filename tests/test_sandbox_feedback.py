@@ -1,7 +1,7 @@
-"""sandbox.Result and format_feedback: the interpreter feedback text of the paper, no server needed."""
+"""cir_sandbox.Result and format_feedback: the interpreter feedback text of the paper, no server needed."""
 import pytest
 
-from sandbox import STATUSES, Result, format_feedback, truncate
+from cir_sandbox import STATUSES, Result, format_feedback, truncate
 
 
 def test_truncate_keeps_first_200_and_last_200_characters():

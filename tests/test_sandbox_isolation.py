@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sandbox import Sandbox
+from cir_sandbox import Sandbox
 
 SECRET = "cir-test-secret-4b1d"
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from sandbox import Sandbox, format_feedback
+from cir_sandbox import Sandbox, format_feedback
 
 
 @pytest.fixture(scope="module")

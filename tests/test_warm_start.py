@@ -11,7 +11,7 @@ from cir.data.problems import default_problems_path, load_problems
 from cir.data.prompts import build_prompt
 from cir.rl.policy import PolicyForward
 from cir.rl.warm_start import SEED_OFFSET, build_traces, supervised_steps
-from sandbox import Sandbox
+from cir_sandbox import Sandbox
 
 TOK = ByteTokenizer()
 
@@ -52,7 +52,7 @@ def test_traces_carry_the_sandbox_output_masked(box):
     exercises = arithmetic.exercises(20, seed=5)
     traces = build_traces(exercises, TOK, box, "plain", tool_fraction=0.25, seed=1)
     assert sum(t.uses_tool for t in traces) == 5  # exactly round(0.25 * 20)
-    for ex, t in zip(exercises, traces):
+    for ex, t in zip(exercises, traces, strict=True):
         assert t.prompt_ids == TOK.encode(build_prompt(ex.problem, mode="plain"))
         assert len(t.loss_mask) == len(t.response_ids) == len(t.logprobs)
         assert t.response_ids[-1] == TOK.eos_token_id and t.loss_mask[-1] == 1
@@ -62,7 +62,7 @@ def test_traces_carry_the_sandbox_output_masked(box):
             continue
         feedback = f"\n```output\n{ex.problem.answer}\n```\n"  # what the sandbox printed, the paper's block
         assert text == f"```python\n{ex.code}\n```" + feedback + f"\\boxed{{{ex.problem.answer}}}"
-        masked = bytes(i for i, m in zip(t.response_ids, t.loss_mask) if m == 0).decode()
+        masked = bytes(i for i, m in zip(t.response_ids, t.loss_mask, strict=True) if m == 0).decode()
         assert masked == feedback  # loss mask 0 exactly on the output block
 
 
@@ -82,7 +82,7 @@ def reference_nll(model, traces) -> torch.Tensor:
         ids = torch.tensor([t.prompt_ids + t.response_ids])
         logp = torch.log_softmax(model(ids)[0].double(), dim=-1)  # (T, V)
         p = len(t.prompt_ids)
-        for i, (target, m) in enumerate(zip(t.response_ids, t.loss_mask)):
+        for i, (target, m) in enumerate(zip(t.response_ids, t.loss_mask, strict=True)):
             if m:
                 total -= logp[p - 1 + i, target]
                 count += 1

@@ -116,7 +116,7 @@ class BlockManager:
         """One fresh block at the end of each sequence's table (a decode step that crosses into a new
         block: nothing to copy); the caller has checked that enough blocks are free. The new ids."""
         block_ids = [self._take_free_block() for _ in seqs]
-        for seq, block_id in zip(seqs, block_ids):
+        for seq, block_id in zip(seqs, block_ids, strict=True):
             seq.block_table.append(block_id)
             seq.table_version += 1
         return block_ids

@@ -92,7 +92,7 @@ class ToolConfig:
     """Code-integrated rollout: run closed ```python blocks and feed the output back."""
 
     executor: Any
-    """Anything with `submit(code) -> concurrent.futures.Future[sandbox.Result]`: a `sandbox.Sandbox`."""
+    """Anything with `submit(code) -> concurrent.futures.Future[cir_sandbox.Result]`: a `cir_sandbox.Sandbox`."""
     max_calls: int = 2
     """Tool budget per trajectory (the paper: 2, raised to 3 and 4 during training)."""
     on_budget_spent: str = "continue"

@@ -43,7 +43,7 @@ from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
 from cir.engine.tools import (SegmentDecoder, check_table, feedback_text, fence_token_table, find_closed_code,
                                scan_start_hint)
-from sandbox import format_feedback
+from cir_sandbox import format_feedback
 
 
 @dataclass
@@ -256,7 +256,7 @@ class Engine:
                 # 2) the common step, a plain decode of the running batch: array updates, C-level maps
                 ended = [state.seqs[i] for i in state.mark_computed().tolist()]
                 if caching and len(state.filled):  # blocks that just filled get their prefix hash
-                    for i, end in zip(state.filled.tolist(), state.starts[state.filled].tolist()):
+                    for i, end in zip(state.filled.tolist(), state.starts[state.filled].tolist(), strict=True):
                         bm.hash_full_blocks(state.seqs[i], end - 1, end)
                 slots = state.slots
             else:
@@ -264,7 +264,7 @@ class Engine:
                     scheduler.drop_decode()
                     state = None
                 # 2') K/V written; sequences that ended or paused at the previous step drop out of this one
-                for seq, num_tokens in zip(batch.seqs, batch.num_tokens):
+                for seq, num_tokens in zip(batch.seqs, batch.num_tokens, strict=True):
                     if seq.status is running:
                         start = seq.num_cached_tokens
                         seq.num_cached_tokens = start + num_tokens

@@ -1,15 +1,15 @@
 """The paged KV pool (one preallocated tensor, per-layer views) and the attention context over it.
 
 Layout: `(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)`; layer l's K cache is
-`pool[l, 0]`, in the per-layer layout flash-attn and `kernels.paged_attention` take.
+`pool[l, 0]`, in the per-layer layout flash-attn and `cir_kernels.paged_attention` take.
 Sizing: CPU from a configured number of bytes; CUDA from the memory left free after a warm-up
 forward, times `gpu_memory_utilization`. `release()` hands the memory back for a training step.
 
 Attention over the pool, per step (`attention_backend`):
 - "flash_attn": flash-attn >= 2.6 installed, CUDA, fp16/bf16, and pages of a multiple of 256 tokens
   (flash-attn 2's paged layout): `flash_attn_varlen_func` with `block_table`, any prefill/decode mix;
-- "triton": other CUDA cases: `kernels.paged_attention`, any block size;
-- "torch": CPU: `kernels.paged_attention_reference` with one gather plan shared by all layers.
+- "triton": other CUDA cases: `cir_kernels.paged_attention`, any block size;
+- "torch": CPU: `cir_kernels.paged_attention_reference` with one gather plan shared by all layers.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.batch_invariant import paged_attention_invariant
-from kernels.paged_attention import paged_attention, store_kv
-from kernels.paged_attention_reference import ReferencePlan, paged_attention_reference, plan_reference
+from cir_kernels.batch_invariant import paged_attention_invariant
+from cir_kernels.paged_attention import paged_attention, store_kv
+from cir_kernels.paged_attention_reference import ReferencePlan, paged_attention_reference, plan_reference
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -148,8 +148,8 @@ class KVCache:
         if backend == "flash_attn" and metadata.get("cu_seqlens_k") is None:
             raise ValueError("the flash_attn backend needs cu_seqlens_k and max_seqlen_k")
         return PagedContext(
-            k_caches=[self.pool[l, 0] for l in range(self.num_layers)],
-            v_caches=[self.pool[l, 1] for l in range(self.num_layers)],
+            k_caches=[self.pool[layer, 0] for layer in range(self.num_layers)],
+            v_caches=[self.pool[layer, 1] for layer in range(self.num_layers)],
             backend=backend,
             **metadata,
         )

@@ -11,7 +11,7 @@ It runs the training model's own parameters (no copy). Per step:
    CUDA a decode-only step replays the CUDA graph of its batch-size bucket instead (cuda_graphs.py);
 3) logits only for the rows that sample (the last token of each sequence that reaches its end),
    computed in float32; a group leader finishing its prompt gets one row per sample of its group;
-4) `kernels.sample` with each row's own temperature / top-p / top-k / min-p and its own seed (see
+4) `cir_kernels.sample` with each row's own temperature / top-p / top-k / min-p and its own seed (see
    `sequence_seeds`, vectorised), no host sync: tokens and log-probs stay on the device.
 After launching a step's kernels and before returning, `forward` calls `on_launch`: the engine reads
 and inspects the previous step's tokens there, while the device computes this one.
@@ -34,7 +34,7 @@ from cir.engine.decode_state import DecodeState
 from cir.engine.kv_cache import KVCache
 from cir.engine.scheduler import ScheduledBatch
 from cir.engine.sequence import Sequence
-from kernels import sample
+from cir_kernels import sample
 
 
 _MASK64 = (1 << 64) - 1
@@ -156,12 +156,13 @@ class ModelRunner:
             input_ids = self.prev_tokens[self._to_device(pending_rows)]
         else:
             if max(num_tokens) == 1:
-                ids = np.array([s.token_ids[p] for s, p in zip(seqs, starts.tolist())], dtype=np.int64)
+                ids = np.array([s.token_ids[p] for s, p in zip(seqs, starts.tolist(), strict=True)], dtype=np.int64)
                 positions, seq_of_token = starts, None
                 cu_seqlens_q = np.arange(num_seqs + 1, dtype=np.int32)
             else:
                 ids = np.array(list(chain.from_iterable(
-                    [s.token_ids[p : p + n] for s, p, n in zip(seqs, starts.tolist(), num_tokens)])), dtype=np.int64)
+                    [s.token_ids[p : p + n] for s, p, n in zip(seqs, starts.tolist(), num_tokens, strict=True)])),
+                    dtype=np.int64)
                 counts = np.array(num_tokens, dtype=np.int64)
                 cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int32)
                 np.cumsum(counts, out=cu_seqlens_q[1:])
@@ -237,7 +238,7 @@ class ModelRunner:
         if batch.is_plain_decode:
             return None, batch.seqs if batch.decode is not None else list(batch.seqs)
         rows, owners, end = [], [], 0
-        for seq, n in zip(batch.seqs, batch.num_tokens):
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             end += n
             if seq.num_cached_tokens + n == len(seq.token_ids):
                 for member in [seq, *seq.followers]:

@@ -81,7 +81,7 @@ class RolloutWeights:
             raise RuntimeError("RolloutWeights.refresh() during a rollout: the modules hold the copies")
         for i, (module, name) in enumerate(self.entries):
             self.masters[i] = module._parameters[name]
-        if any(m.shape != c.shape for m, c in zip(self.masters, self.copies)):
+        if any(m.shape != c.shape for m, c in zip(self.masters, self.copies, strict=True)):
             # the modules hold shards now (FSDP2 resharded after the rollout): copy at the next
             # rollout, from the unsharded parameters
             self.versions = [-1] * len(self.masters)
@@ -93,19 +93,19 @@ class RolloutWeights:
     def is_stale(self) -> bool:
         """Whether a master moved or changed in place since the last refresh."""
         return any(module._parameters[name] is not master or master._version != version
-                   for (module, name), master, version in zip(self.entries, self.masters, self.versions))
+                   for (module, name), master, version in zip(self.entries, self.masters, self.versions, strict=True))
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """The copies stand in for the masters in their modules (refreshed first if stale)."""
         if self.is_stale():
             self.refresh()
-        for (module, name), copy in zip(self.entries, self.copies):
+        for (module, name), copy in zip(self.entries, self.copies, strict=True):
             module._parameters[name] = copy
         self.is_swapped = True
         try:
             yield
         finally:
-            for (module, name), master in zip(self.entries, self.masters):
+            for (module, name), master in zip(self.entries, self.masters, strict=True):
                 module._parameters[name] = master
             self.is_swapped = False

@@ -103,7 +103,7 @@ def scan_start_hint(text: str, start: int) -> int:
 def marked_text(traj, tokenizer) -> str:
     """The response with feedback segments marked, decoded span by span (display only)."""
     out, span, span_mask = [], [], None
-    for token, m in zip(traj.response_ids + [None], traj.loss_mask + [None]):
+    for token, m in zip(traj.response_ids + [None], traj.loss_mask + [None], strict=True):
         if m != span_mask and span:
             text = tokenizer.decode(span)
             out.append(text if span_mask == 1 else f"<<<feedback{text}>>>")

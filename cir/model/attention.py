@@ -13,7 +13,7 @@ loop 12 ms vs one call with a block-diagonal mask 54 ms (the mask only wins belo
 The engine adds a PagedContext (writes k/v into the paged KV cache, attends over block tables).
 
 Each context also has `attend_invariant`, the exact mode's attention (`Transformer.set_batch_invariant`):
-`kernels.batch_invariant`'s fixed-order reduction over the keys, so a query gets the same bits in
+`cir_kernels.batch_invariant`'s fixed-order reduction over the keys, so a query gets the same bits in
 the packed training forward, a prefill chunk and a paged decode step.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.batch_invariant import causal_attention_invariant
+from cir_kernels.batch_invariant import causal_attention_invariant
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -58,7 +58,7 @@ class VarlenContext:
     def __post_init__(self):
         if self.seq_lens is None:
             bounds = self.cu_seqlens.tolist()  # one host sync, once per forward
-            self.seq_lens = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+            self.seq_lens = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
     @classmethod
     def from_seq_lens(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> VarlenContext:

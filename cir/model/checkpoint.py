@@ -118,7 +118,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     for file in files:
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                     name = our_name(key)
                     if key.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                         continue
@@ -177,7 +177,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for file_name, shard in zip(names, shards):
+    for file_name, shard in zip(names, shards, strict=True):
         tensors = {key: t.detach().to("cpu").contiguous() for key, t in shard.items()}
         save_file(tensors, os.path.join(path, file_name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file_name))

@@ -204,9 +204,9 @@ def _reject_unsupported(d: dict[str, Any]) -> None:
     layer_types = d.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
         problems.append(f"layer_types={sorted(set(layer_types))} (only full_attention)")
-    if d.get("model_type") == "qwen2" and "head_dim" in d:
-        if d["head_dim"] * d["num_attention_heads"] != d["hidden_size"]:
-            problems.append(f"head_dim={d['head_dim']} (qwen2 requires hidden_size / num_attention_heads)")
+    if (d.get("model_type") == "qwen2" and "head_dim" in d
+            and d["head_dim"] * d["num_attention_heads"] != d["hidden_size"]):
+        problems.append(f"head_dim={d['head_dim']} (qwen2 requires hidden_size / num_attention_heads)")
     if problems:
         raise ValueError("unsupported config: " + "; ".join(problems))
 

@@ -15,7 +15,7 @@ checkpoint.py maps names one to one.
 Exact mode, `model.set_batch_invariant(True)`: every op gives a token the same bits whatever else
 runs in the call (decode step of any batch, prefill chunk of any size, packed training forward of
 any micro-batch), so the engine's behaviour log-probs equal the training forward's exactly; the ops
-are in kernels/batch_invariant.py. Off by default (it costs speed, see bench/exact.py).
+are in cir_kernels/batch_invariant.py. Off by default (it costs speed, see bench/exact.py).
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from torch.utils.checkpoint import checkpoint
 from cir.model.attention import AttentionContext, VarlenContext
 from cir.model.config import ModelConfig
 from cir.model.rope import RotaryEmbedding, apply_rotary
-from kernels.batch_invariant import linear_invariant, row_mean_invariant
-from kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
-from kernels.linear_logprobs import linear_logprobs
-from kernels.logprobs import logprobs_from_logits
+from cir_kernels.batch_invariant import linear_invariant, row_mean_invariant
+from cir_kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
+from cir_kernels.linear_logprobs import linear_logprobs
+from cir_kernels.logprobs import logprobs_from_logits
 
 
 _SKINNY_ROWS = 64
@@ -197,7 +197,7 @@ class Transformer(nn.Module):
     def token_logprobs(self, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
                        mask: Tensor | None = None, return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """log_softmax(compute_logits(hidden) / temperature)[targets] (N,), float32, without the [N, V]
-        logits: `kernels.linear_logprobs`, or in exact mode its batch-invariant form. The training
+        logits: `cir_kernels.linear_logprobs`, or in exact mode its batch-invariant form. The training
         forward and the engine's recorded behaviour log-probs both come from here. Under autocast the
         hidden states and the head are cast to its dtype (as F.linear would be)."""
         weight = self.lm_head_weight

@@ -230,7 +230,7 @@ class MathVerifier:
         if len(responses) != len(references):
             raise ValueError(f"{len(responses)} responses but {len(references)} references")
         if self.num_workers <= 1 or len(responses) <= 1:
-            return [self.score(r, ref) for r, ref in zip(responses, references)]
+            return [self.score(r, ref) for r, ref in zip(responses, references, strict=True)]
         with ThreadPoolExecutor(max_workers=self.num_workers) as pool:
             return list(pool.map(self.score, responses, references))
 

@@ -78,7 +78,7 @@ def _build(trajectories: list, advantages: list[float]) -> MicroBatch:
     derived index tensors are built vectorised, with every output size given so nothing is read back."""
     num_prompt = [len(t.prompt_ids) for t in trajectories]
     num_response = [len(t.response_ids) for t in trajectories]
-    seq_lens = [p + r for p, r in zip(num_prompt, num_response)]
+    seq_lens = [p + r for p, r in zip(num_prompt, num_response, strict=True)]
     num_tokens, num_rows = sum(seq_lens), sum(num_response)
 
     def flat(lists, dtype, count: int) -> np.ndarray:

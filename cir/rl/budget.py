@@ -64,7 +64,7 @@ class ToolBudget:
         return max(self._calls)
 
     def to_dict(self) -> dict[int, int]:
-        return dict(zip(self._steps, self._calls))
+        return dict(zip(self._steps, self._calls, strict=True))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ToolBudget) and self.to_dict() == other.to_dict()

@@ -1,6 +1,6 @@
 """The training forward as one module (what DDP / FSDP2 wrap): packed tokens -> log-probs of targets.
 
-The LM head is applied inside `kernels.linear_logprobs`, chunk by chunk, so the [N, V] logits never
+The LM head is applied inside `cir_kernels.linear_logprobs`, chunk by chunk, so the [N, V] logits never
 exist; rows with mask 0 (interpreter feedback) get log-prob 0, entropy 0 and no gradient.
 
 With `positions` and `seq_lens` (host list) given, as `cir.rl.batching` provides them, the forward
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from cir.model.attention import VarlenContext
-from kernels import linear_logprobs
-from kernels.batch_invariant_logprobs import linear_logprobs_invariant
+from cir_kernels import linear_logprobs
+from cir_kernels.batch_invariant_logprobs import linear_logprobs_invariant
 
 
 class PolicyForward(nn.Module):

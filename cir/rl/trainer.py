@@ -49,7 +49,7 @@ class Trainer:
         self.budget = ToolBudget.parse(cfg.rollout.tool_budget or {0: 0})
         self.sandbox = sandbox
         if self.sandbox is None and self.budget.max_calls > 0:
-            from sandbox import Sandbox
+            from cir_sandbox import Sandbox
 
             self.sandbox = Sandbox(workers=cfg.rollout.sandbox_workers, timeout=cfg.rollout.sandbox_timeout,
                                    memory_mb=cfg.rollout.sandbox_memory_mb)
@@ -264,7 +264,7 @@ class Trainer:
         norm = grad_norm.detach().float().reshape(1).to(sums.device)
         values = torch.cat([sums, norm, mismatch]).tolist()  # the one read
         num_stats = len(_STAT_KEYS)
-        out = dict(zip(_STAT_KEYS, distributed.all_reduce_sum(values[:num_stats], self.device)))
+        out = dict(zip(_STAT_KEYS, distributed.all_reduce_sum(values[:num_stats], self.device), strict=True))
         out["grad_norm"] = values[num_stats]
         if first:
             gap_sum, outside = distributed.all_reduce_sum([values[-3], values[-1]], self.device)
@@ -330,7 +330,8 @@ class Trainer:
     def _signal(self, trajs, rewards, stats) -> dict:
         """`signal/*` metrics; a warning with the likely cause when no group's rewards differ."""
         local = rollout_counts(trajs, rewards)
-        counts = dict(zip(COUNT_KEYS, distributed.all_reduce_sum([local[k] for k in COUNT_KEYS], self.device)))
+        counts = dict(zip(COUNT_KEYS, distributed.all_reduce_sum([local[k] for k in COUNT_KEYS], self.device),
+                          strict=True))
         if counts["groups_with_signal"] == 0:
             cfg = self.config.rollout
             cause = no_signal_cause(counts, cfg.max_response_tokens, tools_on=self.budget.at(self.step - 1) > 0)

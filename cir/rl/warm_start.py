@@ -36,7 +36,7 @@ from cir.data.prompts import build_prompt
 from cir.engine.tools import feedback_text
 from cir.rl import distributed
 from cir.rl.batching import pack
-from sandbox.result import format_feedback
+from cir_sandbox.result import format_feedback
 
 SEED_OFFSET = 7919  # warm-start exercises come from train.seed + this, never from the embedded set's seed
 
@@ -59,7 +59,7 @@ def build_traces(exercises: list[arithmetic.Exercise], tokenizer, executor, prom
                  tool_fraction: float, seed: int = 0) -> list[Trace]:
     """One trace per exercise; exactly round(tool_fraction * len) of them (chosen by `seed`) use the tool.
 
-    `executor.submit(code) -> Future[Result]` (a `sandbox.Sandbox`): tool traces carry the output
+    `executor.submit(code) -> Future[Result]` (a `cir_sandbox.Sandbox`): tool traces carry the output
     block the sandbox really printed, and box that output."""
     if not 0.0 <= tool_fraction <= 1.0:
         raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction}")

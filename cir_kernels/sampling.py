@@ -1,9 +1,9 @@
 """Token sampling in Triton: temperature, top-k, top-p, min-p, greedy, per row, no sort, no host sync.
 
-    from kernels import sample
+    from cir_kernels import sample
     tokens, logprobs = sample(logits, temperature=t, top_p=0.95, generator=seeds)   # (B,), (B,)
 
-Semantics (shared with `kernels.sample_reference`), for a row x of logits and T = temperature:
+Semantics (shared with `cir_kernels.sample_reference`), for a row x of logits and T = temperature:
 - T == 0: greedy, the lowest index among the maxima of x. Filters are ignored.
 - T > 0: p = softmax(x / T). Keep the k largest (top_k > 0), then the shortest prefix (in decreasing
   order) holding a fraction top_p of the kept mass (top-p on the renormalised top-k distribution),
@@ -15,7 +15,7 @@ Semantics (shared with `kernels.sample_reference`), for a row x of logits and T 
   probability p / kept_mass > p: the returned value underestimates it by log(kept_mass). Greedy rows
   return log_softmax(x)[token] (temperature 1).
 
-How (kernels/sampling_triton.py has the math and the memory traffic): a row is split over
+How (cir_kernels/sampling_triton.py has the math and the memory traffic): a row is split over
 ceil(V / _MIN_CHUNK) programs whatever the batch; pass 1 finds max, log-sum-exp and (temperature-only
 rows) the exponential race in ONE read; top-k / top-p thresholds are bracketed by 32 pivots a pass
 (no sort) until the bracket fits a buffer that one program settles exactly, racing in the same pass.
@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels._checks import check_tensor, pick_backend
-from kernels.sampling_reference import Generator, prepare_sampling, sample_reference
-from kernels.sampling_triton import _race_kernel, _refine_kernel, _stats_kernel
+from cir_kernels._checks import check_tensor, pick_backend
+from cir_kernels.sampling_reference import Generator, prepare_sampling, sample_reference
+from cir_kernels.sampling_triton import _race_kernel, _refine_kernel, _stats_kernel
 
 # Not yet tuned on a GPU (owed, see bench/kernels.py). Streaming passes (stats, race) read blocks of
 # _BLOCK_V logits; the refine pass a [_RADIX_BLOCK_V, _NUM_PIVOTS] compare tile (4096 = 32 per thread
@@ -48,7 +48,7 @@ _SPLIT_REFINE_PASSES = 2
 _COMPACT_CAP = 8192
 _NUM_WARPS = 4
 
-# Row state between passes (layout in kernels/sampling_triton.py)
+# Row state between passes (layout in cir_kernels/sampling_triton.py)
 _STATE_F, _STATE_I = 5, 6
 
 

@@ -7,12 +7,12 @@
         with sb.session() as s:                        # one interpreter that keeps its globals
             s.run("x = 41"); s.run("print(x + 1)")
 
-The server is a fresh interpreter (`python -s -m sandbox.server`, started through subprocess with
+The server is a fresh interpreter (`python -s -m cir_sandbox.server`, started through subprocess with
 a scrubbed environment), so it is cheap to start from a process that already runs torch. Each
 calling thread gets its own connection, so `run` is a blocking round trip with no hand-off between
 threads; `run_many` pipelines its calls on that connection; `submit` runs `run` on a thread pool.
 If the server dies, the next call (or the call that saw it die) starts a new one, retries once,
-and says so in `Result.note` and in a warning on the "sandbox" logger.
+and says so in `Result.note` and in a warning on the "cir_sandbox" logger.
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from sandbox.config import DEFAULT_WARM_MODULES, ServerConfig
-from sandbox.environment import server_environment
-from sandbox.protocol import encode, recv_obj
-from sandbox.result import Result
+from cir_sandbox.config import DEFAULT_WARM_MODULES, ServerConfig
+from cir_sandbox.environment import server_environment
+from cir_sandbox.protocol import encode, recv_obj
+from cir_sandbox.result import Result
 
-log = logging.getLogger("sandbox")
+log = logging.getLogger("cir_sandbox")
 _ids = itertools.count(1)
 
 
@@ -42,7 +42,7 @@ class _Server:
 
     def __init__(self, config: ServerConfig, startup_timeout: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-s", "-m", "sandbox.server", *config.to_args()],
+            [sys.executable, "-s", "-m", "cir_sandbox.server", *config.to_args()],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=server_environment(),
             cwd="/", close_fds=True, start_new_session=True)
         line = _readline_with_timeout(self.proc, startup_timeout)
@@ -162,10 +162,10 @@ class Sandbox:
         """Run in the background; the Future resolves to a Result (it never raises for the code)."""
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max(2, self.config.workers), "sandbox")
+                self._executor = ThreadPoolExecutor(max(2, self.config.workers), "cir_sandbox")
             return self._executor.submit(self.run, code)
 
-    def session(self) -> "Session":
+    def session(self) -> Session:
         """A child that keeps its globals from call to call; close it (or use `with`)."""
         return Session(self)
 
@@ -187,14 +187,14 @@ class Sandbox:
             executor.shutdown(wait=True)
         self._finalizer()
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- connection management ----------------------------------------------------------------
-    def _connection(self) -> tuple["_Connection", str]:
+    def _connection(self) -> tuple[_Connection, str]:
         """This thread's connection to the live server (restarting a dead one), and a note."""
         note = ""
         conn = getattr(self._local, "conn", None)
@@ -270,7 +270,7 @@ class Session:
         _check_code(code)
         with self._lock:
             note = ""
-            for attempt in range(2):
+            for _attempt in range(2):
                 try:
                     if self._conn is None or self._conn.generation != self._sandbox._generation:
                         if self._conn is not None:
@@ -309,7 +309,7 @@ class Session:
         if self._owns_sandbox:
             self._sandbox.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:

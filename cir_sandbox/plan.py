@@ -8,12 +8,12 @@ import pwd
 import stat
 from dataclasses import dataclass, field
 
-from sandbox import landlock, policy
-from sandbox.config import ServerConfig
-from sandbox.environment import CHILD_ENV
-from sandbox.warm import read_paths
+from cir_sandbox import landlock, policy
+from cir_sandbox.config import ServerConfig
+from cir_sandbox.environment import CHILD_ENV
+from cir_sandbox.warm import read_paths
 
-log = logging.getLogger("sandbox.server")
+log = logging.getLogger("cir_sandbox.server")
 
 
 @dataclass

@@ -10,9 +10,9 @@ import os
 import selectors
 from collections import deque
 
-from sandbox.protocol import MAX_CLIENT_FRAME, FrameBuffer, decode, encode
-from sandbox.records import Client, Job
-from sandbox.result import Result
+from cir_sandbox.protocol import MAX_CLIENT_FRAME, FrameBuffer, decode, encode
+from cir_sandbox.records import Client, Job
+from cir_sandbox.result import Result
 
 
 class Frontend:

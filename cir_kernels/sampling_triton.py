@@ -1,5 +1,5 @@
-"""The Triton kernels of `kernels.sample` (the launcher, its constants and the semantics are in
-kernels/sampling.py; the torch twin is kernels/sampling_reference.py).
+"""The Triton kernels of `cir_kernels.sample` (the launcher, its constants and the semantics are in
+cir_kernels/sampling.py; the torch twin is cir_kernels/sampling_reference.py).
 Row state between passes (strides 6 and 5 below): int64 (phase, lo, hi, count at lo, count at hi,
 refine passes run), float32 (m, log s, mass at lo, mass at hi, target); phase 0 top-k, 1 top-p,
 2 race, 3 token written.
@@ -46,7 +46,7 @@ fix the summation order and so the token).
 import triton
 import triton.language as tl
 
-from kernels.sampling_select import (_count_mass_ge, _key, _key_to_float, _narrow, _pivots, _search_buffer, _settle,
+from cir_kernels.sampling_select import (_count_mass_ge, _key, _key_to_float, _narrow, _pivots, _search_buffer, _settle,
                                      _start_top_p)
 
 

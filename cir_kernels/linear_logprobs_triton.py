@@ -1,11 +1,11 @@
-"""Triton GEMMs with the log-prob math in their epilogue: the CUDA path of `kernels.linear_logprobs`.
+"""Triton GEMMs with the log-prob math in their epilogue: the CUDA path of `cir_kernels.linear_logprobs`.
 
     state = lse_gemm(hidden, weight, targets, inv_t)                         # (4, N): m, s, w, z_target
     dz_gemm(hidden, weight[c0:c1], c0, targets, inv_t, lse, mean_z, g, h, dz)  # dz (N, c1 - c0)
 
 `lse_gemm` computes z = hidden @ weight^T / T one [BLOCK_M, BLOCK_N] tile at a time (tl.dot, inputs
 in their own dtype, fp32 accumulation) and folds each tile straight into the online log-sum-exp
-state (m, s, w) of its rows (`kernels.logprobs` writes the math): the logits never reach memory. A
+state (m, s, w) of its rows (`cir_kernels.logprobs` writes the math): the logits never reach memory. A
 program owns BLOCK_M rows and one of `num_splits` vocabulary ranges; the splits' states are merged after:
   m = max_i m_i,  s = sum_i e^(m_i - m) s_i,  w = sum_i e^(m_i - m) (w_i + (m_i - m) s_i).
 The target's logit is a separate per-row dot product (`target_logits`: N x D reads, no GEMM).

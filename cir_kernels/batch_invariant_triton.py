@@ -13,7 +13,7 @@ so one token's bits change with the batch (the ~1e-2 log-prob gap measured in is
 The price: a fixed 64 x 64 x 32 tile is not the fastest kernel for every shape (decode's skinny
 M and the update's large GEMMs alike); bench/exact.py measures what the whole exact mode costs.
 Memory traffic: reads M K + K N (times ceil(N / 64) and ceil(M / 64) re-reads through L2), writes
-M N elements. Forward only; `kernels.batch_invariant` wraps it in autograd (backward: plain torch).
+M N elements. Forward only; `cir_kernels.batch_invariant` wraps it in autograd (backward: plain torch).
 """
 from __future__ import annotations
 

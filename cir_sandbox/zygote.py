@@ -29,9 +29,9 @@ import signal
 import socket
 import sys
 
-from sandbox import landlock, policy
-from sandbox.child import CTRL_FD, run_child
-from sandbox.plan import ChildPlan
+from cir_sandbox import landlock, policy
+from cir_sandbox.child import CTRL_FD, run_child
+from cir_sandbox.plan import ChildPlan
 
 
 class Zygote:

@@ -1,36 +1,36 @@
 """Batch-invariant log-probs: the training forward's log-prob and the engine's behaviour log-prob of
-a token are the same reduction of the same numbers (the exact mode, see kernels/batch_invariant.py).
+a token are the same reduction of the same numbers (the exact mode, see cir_kernels/batch_invariant.py).
 
-    from kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
+    from cir_kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
     logp = linear_logprobs_invariant(hidden, weight, targets, temperature, mask)             # training
     logp = logprobs_from_logits_invariant(linear_invariant(hidden, weight, out_dtype=torch.float32), targets)
 
 The logits of `linear_invariant` (per ROW_TILE rows: the very logits the engine samples from) are
-reduced by `kernels.logprobs`' row kernel (the one `kernels.linear_logprobs` runs) in fixed
+reduced by `cir_kernels.logprobs`' row kernel (the one `cir_kernels.linear_logprobs` runs) in fixed
 VOCAB_CHUNK column chunks, so a row's bits never depend on the other rows of the call.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_temperature
-from kernels.batch_invariant import ROW_TILE, _mm_rows_invariant, _use_triton
-from kernels.linear_logprobs import chunked_backward
-from kernels.logprobs import finish_state, lse_update, new_state
+from cir_kernels._checks import check_temperature
+from cir_kernels.batch_invariant import ROW_TILE, _mm_rows_invariant, _use_triton
+from cir_kernels.linear_logprobs import chunked_backward
+from cir_kernels.logprobs import finish_state, lse_update, new_state
 
 VOCAB_CHUNK = 4096  # logit columns per step of the row kernel (and of the backward's recompute)
 
 
 def _logit_rows(vocab_size: int, device: torch.device) -> int:
     """Rows of fp32 logits held at once by linear_logprobs_invariant: whole ROW_TILE tiles within
-    256 MiB (CUDA) / 32 MiB (CPU), as `kernels.linear_logprobs` budgets its chunks. The count does not
+    256 MiB (CUDA) / 32 MiB (CPU), as `cir_kernels.linear_logprobs` budgets its chunks. The count does not
     change any bits (a row's logits do not depend on the other rows of the call)."""
     budget = (256 << 20) if device.type == "cuda" else (32 << 20)
     return max(1, budget // (4 * vocab_size) // ROW_TILE) * ROW_TILE
 
 
 def _rows_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, ...]:
-    """`kernels.logprobs`' row kernel over logits z (R, V) in fixed VOCAB_CHUNK column chunks:
+    """`cir_kernels.logprobs`' row kernel over logits z (R, V) in fixed VOCAB_CHUNK column chunks:
     (logp, entropy, lse, E_p[z]) per row, each row's bits independent of R."""
     backend = "triton" if _use_triton(z) else "torch"
     z = z.float()
@@ -50,7 +50,7 @@ class _LinearLogprobsInvariant(torch.autograd.Function):
         step = _logit_rows(weight.shape[0], hidden.device)
         outs = [_rows_logprobs(_mm_rows_invariant(hidden[r0:r0 + step], weight, torch.float32), targets[r0:r0 + step],
                                inv_t) for r0 in range(0, hidden.shape[0], step)]
-        logp, entropy, lse, mean_z = (torch.cat(parts) for parts in zip(*outs))
+        logp, entropy, lse, mean_z = (torch.cat(parts) for parts in zip(*outs, strict=True))
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
         ctx.inv_t = inv_t
         ctx.set_materialize_grads(False)
@@ -71,10 +71,12 @@ class _LinearLogprobsInvariant(torch.autograd.Function):
 def logprobs_from_logits_invariant(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                                    return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The engine's side of `linear_logprobs_invariant`: logits (R, V) = `linear_invariant(hidden,
-    weight, out_dtype=torch.float32)` (what exact-mode sampling reads) -> log_softmax(logits / temperature)[targets] (R,) fp32,
-    the same bits `linear_logprobs_invariant(hidden, weight, targets, temperature)` gives. No autograd."""
+    weight, out_dtype=torch.float32)` (what exact-mode sampling reads) -> log_softmax(logits /
+    temperature)[targets] (R,) fp32, the same bits `linear_logprobs_invariant(hidden, weight, targets,
+    temperature)` gives. No autograd."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"logprobs_from_logits_invariant: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}")
+        raise ValueError(f"logprobs_from_logits_invariant: logits {tuple(logits.shape)}, "
+                         f"targets {tuple(targets.shape)}")
     logp, entropy, _, _ = _rows_logprobs(logits, targets.to(torch.int64), 1.0 / check_temperature(temperature))
     return (logp, entropy) if return_entropy else logp
 
@@ -83,10 +85,10 @@ def linear_logprobs_invariant(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
     mask: torch.Tensor | None = None, return_entropy: bool = False, *, check_targets: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.linear_logprobs` (same arguments, same values within float tolerance) whose value for
+    """`cir_kernels.linear_logprobs` (same arguments, same values within float tolerance) whose value for
     a row does not depend on the other rows: masked rows are computed too (then zeroed), the logits of
     ROW_TILE rows at a time are `linear_invariant`'s (so the engine can sample from the very logits
-    it records the log-prob of, `logprobs_from_logits_invariant`), reduced by `kernels.logprobs`' row
+    it records the log-prob of, `logprobs_from_logits_invariant`), reduced by `cir_kernels.logprobs`' row
     kernel in fixed VOCAB_CHUNK column chunks. check_targets: as linear_logprobs
     (a target outside [0, V) is a ValueError on CPU; False skips the host read)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:

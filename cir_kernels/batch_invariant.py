@@ -1,9 +1,9 @@
 """Batch-invariant ops: a token's result has the same bits whatever else shares the call.
 
-    from kernels.batch_invariant import linear_invariant, attention_invariant
+    from cir_kernels.batch_invariant import linear_invariant, attention_invariant
     y = linear_invariant(x, weight, bias)                        # (..., K) -> (..., N), like F.linear
     o = attention_invariant(q, k, v, key_lens)                   # (n, Hkv, M, D) rows over keys [0, key_lens)
-    # log-probs by the same reduction in training and sampling: kernels/batch_invariant_logprobs.py
+    # log-probs by the same reduction in training and sampling: cir_kernels/batch_invariant_logprobs.py
 
 What an exact (batch-invariant) forward needs: the value computed for one row (a token) must not
 depend on how many other rows are in the call, nor on where the row sits among them. Plain torch
@@ -25,10 +25,11 @@ call by up to 4e-5), cuBLAS picks kernels and split-K by shape. What these ops d
   to a chunk's end (chunked prefill) or to the whole sequence (training forward). Memory: one key
   tile's scores for the call's rows, O(rows x KV_TILE), never (rows x keys); the backward recomputes
   each tile's p (flash attention's), O(rows x KV_TILE) too.
-- Log-probs (kernels/batch_invariant_logprobs.py): the logits of `linear_invariant` (per ROW_TILE rows, the very logits the engine samples
-  from) reduced by `kernels.logprobs`' row kernel (the one `kernels.linear_logprobs` runs) in fixed
-  VOCAB_CHUNK column chunks, so the recorded behaviour log-prob of a sampled token and the training
-  forward's log-prob of the same token are the same reduction of the same numbers.
+- Log-probs (cir_kernels/batch_invariant_logprobs.py): the logits of `linear_invariant` (per ROW_TILE rows, the
+  very logits the engine samples from) reduced by `cir_kernels.logprobs`' row kernel (the one
+  `cir_kernels.linear_logprobs` runs) in fixed VOCAB_CHUNK column chunks, so the recorded behaviour log-prob
+  of a sampled token and the training forward's log-prob of the same token are the same reduction of the same
+  numbers.
 Row reductions: a max is exact; a sum is a fixed-shape product (above) or `row_mean_invariant`
 (torch's per-row mean on CPU; on CUDA torch splits a row's reduction by the tensor's shape).
 Elementwise ops are per element already, except those whose vector and scalar-tail code differ in
@@ -72,7 +73,7 @@ def _tile_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = 
     the fp32 accumulator of bf16 / fp16 operands (CPU: the operands upcast, their products exact).
     Autocast is off inside: the operands' dtypes are the caller's choice, the same in every path."""
     if _use_triton(a):
-        from kernels.batch_invariant_triton import bmm_triton
+        from cir_kernels.batch_invariant_triton import bmm_triton
 
         return bmm_triton(a, b, out_dtype=out_dtype)
     if out_dtype is not None and out_dtype != a.dtype:
@@ -354,7 +355,7 @@ def causal_attention_invariant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def paged_attention_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan,
                               scale: float | None = None) -> torch.Tensor:
-    """`kernels.paged_attention_reference`'s job (same cache layout; `plan` from `plan_reference` on
+    """`cir_kernels.paged_attention_reference`'s job (same cache layout; `plan` from `plan_reference` on
     the step's metadata) through `attention_invariant`: decode rows batched, prefill chunks one by
     one, each query over its own keys 0..position. q (T, Hq, D) -> (T, Hq, D). Forward only."""
     num_tokens, num_q_heads, head_dim = q.shape

@@ -1,8 +1,8 @@
 """Run one snippet in the sandbox and print what happened (for debugging a snippet).
 
-    python -m sandbox.run snippet.py
-    echo 'print(2 ** 10)' | python -m sandbox.run
-    python -m sandbox.run snippet.py --timeout 2 --memory-mb 256 --warm math,sympy --json
+    python -m cir_sandbox.run snippet.py
+    echo 'print(2 ** 10)' | python -m cir_sandbox.run
+    python -m cir_sandbox.run snippet.py --timeout 2 --memory-mb 256 --warm math,sympy --json
 
 Prints the status, the feedback text the model would see, stdout, stderr and the timings
 (or the whole Result as JSON with --json). Exit code 0 when the status is ok, else 1.
@@ -10,7 +10,7 @@ Prints the status, the feedback text the model would see, stdout, stderr and the
 A mistake on the command line (a missing file, a directory, a binary file, --timeout 0, a --warm
 module that cannot be imported) is one `error: ...` line on stderr and exit code 2; --debug (or
 CIR_DEBUG=1) shows its traceback. This is cir's error convention (cir/errors.py), restated here in
-a few lines because sandbox/ imports nothing from cir/.
+a few lines because cir_sandbox/ imports nothing from cir/.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from sandbox.client import Sandbox
-from sandbox.config import DEFAULT_WARM_MODULES
-from sandbox.result import format_feedback
+from cir_sandbox.client import Sandbox
+from cir_sandbox.config import DEFAULT_WARM_MODULES
+from cir_sandbox.result import format_feedback
 
 DEBUG_ENV = "CIR_DEBUG"
 EXIT_USAGE = 2
@@ -67,7 +67,7 @@ def _importable(module: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m sandbox.run", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m cir_sandbox.run", description=__doc__.split("\n")[0])
     parser.add_argument("file", nargs="?", help="Python file to run (default: read stdin)")
     parser.add_argument("--timeout", type=float, default=10.0, help="wall seconds")
     parser.add_argument("--memory-mb", type=int, default=1024, help="memory beyond the warm interpreter")

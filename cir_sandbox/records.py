@@ -7,11 +7,11 @@ import selectors
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
-from sandbox.config import ServerConfig
-from sandbox.protocol import HEADER, MAX_CHILD_FRAME, FrameBuffer, decode
-from sandbox.result import Result
+from cir_sandbox.config import ServerConfig
+from cir_sandbox.protocol import HEADER, MAX_CHILD_FRAME, FrameBuffer, decode
+from cir_sandbox.result import Result
 
 EXIT_SETUP_FAILED = 70          # a child's exit code when its confinement failed
 EXIT_NO_CONTROL = 71            # ... when the code closed or replaced fd 3, so it could not report

@@ -1,19 +1,19 @@
 """Masked token log-probs (and entropy) straight from hidden states: LM head + log-softmax + gather, fused.
 
-    from kernels import linear_logprobs
+    from cir_kernels import linear_logprobs
     logp = linear_logprobs(hidden, lm_head_weight, targets, temperature=1.0, mask=loss_mask)   # (N,)
     logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
 
 The [N, V] logits never exist at once, and nothing here reads a device value back (a mask zeroes
 rows with torch.where instead of dropping them, which would need their count on the host).
-CUDA (backend "triton", `kernels.linear_logprobs_triton`):
+CUDA (backend "triton", `cir_kernels.linear_logprobs_triton`):
   forward:  one Triton GEMM, z = h W^T tile by tile, folded into the online log-sum-exp state in the
-            epilogue (`kernels.logprobs` writes the math): 2 N V D flops, no logits in memory
+            epilogue (`cir_kernels.logprobs` writes the math): 2 N V D flops, no logits in memory
   backward: per vocabulary chunk of C columns, a Triton GEMM recomputes z and writes dz = d loss / d z
             (hidden dtype) from its epilogue; then cuBLAS: grad_W_c = dz^T h (its own rows of grad_W,
             written once) and grad_h += dz W_c (fp32 C matrix, beta = 1): 6 N V D flops
 CPU (backend "torch", the twin): the same walk with torch GEMMs into an fp32 chunk z_c (N x C) and the
-torch row ops of `kernels.logprobs` on it, in the forward as well.
+torch row ops of `cir_kernels.logprobs` on it, in the forward as well.
 The backward's extra GEMM (the recompute) is the price of not keeping logits: 8 N V D flops in all
 against the naive path's 6; the naive path pays instead with >= (4 b + 16) N V bytes of elementwise
 traffic (logits, float copy, log-softmax, their gradients; b = itemsize) and several [N, V] tensors.
@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import FLOAT_DTYPES, check_temperature, check_tensor, pick_backend
-from kernels.linear_logprobs_triton import dz_gemm, lse_gemm
-from kernels.logprobs import finish_state, logits_grad, lse_update, new_state
+from cir_kernels._checks import FLOAT_DTYPES, check_temperature, check_tensor, pick_backend
+from cir_kernels.linear_logprobs_triton import dz_gemm, lse_gemm
+from cir_kernels.logprobs import finish_state, logits_grad, lse_update, new_state
 
 # Chunk budgets (bytes of the [M, C] chunk buffer). CPU, torch path (fp32 logits), N = 8192, V = 49152,
 # D = 576, 1 thread (bench/kernels.py): C = 256 / 1024 / 4096 took 31.6 / 35.5 / 29.5 s fwd+bwd (noise
@@ -101,7 +101,7 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                      inv_t: float, chunk: int, backend: str, fused: bool, needs_hidden: bool,
                      needs_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of (logp, entropy) w.r.t. hidden and weight, the logits recomputed `chunk` vocabulary
-    columns at a time (fp32 accumulation); also the exact mode's backward (kernels/batch_invariant_logprobs)."""
+    columns at a time (fp32 accumulation); also the exact mode's backward (cir_kernels/batch_invariant_logprobs)."""
     h, num_rows = hidden, hidden.shape[0]
     g_logp = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
     g_entropy = grad_entropy.float().contiguous() if grad_entropy is not None else None
@@ -200,7 +200,8 @@ def linear_logprobs(
     check_tensor("targets", targets, ndim=1, integer=True, device=hidden.device)
     num_rows, vocab_size = hidden.shape[0], weight.shape[0]
     if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight is {tuple(weight.shape)}, expected [V, {hidden.shape[1]}] to match hidden {tuple(hidden.shape)}")
+        raise ValueError(f"weight is {tuple(weight.shape)}, expected [V, {hidden.shape[1]}] "
+                         f"to match hidden {tuple(hidden.shape)}")
     if vocab_size == 0:
         raise ValueError(f"weight must have at least one row, got shape {tuple(weight.shape)}")
     if targets.shape[0] != num_rows:

@@ -60,10 +60,10 @@ class ServerConfig:
         self.warm_modules = tuple(self.warm_modules)
 
     @classmethod
-    def from_args(cls, argv: list[str]) -> "ServerConfig":
-        """Parse the command line of `python -m sandbox.server` (the inverse of to_args)."""
-        p = argparse.ArgumentParser(prog="python -m sandbox.server",
-                                    description="The sandbox fork-server (see sandbox/server.py).")
+    def from_args(cls, argv: list[str]) -> ServerConfig:
+        """Parse the command line of `python -m cir_sandbox.server` (the inverse of to_args)."""
+        p = argparse.ArgumentParser(prog="python -m cir_sandbox.server",
+                                    description="The sandbox fork-server (see cir_sandbox/server.py).")
         p.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
         p.add_argument("--workers", type=int, default=4, help="calls running at once")
         p.add_argument("--prefork", type=int, default=None, help="children kept ready (default: workers)")
@@ -84,7 +84,7 @@ class ServerConfig:
                    watch_stdin=a.watch_stdin)
 
     def to_args(self) -> list[str]:
-        """Command-line arguments of `python -m sandbox.server` for this configuration."""
+        """Command-line arguments of `python -m cir_sandbox.server` for this configuration."""
         args = ["--socket", self.socket_path, "--workers", str(self.workers),
                 "--prefork", str(self.prefork), "--timeout", repr(self.timeout),
                 "--cpu-seconds", str(self.cpu_seconds), "--memory-mb", str(self.memory_mb),

@@ -1,6 +1,6 @@
-"""kernels: standalone Triton kernels with a plain-torch reference each (imports torch and triton only).
+"""cir_kernels: standalone Triton kernels with a plain-torch reference each (imports torch and triton only).
 
-    from kernels import sample, linear_logprobs, logprobs_from_logits, paged_attention
+    from cir_kernels import sample, linear_logprobs, logprobs_from_logits, paged_attention
 
 CUDA tensors go to the Triton kernels, CPU tensors to the torch references (same math); the
 `backend="triton" | "torch"` keyword forces one (Triton on CPU needs TRITON_INTERPRET=1).
@@ -11,13 +11,13 @@ CUDA tensors go to the Triton kernels, CPU tensors to the torch references (same
 - paged_attention.py / paged_attention_reference.py: attention of varlen queries over a paged KV
   cache, and the KV write into it (`store_kv`)
 """
-from kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
-from kernels.logprobs import logprobs_from_logits
-from kernels.sampling import sample
-from kernels.sampling_reference import sample_reference
+from cir_kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
+from cir_kernels.logprobs import logprobs_from_logits
+from cir_kernels.sampling import sample
+from cir_kernels.sampling_reference import sample_reference
 
-from kernels.paged_attention import paged_attention, store_kv
-from kernels.paged_attention_reference import paged_attention_reference, plan_reference
+from cir_kernels.paged_attention import paged_attention, store_kv
+from cir_kernels.paged_attention_reference import paged_attention_reference, plan_reference
 
 __all__ = [
     "linear_logprobs",

@@ -1,8 +1,8 @@
-"""Plain-torch token sampling: the CPU path of `kernels.sample` and the yardstick of its Triton kernel.
+"""Plain-torch token sampling: the CPU path of `cir_kernels.sample` and the yardstick of its Triton kernel.
 
     tokens, logprobs = sample_reference(logits, temperature=0.7, top_p=0.95, generator=1234)
 
-Same signature and same filtering semantics as `kernels.sample` (see its docstring), written the
+Same signature and same filtering semantics as `cir_kernels.sample` (see its docstring), written the
 obvious way: thresholds are read off a sorted copy of each row (skipped when no row filters); the
 draw is one uniform per row through the inverse CDF: from torch's RNG, or hashed (SplitMix64) from
 the row's own seed when per-row seeds are given.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._checks import FLOAT_DTYPES, check_tensor, per_row
+from cir_kernels._checks import FLOAT_DTYPES, check_tensor, per_row
 
 # Rows per chunk = _CHUNK_ELEMENTS // V: ~16 MiB per fp32 temporary (V = 152064 -> 27 rows).
 _CHUNK_ELEMENTS = 1 << 22
@@ -131,7 +131,7 @@ def sample_reference(
     min_p: float | torch.Tensor = 0.0,
     generator: Generator = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of `kernels.sample`: same arguments, same distribution, returns (tokens, logprobs)."""
+    """Torch twin of `cir_kernels.sample`: same arguments, same distribution, returns (tokens, logprobs)."""
     temperature, top_p, top_k, min_p = prepare_sampling(logits, temperature, top_p, top_k, min_p)
     num_rows, vocab_size = logits.shape
     device = logits.device

@@ -1,4 +1,4 @@
-"""Thresholds without sorting, as Triton device functions of kernels/sampling_triton.py: the
+"""Thresholds without sorting, as Triton device functions of cir_kernels/sampling_triton.py: the
 order-preserving key of a float, pivot brackets (where to probe, how a bracket narrows, when it is
 settled), and the exact search over a row's buffered tokens.
 
@@ -57,10 +57,7 @@ def _count_mass_ge(ptr, begin, end, pivot_x, m, inv_t,
     """Per pivot, the count and mass sum exp((x - m)/T) of ptr[begin:end] at or above it: a
     [BLOCK_V, NUM_PIVOTS] compare tile. FIXED: mass in int64 units of 2^-40 (exact, order-free sums)."""
     count = tl.zeros((NUM_PIVOTS,), tl.int32)
-    if FIXED:
-        mass = tl.zeros((NUM_PIVOTS,), tl.int64)
-    else:
-        mass = tl.zeros((NUM_PIVOTS,), tl.float32)
+    mass = tl.zeros((NUM_PIVOTS,), tl.int64) if FIXED else tl.zeros((NUM_PIVOTS,), tl.float32)
     for start in range(begin, end, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         valid = offs < end

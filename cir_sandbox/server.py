@@ -1,8 +1,8 @@
 """The fork-server: a small warm Python process that forks one confined child per call.
 
-    python -m sandbox.server --socket /tmp/sb.sock --workers 4 --timeout 10 --memory-mb 1024
+    python -m cir_sandbox.server --socket /tmp/sb.sock --workers 4 --timeout 10 --memory-mb 1024
 
-`sandbox.Sandbox` starts it for you (a fresh interpreter through subprocess, scrubbed
+`cir_sandbox.Sandbox` starts it for you (a fresh interpreter through subprocess, scrubbed
 environment), so it never is a fork of a large process such as a trainer that ran torch: forking
 those is slow (~15 ms) and can hang. Run by hand it prints "READY <pid>" once it serves, and stops
 on SIGTERM / SIGINT (or, with --watch-stdin, when its stdin closes: the client holds that pipe).
@@ -32,18 +32,18 @@ import tempfile
 import time
 from collections import deque
 
-from sandbox.child import build_stdio
-from sandbox.config import ServerConfig
-from sandbox.environment import is_scrubbed, server_environment
-from sandbox.frontend import Frontend
-from sandbox.plan import ChildPlan, make_plan
-from sandbox.protocol import decode, encode, frame
-from sandbox.records import EXIT_SETUP_FAILED, Child, Client, Job, Probe, classify_exit, decode_text
-from sandbox.result import STATUSES, Result
-from sandbox.warm import collapse_heap, warm_up
-from sandbox.zygote import Zygote
+from cir_sandbox.child import build_stdio
+from cir_sandbox.config import ServerConfig
+from cir_sandbox.environment import is_scrubbed, server_environment
+from cir_sandbox.frontend import Frontend
+from cir_sandbox.plan import ChildPlan, make_plan
+from cir_sandbox.protocol import decode, encode, frame
+from cir_sandbox.records import EXIT_SETUP_FAILED, Child, Client, Job, Probe, classify_exit, decode_text
+from cir_sandbox.result import STATUSES, Result
+from cir_sandbox.warm import collapse_heap, warm_up
+from cir_sandbox.zygote import Zygote
 
-log = logging.getLogger("sandbox.server")
+log = logging.getLogger("cir_sandbox.server")
 
 
 class Server(Frontend):
@@ -235,9 +235,9 @@ class Server(Frontend):
                 self._on_output_data(child, fd, data)
 
     def _on_output_data(self, child: Child, fd: int, data: bytes) -> None:
-        if child.job is not None and not child.kill_reason:
-            if child.add_output(fd, data, self.config.output_limit):
-                self._kill(child, "output_limit")
+        if (child.job is not None and not child.kill_reason
+                and child.add_output(fd, data, self.config.output_limit)):
+            self._kill(child, "output_limit")
 
     def _finish(self, child: Child, msg: dict) -> None:
         """The child reported its status: answer now, the process is reaped later."""
@@ -362,9 +362,9 @@ class Server(Frontend):
 def main(argv: list[str] | None = None) -> None:
     config = ServerConfig.from_args(sys.argv[1:] if argv is None else argv)
     if not is_scrubbed(os.environ):                  # run by hand: restart without the caller's env
-        os.execve(sys.executable, [sys.executable, "-s", "-m", "sandbox.server", *config.to_args()],
+        os.execve(sys.executable, [sys.executable, "-s", "-m", "cir_sandbox.server", *config.to_args()],
                   server_environment())
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="sandbox.server: %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="cir_sandbox.server: %(message)s")
     server = Server(config)
 
     def stop(signum: int, frame: object) -> None:

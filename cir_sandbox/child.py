@@ -37,10 +37,10 @@ import sys
 import time
 import traceback
 
-from sandbox import landlock, policy
-from sandbox.plan import ChildPlan
-from sandbox.protocol import HEADER, frame, read_exact_fd, write_all_fd
-from sandbox.records import EXIT_NO_CONTROL, EXIT_SETUP_FAILED
+from cir_sandbox import landlock, policy
+from cir_sandbox.plan import ChildPlan
+from cir_sandbox.protocol import HEADER, frame, read_exact_fd, write_all_fd
+from cir_sandbox.records import EXIT_NO_CONTROL, EXIT_SETUP_FAILED
 
 CTRL_FD = 3
 MAX_ERROR_LINE = 4000

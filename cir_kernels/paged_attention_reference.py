@@ -1,10 +1,10 @@
-"""Plain-torch paged attention: the CPU path of `kernels.paged_attention` and the yardstick of its
+"""Plain-torch paged attention: the CPU path of `cir_kernels.paged_attention` and the yardstick of its
 Triton kernel.
 
     plan = plan_reference(cu_seqlens_q, block_tables, seq_lens, block_size)   # once per step
     out = paged_attention_reference(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, plan=plan)
 
-Same arguments and semantics as `kernels.paged_attention` (see its docstring): gather each
+Same arguments and semantics as `cir_kernels.paged_attention` (see its docstring): gather each
 sequence's K/V through its block table, then SDPA, causal with the cached-prefix offset. The gather
 indices depend only on the block tables and lengths, so a model's layers share one plan per step.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels._checks import FLOAT_DTYPES
+from cir_kernels._checks import FLOAT_DTYPES
 
 
 def validate_paged_args(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q) -> None:
@@ -113,7 +113,7 @@ def plan_reference(cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, seq_l
     """Gather indices of `paged_attention_reference` for one batch (reads the lengths on the host)."""
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     q_lens = [cu[b + 1] - cu[b] for b in range(len(lens))]
-    for b, (q_len, kv_len) in enumerate(zip(q_lens, lens)):
+    for b, (q_len, kv_len) in enumerate(zip(q_lens, lens, strict=True)):
         if q_len < 0 or q_len > kv_len:
             raise ValueError(f"sequence {b}: q_len {q_len} must be in [0, seq_lens[b]={kv_len}]")
     device = block_tables.device
@@ -135,7 +135,7 @@ def plan_reference(cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, seq_l
         if any(lens[b] != kv_len for b in decode):
             mask = valid[:, None, None, :]
     prefill = []
-    for b, (q_len, kv_len_b) in enumerate(zip(q_lens, lens)):
+    for b, (q_len, kv_len_b) in enumerate(zip(q_lens, lens, strict=True)):
         if q_len <= 1:
             continue
         slots_b = _slots(block_tables[b : b + 1, : -(-kv_len_b // block_size)], kv_len_b, block_size)[0]

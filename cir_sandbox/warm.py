@@ -8,7 +8,7 @@ import os
 import sys
 import sysconfig
 
-log = logging.getLogger("sandbox.server")
+log = logging.getLogger("cir_sandbox.server")
 
 SYSTEM_READ_PATHS = (
     "/usr", "/lib", "/lib32", "/lib64", "/etc/ld.so.cache", "/etc/localtime", "/etc/passwd",

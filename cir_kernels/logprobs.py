@@ -1,9 +1,9 @@
 """Log-probs (and entropy) of target tokens under softmax(logits / T), streamed over vocabulary chunks.
 
-    from kernels import logprobs_from_logits
+    from cir_kernels import logprobs_from_logits
     logp = logprobs_from_logits(logits, targets, temperature=1.0)          # (N,) float32, differentiable
 
-The two row operations here are the core of `kernels.linear_logprobs` too, which feeds them one
+The two row operations here are the core of `cir_kernels.linear_logprobs` too, which feeds them one
 vocabulary chunk of logits at a time; each has a Triton kernel and a torch twin with the same math.
 
 Math, per row, with z = logits / T over the vocabulary (chunks arrive one after another):
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, check_temperature, check_tensor, pick_backend
+from cir_kernels._checks import FLOAT_DTYPES, check_temperature, check_tensor, pick_backend
 
 # Streaming row blocks: not yet tuned on a GPU (owed); 2048 x fp32 at 8 warps = 8 values per thread.
 _BLOCK_V = 2048
@@ -92,7 +92,8 @@ def new_state(num_rows: int, device: torch.device) -> torch.Tensor:
     return state
 
 
-def lse_update(z: torch.Tensor, col_start: int, targets: torch.Tensor, inv_t: float, state: torch.Tensor, backend: str) -> None:
+def lse_update(z: torch.Tensor, col_start: int, targets: torch.Tensor, inv_t: float, state: torch.Tensor,
+               backend: str) -> None:
     """Fold a chunk z (R, C) of raw logits (columns col_start...) into `state` (see `new_state`)."""
     num_rows, num_cols = z.shape
     assert z.stride(1) == 1 and state.shape == (4, num_rows) and targets.shape == (num_rows,)
@@ -166,7 +167,8 @@ def logits_grad(
         if grad_entropy is None:
             dz = p.mul_(g * -inv_t)  # -g p / T
         else:  # -(g + h (z - E_p[z])) p / T; 0 where p = 0 and z = -inf
-            dz = (zz - mean_z[rows, None]).mul_(grad_entropy[rows, None]).add_(g).mul_(p).mul_(-inv_t).nan_to_num_(nan=0.0)
+            dz = (zz - mean_z[rows, None]).mul_(grad_entropy[rows, None]).add_(g).mul_(p).mul_(-inv_t)
+            dz = dz.nan_to_num_(nan=0.0)
         local = targets[rows] - col_start
         inside = (local >= 0) & (local < num_cols)  # no nonzero(): the CPU twin stays sync-free too
         hit = torch.where(inside, grad_logp[rows] * inv_t, 0.0)[:, None]

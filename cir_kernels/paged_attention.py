@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import pick_backend
-from kernels.paged_attention_reference import paged_attention_reference, validate_paged_args
+from cir_kernels._checks import pick_backend
+from cir_kernels.paged_attention_reference import paged_attention_reference, validate_paged_args
 
 # Tile sizes. Untuned: no GPU was available when this was written; bench/paged_attention.py is the
 # tool to tune them. BLOCK_N = KV tokens per inner step (independent of the cache's block size).
@@ -113,10 +113,7 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         # 4) online softmax update
-        if DOT_FP32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") if DOT_FP32 else tl.dot(q, tl.trans(k))
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

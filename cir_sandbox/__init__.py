@@ -1,11 +1,11 @@
-"""sandbox: run untrusted Python snippets in milliseconds, each in a confined fork of a warm server.
+"""cir_sandbox: run untrusted Python snippets in milliseconds, each in a confined fork of a warm server.
 
-    from sandbox import Sandbox, format_feedback
+    from cir_sandbox import Sandbox, format_feedback
     with Sandbox(workers=8, timeout=10, memory_mb=1024) as sb:
         result = sb.run("import sympy as sp; x = sp.Symbol('x'); print(sp.solve(x**2 - 4, x))")
         result.status, result.stdout, format_feedback(result)   # 'ok', '[-2, 2]\\n', '[-2, 2]'
 
-    python -m sandbox.run snippet.py          # debug one snippet (or pipe it on stdin)
+    python -m cir_sandbox.run snippet.py          # debug one snippet (or pipe it on stdin)
 
 Standalone: imports the standard library and `pyseccomp` only (the server also imports its warm
 modules, numpy and sympy by default, when installed); nothing from `cir`.
@@ -57,7 +57,7 @@ What is NOT covered -- do not rely on this sandbox for these:
   bench/RESULTS.md for what that costs on a small VM).
 - Non-Linux systems: not supported (seccomp, Landlock, pidfd are Linux-only; Linux >= 5.3).
 """
-from sandbox.client import Sandbox, Session, session
-from sandbox.result import STATUSES, Result, format_feedback, truncate
+from cir_sandbox.client import Sandbox, Session, session
+from cir_sandbox.result import STATUSES, Result, format_feedback, truncate
 
 __all__ = ["Sandbox", "Session", "session", "Result", "STATUSES", "format_feedback", "truncate"]

@@ -53,7 +53,7 @@ class Result:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Result":
+    def from_dict(cls, d: dict) -> Result:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
