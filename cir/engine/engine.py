@@ -38,10 +38,11 @@ from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
 from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
-from cir.engine.model_runner import CallContext, ModelRunner
+from cir.engine.model_runner import CallContext, ModelRunner, seed_bases
 from cir.engine.rollout_weights import RolloutWeights
-from cir.engine.scheduler import Scheduler, ToolCall
+from cir.engine.scheduler import ScheduledBatch, Scheduler, ToolCall
 from cir.engine.sequence import Sequence
+from cir.engine.stream import RolloutStream
 from cir.engine.tools import SegmentDecoder, check_table, feedback_text, fence_token_table
 from cir_sandbox import format_feedback
 
@@ -58,6 +59,7 @@ class Trajectory:
     text: str  # the response decoded, for display only
     prompt_index: int = 0
     sample_index: int = 0
+    versions: list[int] | None = None  # rollout streams: the policy version that sampled each response token
 
 
 class Engine:
@@ -149,28 +151,34 @@ class Engine:
                 raise ValueError(f"prompt {i} is empty")
             if len(prompt) >= self.max_model_len:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; max_model_len is {self.max_model_len}")
-        dtype = self._compute_dtype()
-        if not self.kv_cache.is_allocated or self.kv_cache.dtype != dtype:
-            self.kv_cache.release()
-            self.kv_cache.dtype = dtype
-            self.kv_cache.allocate(self._num_blocks())
+        self._ensure_pool()
         with self._rollout_weights():
             trajs = self._generate(prompts, params, n, tools, prompt_keys)
         if self.config.release_after_generate:
             self.release()
         return trajs
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, tools: ToolConfig | None,
-                  prompt_keys: list[int] | None) -> list[Trajectory]:
+    def _ensure_pool(self) -> None:
+        dtype = self._compute_dtype()
+        if not self.kv_cache.is_allocated or self.kv_cache.dtype != dtype:
+            self.kv_cache.release()
+            self.kv_cache.dtype = dtype
+            self.kv_cache.allocate(self._num_blocks())
+
+    def _scheduler(self, params: SamplingParams, tools: ToolConfig | None, version: int | None = None) -> Scheduler:
         block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
                                      self.config.enable_prefix_caching)
         stop_ids = [] if params.ignore_eos else sorted(self.eos_token_ids | set(params.stop_token_ids))
         if tools is not None and self._fence_table is None:
             self._fence_table = fence_token_table(self.tokenizer)
         vocab = getattr(self.model.config, "vocab_size", None)
-        scheduler = Scheduler(self.config, block_manager, stop_ids,
-                              check_table(stop_ids, self._fence_table, tools is not None, (vocab or 0) + 1),
-                              tools, lambda: SegmentDecoder(self.tokenizer))
+        return Scheduler(self.config, block_manager, stop_ids,
+                         check_table(stop_ids, self._fence_table, tools is not None, (vocab or 0) + 1),
+                         tools, lambda: SegmentDecoder(self.tokenizer), version)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, tools: ToolConfig | None,
+                  prompt_keys: list[int] | None) -> list[Trajectory]:
+        scheduler = self._scheduler(params, tools)
         groups = []
         for i, prompt in enumerate(prompts):
             key = i if prompt_keys is None else prompt_keys[i]
@@ -183,26 +191,108 @@ class Engine:
                    disable=not self.config.show_progress or len(seqs) < 8)
         self._seconds_waiting = 0.0
         try:
-            num_steps = self._loop(scheduler, ctx, tools, bar)
+            num_steps = self._loop(scheduler, ctx, tools, bar, {})
         finally:
             scheduler.drop_decode()
         bar.close()
-        self.stats = dict(num_steps=num_steps, num_generated_tokens=scheduler.num_generated_tokens,
-                          num_preemptions=scheduler.num_preemptions,
-                          num_prefix_cache_hit_tokens=block_manager.num_cache_hits,
-                          seconds_waiting_on_tools=self._seconds_waiting)
+        self._set_stats(scheduler, num_steps)
         return [self._trajectory(seq) for seq in seqs]
 
-    def _loop(self, scheduler: Scheduler, ctx: CallContext, tools: ToolConfig | None, bar) -> int:
-        """Steps until every sequence ended: schedule -> run -> postprocess, around them the tool calls
-        and the progress bar. The number of steps launched."""
-        futures: dict[Sequence, cf.Future] = {}  # sequences waiting on the sandbox
+    def _set_stats(self, scheduler: Scheduler, num_steps: int) -> None:
+        self.stats = dict(num_steps=num_steps, num_generated_tokens=scheduler.num_generated_tokens,
+                          num_preemptions=scheduler.num_preemptions,
+                          num_prefix_cache_hit_tokens=scheduler.block_manager.num_cache_hits,
+                          seconds_waiting_on_tools=self._seconds_waiting)
+
+    # 3) rollout streams (rollout.mode: partial, see stream.py) -------------------------------------------
+    def generate_stream(self, stream: RolloutStream, num_groups: int, tools: ToolConfig | None = None,
+                        version: int = 0) -> list[list[Trajectory]]:
+        """Roll the stream on until `num_groups` groups have all their samples finished (fewer only when
+        the source ran out): those groups' trajectories, in the order they finished, each with the
+        policy version of every token. The rest is carried into the next call."""
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        if stream.n > self.config.max_num_seqs:
+            raise ValueError(f"n = {stream.n} samples of a prompt run together, but max_num_seqs is "
+                             f"{self.config.max_num_seqs}")
+        self._ensure_pool()
+        with self._rollout_weights():
+            groups = self._generate_stream(stream, num_groups, tools, version)
+        if self.config.release_after_generate:
+            self.release()
+        return [[self._trajectory(seq, versions=True) for seq in group] for group in groups]
+
+    def _generate_stream(self, stream: RolloutStream, num_groups: int, tools: ToolConfig | None,
+                         version: int) -> list[list[Sequence]]:
+        scheduler = self._scheduler(stream.params, tools, version)
+        carried, restarted = stream.take_up(version, self.max_model_len)
+        for slot, (seq, leader) in enumerate(carried):
+            scheduler.carry_in(seq, slot, leader)
+        ctx = self.runner.begin_call([], -(-self.max_model_len // self.config.block_size), stream.params,
+                                     bases=stream.bases_of([seq for seq, _ in carried]))
+        for seq in restarted:
+            self._take_up(stream, scheduler, ctx, [seq])
+        num_carried, occupancy = len(carried), []
+        self._seconds_waiting = 0.0
+
+        def between_steps() -> bool:
+            """Keep the running batch full from the stream; whether enough groups are done."""
+            live = len(ctx.seed_bases) - scheduler.num_finished - len(scheduler.paused)
+            while live + stream.n <= self.config.max_num_seqs:
+                group = stream.next_group(self.max_model_len)
+                if group is None:
+                    break
+                self._take_up(stream, scheduler, ctx, group)
+                live += stream.n
+            if scheduler.num_finished != between_steps.seen:
+                between_steps.seen = scheduler.num_finished
+                stream.collect_finished()
+            occupancy.append(len(scheduler.running))
+            return len(stream.ready) >= num_groups
+        between_steps.seen = -1
+
+        try:
+            num_steps = self._loop(scheduler, ctx, tools, None, stream.futures, between_steps)
+            while scheduler.pending is not None:  # the last step's tokens: read them now
+                calls = scheduler.postprocess(ScheduledBatch(), None)
+                if calls:
+                    self._submit(calls, tools, stream.futures)
+        finally:
+            scheduler.release_all()
+        stream.collect_finished()
+        self._set_stats(scheduler, num_steps)
+        steps = max(len(occupancy) - 1, 1)
+        stream.stats = dict(num_decode_steps=num_steps, num_carried_in=num_carried,
+                            occupancy=sum(occupancy[1:]) / steps / self.config.max_num_seqs,
+                            num_unfinished=sum(not s.is_finished for g in stream.groups for s in g),
+                            num_restarted=len(restarted), num_groups_taken=stream.num_groups_taken)
+        return stream.pop_ready(num_groups)
+
+    def _take_up(self, stream: RolloutStream, scheduler: Scheduler, ctx: CallContext, group: list[Sequence]) -> None:
+        """New sequences join the call: seed slots (by constructor order), seed bases, the queues."""
+        first = len(ctx.seed_bases)
+        fresh = [s for s in group if s not in stream.bases]
+        if fresh:
+            for seq, base in zip(fresh, seed_bases(self.runner.call_seed, [s.seed_key for s in fresh],
+                                                   [s.sample_idx for s in fresh]).tolist(), strict=True):
+                stream.bases[seq] = base
+        scheduler.take_up(group, first)
+        self.runner.extend_call(ctx, stream.bases_of(group))
+
+    def _loop(self, scheduler: Scheduler, ctx: CallContext, tools: ToolConfig | None, bar,
+              futures: dict[Sequence, cf.Future], between_steps=None) -> int:
+        """Steps until every sequence ended (or `between_steps()` says stop): schedule -> run ->
+        postprocess, around them the tool calls and the progress bar. The number of steps launched."""
         num_steps = 0
-        while scheduler.has_work:
+        while True:
+            if between_steps is not None and between_steps():
+                break
+            if not scheduler.has_work:
+                break
             if scheduler.paused:
                 self._collect_tool_results(scheduler, futures, block=False)
                 if not scheduler.has_work:  # feedback ended the last sequence
-                    break
+                    continue
             batch = scheduler.schedule()
             if batch.seqs:
                 launched = self.runner.run(batch, ctx)
@@ -217,7 +307,7 @@ class Engine:
             calls = scheduler.postprocess(batch, launched)
             if calls:
                 self._submit(calls, tools, futures)
-            if scheduler.num_finished != bar.n:
+            if bar is not None and scheduler.num_finished != bar.n:
                 bar.update(scheduler.num_finished - bar.n)
         return num_steps
 
@@ -242,7 +332,7 @@ class Engine:
             feedback = self.tokenizer.encode(feedback_text(format_feedback(result)))
             scheduler.resume_from_tool(seq, feedback, result.status == "ok")
 
-    def _trajectory(self, seq: Sequence) -> Trajectory:
+    def _trajectory(self, seq: Sequence, versions: bool = False) -> Trajectory:
         return Trajectory(
             prompt_ids=seq.token_ids[: seq.num_prompt_tokens],
             response_ids=seq.response_ids,
@@ -254,4 +344,5 @@ class Engine:
             text=self.tokenizer.decode(seq.response_ids),
             prompt_index=seq.group_id,
             sample_index=seq.sample_idx,
+            versions=seq.token_versions() if versions else None,
         )

@@ -133,16 +133,30 @@ class ModelRunner:
         self.graphs = graphs  # decode steps as CUDA graphs (EngineConfig.cuda_graphs), or None
         self._aranges: dict[int, np.ndarray] = {}  # cu_seqlens_q of decode steps, by batch size
 
-    def begin_call(self, seqs: list[Sequence], max_blocks: int, shared_params: SamplingParams | None) -> CallContext:
+    def begin_call(self, seqs: list[Sequence], max_blocks: int, shared_params: SamplingParams | None,
+                   bases: np.ndarray | None = None) -> CallContext:
         """Per generate call: draw its seed (the generator state is what checkpoints save), hash each
-        sequence's seed base, make room for each block table as a numpy row (by seq.seed_slot),
-        rewritten only when the block manager changed the table (`seq.table_version`)."""
+        sequence's seed base (`bases`: given, for sequences carried over from earlier calls), make room
+        for each block table as a numpy row (by seq.seed_slot), rewritten only when the block manager
+        changed the table (`seq.table_version`)."""
         self.call_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         if self.graphs is not None:
             self.graphs.check()  # a new pool or new parameter storage: capture again
-        return CallContext(seed_bases(self.call_seed, [s.seed_key for s in seqs], [s.sample_idx for s in seqs]),
-                           shared_params, np.zeros((len(seqs), max_blocks), dtype=np.int32),
-                           np.zeros(len(seqs), dtype=np.int64), np.full(len(seqs), -1, dtype=np.int64))
+        if bases is None:
+            bases = seed_bases(self.call_seed, [s.seed_key for s in seqs], [s.sample_idx for s in seqs])
+        ctx = CallContext(np.zeros(0, dtype=np.uint64), shared_params, np.zeros((0, max_blocks), dtype=np.int32),
+                          np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        self.extend_call(ctx, bases)
+        return ctx
+
+    @staticmethod
+    def extend_call(ctx: CallContext, bases: np.ndarray) -> None:
+        """Sequences joined the call (the next seed slots, in order): their seed bases and table rows."""
+        num = len(bases)
+        ctx.seed_bases = np.concatenate([ctx.seed_bases, np.asarray(bases, dtype=np.uint64)])
+        ctx.table_rows = np.concatenate([ctx.table_rows, np.zeros((num, ctx.table_rows.shape[1]), dtype=np.int32)])
+        ctx.table_lens = np.concatenate([ctx.table_lens, np.zeros(num, dtype=np.int64)])
+        ctx.table_versions = np.concatenate([ctx.table_versions, np.full(num, -1, dtype=np.int64)])
 
     def release_graphs(self) -> None:
         """Forget captured CUDA graphs (they point into a KV pool that is going away)."""

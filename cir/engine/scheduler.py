@@ -75,10 +75,11 @@ class ToolCall:
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, stop_ids: list[int] = (),
                  check_table: np.ndarray | None = None, tools: ToolConfig | None = None,
-                 new_decoder: Callable[[], object] | None = None):
+                 new_decoder: Callable[[], object] | None = None, version: int | None = None):
         """`stop_ids` end a sequence; `check_table[min(id, len - 1)]` says whether a sampled token is
         looked at one by one (tools.check_table; None: every token); `new_decoder` makes a segment's
-        decoder (tools.SegmentDecoder) when `tools` is set."""
+        decoder (tools.SegmentDecoder) when `tools` is set; `version`: the policy version sampling in
+        this call, marked on each sequence taken up (rollout streams; None: not recorded)."""
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
@@ -89,7 +90,7 @@ class Scheduler:
         self.decode: DecodeState | None = None
         self.stop_ids = set(stop_ids)
         self.check_table = np.ones(1, dtype=bool) if check_table is None else check_table
-        self.tools, self.new_decoder = tools, new_decoder
+        self.tools, self.new_decoder, self.version = tools, new_decoder, version
         self.pending: LaunchedStep | None = None  # the launched step whose tokens are not read yet
         self.num_finished = self.num_generated_tokens = 0
         self._must_check: set[Sequence] = set()  # decoders holding back half a character: check every token
@@ -100,12 +101,51 @@ class Scheduler:
         """The n samples of a prompt: the first prefills it, the others share its blocks then."""
         leader = group[0]
         leader.followers = group[1:]
-        if self.tools is not None:
-            for seq in group:
+        for seq in group:
+            if self.tools is not None:
                 seq.decoder = self.new_decoder()
-        self._row_of_slot = np.full(max(len(self._row_of_slot), 1 + max(s.seed_slot for s in group)), -1,
-                                    dtype=np.int64)
+            if self.version is not None:
+                seq.version_marks.append((0, self.version))
+        self._grow_slots(max(s.seed_slot for s in group))
         self.add(leader)
+
+    def take_up(self, group: list[Sequence], first_slot: int) -> None:
+        """New sequences join a call that runs already (rollout streams): seed slots from `first_slot`."""
+        for i, seq in enumerate(group):
+            seq.seed_slot = first_slot + i
+        self.add_group(group)
+
+    def _grow_slots(self, max_slot: int) -> None:
+        if max_slot >= len(self._row_of_slot):
+            self._row_of_slot = np.full(max(2 * len(self._row_of_slot), max_slot + 1), -1, dtype=np.int64)
+
+    def carry_in(self, seq: Sequence, slot: int, leader: bool) -> None:
+        """A sequence an earlier call left unfinished (`release_all`), with no blocks: it recomputes its
+        KV under this call's weights. `leader`: it enters the queues (else a follower still waiting for
+        its leader's prompt). Paused at the sandbox, it stays paused."""
+        seq.seed_slot = slot
+        self._grow_slots(slot)
+        if self.version is not None:
+            seq.version_marks.append((seq.num_response_tokens, self.version))
+        if seq.decoder is not None and seq.decoder.is_holding_back:
+            self._must_check.add(seq)
+        if not leader:
+            return
+        if seq.status is SequenceStatus.TOOL:
+            self.paused.append(seq)
+        else:
+            self.add(seq)
+
+    def release_all(self) -> None:
+        """The call ends with sequences unfinished (rollout streams): read nothing more, give every block
+        back; running ones wait (at the front, in order) to be carried into the next call."""
+        self.pending = None  # (read already, unless the call failed)
+        self.drop_decode()
+        for seq in [*self.running, *self.waiting, *self.paused]:
+            self.block_manager.free(seq)
+        for seq in reversed(self.running):
+            self.add(seq, front=True)
+        self.running = []
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SequenceStatus.WAITING

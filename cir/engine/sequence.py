@@ -51,6 +51,9 @@ class Sequence:
         self.max_response_tokens = limit  # params.max_tokens, lowered to fit max_model_len
         self.max_num_tokens = len(prompt_ids) + limit  # prompt + most response tokens
         self.seed_slot = seed_slot  # index of this sequence in the generate call (seed bases, per-sequence arrays)
+        # (response index, policy version) each time a generate call takes the sequence up: the tokens
+        # from that index on (until the next mark) were sampled by that version (rollout streams)
+        self.version_marks: list[tuple[int, int]] = []
         # tool state
         self.num_tool_calls = 0
         self.num_tool_successes = 0
@@ -76,6 +79,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def token_versions(self) -> list[int]:
+        """The policy version of each response token (feedback tokens: the version of their segment)."""
+        versions, marks = [], self.version_marks or [(0, 0)]
+        for (start, version), (end, _) in zip(marks, [*marks[1:], (self.num_response_tokens, 0)], strict=True):
+            versions += [version] * (end - start)
+        return versions
 
     def append_feedback(self, token_ids: list[int]) -> None:
         self.token_ids.extend(token_ids)
