@@ -11,13 +11,14 @@ call inside another is charged to its own part only). Names that no longer exist
 are skipped and listed under "missing"; their time shows up as host "other". The parts:
 
     schedule      Scheduler.schedule (block accounting included)
-    inputs        the step's host lists and tensors, the attention context, the rows to sample
+    inputs        ModelRunner.run: the step's host arrays and tensors, the attention context, the rows
+                  to sample
     seeds         the per-draw seeds (sequence_seed) and the sampler's per-row parameter columns
-    bookkeeping   per-sequence work after sampling: reading the sampled tokens back, _on_sampled,
-                  mark_computed, share, finishing, writing a decode state back (DecodeState.sync)
+    bookkeeping   Scheduler.postprocess: reading the sampled tokens back, _on_sampled, the decode
+                  state's advance, share, finishing, writing a decode state back (drop_decode)
     stop_fence    incremental detokenisation and the closing-fence scan (the EOS check is inline
                   in _on_sampled: it counts as bookkeeping)
-    tools         collecting sandbox results
+    tools         submitting tool calls and collecting sandbox results
     other         the rest of the step (the generate loop itself, and whatever is not wrapped)
     forward       the model's forward_hidden + compute_logits (on CUDA synchronised: device time)
     sampler       the sampling kernel (cir_kernels.sample)
@@ -63,6 +64,7 @@ DEVICE_PARTS = ("forward", "sampler")
 # (part, "module:Owner.attr" or "module:function"), looked up where the engine looks them up.
 TIMED = [
     ("schedule", "cir.engine.scheduler:Scheduler.schedule"),
+    ("inputs", "cir.engine.model_runner:ModelRunner.run"),
     ("inputs", "cir.engine.model_runner:ModelRunner._step_inputs"),
     ("inputs", "cir.engine.model_runner:ModelRunner._decode_inputs"),
     ("inputs", "cir.engine.model_runner:ModelRunner._forward_eager"),
@@ -74,21 +76,22 @@ TIMED = [
     ("seeds", "cir.engine.model_runner:ModelRunner.sample"),
     ("seeds", "cir.engine.model_runner:sequence_seed"),
     ("seeds", "cir.engine.model_runner:sequence_seeds"),
-    ("bookkeeping", "cir.engine.engine:Engine._on_sampled"),
-    ("bookkeeping", "cir.engine.engine:Engine._read_pending"),
+    ("bookkeeping", "cir.engine.scheduler:Scheduler.postprocess"),
+    ("bookkeeping", "cir.engine.scheduler:Scheduler._read_pending"),
+    ("bookkeeping", "cir.engine.scheduler:Scheduler._on_sampled"),
     ("bookkeeping", "cir.engine.launched_step:LaunchedStep.read"),
-    ("bookkeeping", "cir.engine.decode_state:DecodeState.mark_computed"),
-    ("bookkeeping", "cir.engine.decode_state:DecodeState.sync"),
-    ("bookkeeping", "cir.engine.engine:Engine._finish"),
+    ("bookkeeping", "cir.engine.launched_step:LaunchedStep.launch"),
+    ("bookkeeping", "cir.engine.decode_state:DecodeState.advance"),
+    ("bookkeeping", "cir.engine.scheduler:Scheduler.drop_decode"),
+    ("bookkeeping", "cir.engine.scheduler:Scheduler.finish"),
     ("bookkeeping", "cir.engine.scheduler:Scheduler.retire"),
-    ("bookkeeping", "cir.engine.block_manager:BlockManager.mark_computed"),
     ("bookkeeping", "cir.engine.block_manager:BlockManager.share"),
-    ("bookkeeping", "cir.engine.sequence:Sequence.append_sampled"),
     ("stop_fence", "cir.engine.tools:SegmentDecoder.push"),
     ("stop_fence", "cir.engine.tools:SegmentDecoder.extend"),
-    ("stop_fence", "cir.engine.engine:find_closed_code"),
-    ("stop_fence", "cir.engine.engine:scan_start_hint"),
+    ("stop_fence", "cir.engine.scheduler:find_closed_code"),
+    ("stop_fence", "cir.engine.scheduler:scan_start_hint"),
     ("tools", "cir.engine.engine:Engine._collect_tool_results"),
+    ("tools", "cir.engine.engine:Engine._submit"),
     ("forward", "cir.model.transformer:Transformer.forward_hidden"),
     ("forward", "cir.model.transformer:Transformer.compute_logits"),
     ("forward", "cir.engine.cuda_graphs:DecodeGraphs.run"),

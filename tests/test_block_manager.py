@@ -11,11 +11,13 @@ def seq_of(tokens: list[int]) -> Sequence:
 
 
 def computed(bm: BlockManager, seq: Sequence) -> Sequence:
-    """Allocate and mark every uncomputed token of `seq` as computed, as one engine step would."""
-    n = seq.num_uncomputed_tokens
+    """Allocate and mark every uncomputed token of `seq` as computed, as Scheduler.postprocess does
+    after one engine step (the count, then the blocks that filled get their hash)."""
+    n, start = seq.num_uncomputed_tokens, seq.num_cached_tokens
     assert bm.can_append(seq, n)
     bm.append_slots(seq, n)
-    bm.mark_computed(seq, n)
+    seq.num_cached_tokens += n
+    bm.hash_full_blocks(seq, start)
     return seq
 
 

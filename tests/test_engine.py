@@ -16,16 +16,23 @@ def make_engine(model, **config) -> Engine:
 
 
 def record_logits(engine: Engine) -> list[tuple[list[int], torch.Tensor]]:
-    """Every sampled row of every step: (the tokens the row saw, its logits)."""
-    seen, forward = [], engine.runner.forward
+    """Every sampled row of every step: (the tokens the row saw, its logits). The last of those tokens
+    may be read back only after the step (a placeholder then): the row keeps its sequence and length,
+    resolved into tokens when the list is read, after generate."""
+    seen, forward = _Rows(), engine.runner.forward
 
-    def spy(batch):
-        owners, logits = forward(batch)
-        seen.extend((list(seq.token_ids), row.clone()) for seq, row in zip(owners, logits, strict=True))
+    def spy(batch, ctx):
+        owners, logits = forward(batch, ctx)
+        seen.extend((seq, len(seq.token_ids), row.clone()) for seq, row in zip(owners, logits, strict=True))
         return owners, logits
 
     engine.runner.forward = spy
     return seen
+
+
+class _Rows(list):
+    def __iter__(self):
+        return ((seq.token_ids[:n], row) for seq, n, row in super().__iter__())
 
 
 def full_forward_last(model, ids: list[int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ from engine_utils import ByteTokenizer, ScriptedModel
 from test_engine_stress import EchoExecutor
 
 import cir.engine.engine as engine_module
+import cir.engine.scheduler as scheduler_module
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
 from cir.engine.model_runner import sequence_seed, sequence_seeds
 from cir.engine.sequence import Sequence
@@ -31,9 +32,9 @@ def spy_steps(engine: Engine) -> list[dict[Sequence, int]]:
     (a token sampled by the previous step and not read yet counts)."""
     steps, forward = [], engine.runner.forward
 
-    def spy(batch):
+    def spy(batch, ctx):
         steps.append({seq: len(seq.token_ids) for seq in batch.seqs})
-        return forward(batch)
+        return forward(batch, ctx)
 
     engine.runner.forward = spy
     return steps
@@ -55,13 +56,13 @@ def test_a_sequence_ending_at_step_t_gets_no_token_from_step_t_plus_1(monkeypatc
     steps = spy_steps(engine)
     managers = spy_block_manager(monkeypatch)
     finished = {}
-    finish = engine._finish
+    finish = scheduler_module.Scheduler.finish
 
-    def on_finish(seq, reason, scheduler, bar):
-        finish(seq, reason, scheduler, bar)
+    def on_finish(scheduler, seq, reason):
+        finish(scheduler, seq, reason)
         finished[seq.group_id] = (len(steps), list(seq.block_table), seq.num_cached_tokens)
 
-    engine._finish = on_finish
+    monkeypatch.setattr(scheduler_module.Scheduler, "finish", on_finish)
     trajs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=100))
     a, b = trajs
     assert a.prompt_ids + a.response_ids == models[TOK.encode("A")[0] % 16]  # ends at its EOS, nothing after

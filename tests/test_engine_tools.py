@@ -6,6 +6,7 @@ import pytest
 from engine_utils import ByteTokenizer, ScriptedModel
 
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
+from cir.engine import scheduler as scheduler_module
 from cir.engine.tools import feedback_text, find_closed_code
 from cir_sandbox import Sandbox, format_feedback
 
@@ -57,16 +58,19 @@ def run_scripts(box, scripts: dict[str, list], max_calls: int = 2, max_tokens: i
                     EngineConfig(**{"block_size": 4, "num_kv_blocks": 512, "show_progress": False,
                                     **(engine_kw or {})}))
     finished = []
-    finish = engine._finish
+    finish = scheduler_module.Scheduler.finish
 
-    def spy(seq, reason, scheduler, bar):
+    def spy(scheduler, seq, reason):
         finished.append(seq.group_id)
-        finish(seq, reason, scheduler, bar)
+        finish(scheduler, seq, reason)
 
-    engine._finish = spy
+    scheduler_module.Scheduler.finish = spy
     tools = ToolConfig(executor=executor or box, max_calls=max_calls, **tool_kw)
     prompts = [TOK.encode(p) for p in scripts]
-    trajs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), n=n, tools=tools)
+    try:
+        trajs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), n=n, tools=tools)
+    finally:
+        scheduler_module.Scheduler.finish = finish
     return trajs, expected, finished
 
 

@@ -122,13 +122,6 @@ class BlockManager:
         return block_ids
 
     # 2) after a forward ----------------------------------------------------------------------------
-    def mark_computed(self, seq: Sequence, num_tokens: int) -> None:
-        """`num_tokens` more tokens of `seq` have their K/V in the cache; hash blocks that filled."""
-        start = seq.num_cached_tokens
-        seq.num_cached_tokens += num_tokens
-        if self.enable_prefix_caching:
-            self.hash_full_blocks(seq, start)
-
     def hash_full_blocks(self, seq: Sequence, start: int, end: int | None = None) -> None:
         """Hash the blocks filled between token `start` and `end` (default `seq.num_cached_tokens`)."""
         end = seq.num_cached_tokens if end is None else end

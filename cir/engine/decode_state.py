@@ -6,12 +6,13 @@ from this one's: each position, KV slot and length + 1, the same seed bases and 
 that gains a block where a sequence crosses into a new block. So the scheduler builds this state from
 the sequences once (after the running batch changed) and advances it in the steps after, without a
 Python walk over the sequences: the model runner takes the step's inputs and seeds from its arrays,
-and per step only the token lists are touched (a placeholder appended, then filled, by C-level `map`s).
+and per step only the token lists are touched (a placeholder appended, then filled, by C-level `map`s
+in Scheduler.postprocess).
 
 While the state is alive it is the truth for what it holds: the sequences' `num_cached_tokens`, loss
-masks and behaviour log-probs are written back only when it is dropped (`sync`, called by the scheduler
+masks and behaviour log-probs are written back only when it is dropped (`Scheduler.drop_decode`,
 whenever the running batch changes, before anything else reads them). Read steps' log-probs wait in
-`logprob_log` until then.
+`logprob_log` until then. Only the scheduler changes a state; the runner reads it.
 
 Invariant the scheduler relies on when it advances a state: the block a sequence writes in is its own.
 A partially filled block is shared only by `BlockManager.share` (at a group's prefill, a step that is
@@ -21,8 +22,7 @@ fresh one (`filled`).
 """
 from __future__ import annotations
 
-from collections import deque
-from itertools import chain, repeat
+from itertools import chain
 from operator import attrgetter
 
 import numpy as np
@@ -33,12 +33,6 @@ from cir.engine.sequence import Sequence
 _num_cached, _max_num_tokens, _num_prompt = (attrgetter(f) for f in ("num_cached_tokens", "max_num_tokens",
                                                                      "num_prompt_tokens"))
 _seed_slot, _block_table, _token_ids = (attrgetter(f) for f in ("seed_slot", "block_table", "token_ids"))
-_loss_mask, _logprobs = attrgetter("loss_mask"), attrgetter("logprobs")
-
-
-def consume(iterator) -> None:
-    """Run a `map` for its side effects, in C."""
-    deque(iterator, maxlen=0)
 
 
 def block_table_array(tables: list[list[int]]) -> np.ndarray:
@@ -69,10 +63,7 @@ class DecodeState:
         self.slot_mapping = self.tables[self.rows, self.starts // bs].astype(np.int64) * bs + self.starts % bs
         self.filled = np.zeros(0, dtype=np.int64)  # sequences whose last block filled up in the last step
         self.seed_positions = 1 - np.fromiter(map(_num_prompt, seqs), dtype=np.int64, count=num)  # + starts
-        self.seeds: np.ndarray | None = None  # (K, B) the draws' seeds of K steps (ModelRunner.sample)
-        self.seeds_step = 0  # the step of row 0 of `seeds`
-        self.bases: np.ndarray | None = None
-        self.token_lists = list(map(_token_ids, seqs))  # the sequences' own lists, changed in C
+        self.token_lists = list(map(_token_ids, seqs))  # the sequences' own lists (the scheduler changes them)
         self.logprob_log: list[torch.Tensor] = []  # (B,) behaviour log-probs of each step read
         self.num_steps = 0  # steps launched on this state; from 1 on, the previous step's token rows are 0..B-1
         self.alive = True
@@ -91,15 +82,14 @@ class DecodeState:
         self.table_lens[index] = lens + 1
         self.slot_mapping[index] = ids * self.block_size
 
-    def mark_computed(self) -> np.ndarray:
-        """After the step: each sequence's token has its K/V cached and the token it sampled (not read
-        yet) is a -1 placeholder at the end of its `token_ids`. The indices of the sequences whose
-        token was their last (length limit), usually none."""
+    def advance(self) -> np.ndarray:
+        """After the step: each sequence's token has its K/V cached (and the token it sampled waits
+        as a placeholder). The indices of the sequences whose token was their last (length limit),
+        usually none."""
         self.starts += 1  # (the step's inputs were copied or used by now)
         self.seq_lens += 1
         self.slot_mapping += 1
         self.filled = np.flatnonzero(self.starts % self.block_size == 0)
-        consume(map(list.append, self.token_lists, repeat(-1)))
         self.num_steps += 1
         self.steps_to_end -= 1
         if self.steps_to_end > 0:
@@ -107,19 +97,8 @@ class DecodeState:
         return np.flatnonzero(self.starts + 1 >= self.limits)
 
     def log_read(self, logprobs: torch.Tensor) -> bool:
-        """A step launched on this state was read: keep its log-probs for `sync`. False once dropped
-        (the reader appends them itself)."""
+        """A step launched on this state was read: keep its log-probs for the write-back. False once
+        dropped (the reader records them itself)."""
         if self.alive:
             self.logprob_log.append(logprobs)
         return self.alive
-
-    def sync(self) -> None:
-        """Write the state back into the sequences and retire it."""
-        if not self.alive:
-            return
-        self.alive = False
-        consume(map(setattr, self.seqs, repeat("num_cached_tokens"), self.starts.tolist()))
-        if self.logprob_log:
-            consume(map(list.extend, map(_logprobs, self.seqs), torch.stack(self.logprob_log).T.tolist()))
-            consume(map(list.extend, map(_loss_mask, self.seqs), repeat([1] * len(self.logprob_log))))
-            self.logprob_log = []

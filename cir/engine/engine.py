@@ -10,15 +10,19 @@ once; each sample's first token is drawn from the same logits). A sequence that 
 ```python block leaves the batch, its code goes to the sandbox (`executor.submit`), the others keep
 decoding; the feedback comes back as tokens with loss mask 0, prefilled as one chunk.
 
-The host never holds the device up: step t + 1 is launched before step t's tokens are read (they
-stay on the device as step t + 1's inputs; on the host each is a -1 placeholder until read). So EOS
-and closed code blocks are seen one step late: a sequence that ended or paused at step t was also
-computed in step t + 1, and the token it got there is dropped (its blocks are freed when it ends).
-The length limit needs no token, so a sequence at its limit leaves the batch at once. While the
-running batch only decodes, a step's host work is numpy on its arrays (decode_state.py) plus two
-C-level maps over the token lists (placeholder, fill); only tokens that may stop a sequence (EOS, a
-backtick) are looked at one by one. Under autocast with fp32 masters the matmul
-weights are read from a persistent bf16 copy (rollout_weights.py; `refresh_rollout_weights`).
+One engine step is three calls, each owned by one module:
+
+    batch = scheduler.schedule()                    # what runs: prefill chunks, decode rows, block tables
+    launched = runner.run(batch, ctx)               # its tokens and log-probs, left on the device
+    tool_calls = scheduler.postprocess(batch, launched)  # every change to sequences, blocks, decode state
+
+`generate` keeps the outer loop around them (submitting tool calls, collecting the sandbox's answers
+as feedback, progress) and writes no sequence field. The host never holds the device up: step t + 1
+is launched before step t's tokens are read (postprocess reads them, one step late; see scheduler.py).
+While the running batch only decodes, postprocess is array arithmetic on its decode state
+(decode_state.py) and the runner feeds the step (or its CUDA graph) from the same arrays. Under
+autocast with fp32 masters the matmul weights are read from a persistent bf16 copy
+(rollout_weights.py; `refresh_rollout_weights`).
 """
 from __future__ import annotations
 
@@ -26,9 +30,7 @@ import concurrent.futures as cf
 import contextlib
 import time
 from dataclasses import dataclass
-from operator import attrgetter
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -36,13 +38,12 @@ from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
 from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
-from cir.engine.launched_step import LaunchedStep
-from cir.engine.model_runner import ModelRunner, seed_bases
+from cir.engine.model_runner import CallContext, ModelRunner, seed_bases
 from cir.engine.rollout_weights import RolloutWeights
-from cir.engine.scheduler import Scheduler
-from cir.engine.sequence import Sequence, SequenceStatus
-from cir.engine.tools import (SegmentDecoder, check_table, feedback_text, fence_token_table, find_closed_code,
-                               scan_start_hint)
+from cir.engine.scheduler import ScheduledBatch, Scheduler, ToolCall
+from cir.engine.sequence import Sequence
+from cir.engine.stream import RolloutStream
+from cir.engine.tools import SegmentDecoder, check_table, feedback_text, fence_token_table
 from cir_sandbox import format_feedback
 
 
@@ -58,9 +59,7 @@ class Trajectory:
     text: str  # the response decoded, for display only
     prompt_index: int = 0
     sample_index: int = 0
-
-
-_seed_slot = attrgetter("seed_slot")
+    versions: list[int] | None = None  # rollout streams: the policy version that sampled each response token
 
 
 class Engine:
@@ -74,17 +73,14 @@ class Engine:
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.kv_cache = KVCache(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
                                 config.block_size, param.dtype, param.device)
-        self.runner = ModelRunner(model, self.kv_cache, seed=config.seed)
+        graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
-            self.runner.graphs = DecodeGraphs(model, self.kv_cache,
-                                              min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                              -(-self.max_model_len // config.block_size))
+            graphs = DecodeGraphs(model, self.kv_cache, min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                  -(-self.max_model_len // config.block_size))
+        self.runner = ModelRunner(model, self.kv_cache, seed=config.seed, graphs=graphs)
         self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         self.stats: dict[str, float] = {}
         self._fence_table = None  # per token: may it close a code block (tools.fence_token_table)
-        self._must_check: set[Sequence] = set()
-        self._pending: LaunchedStep | None = None
-        self._num_dropped = 0  # sequences ended or paused while the current step ran
         self.rollout_weights: RolloutWeights | None = None  # bf16 copies of fp32 masters, under autocast
 
     # 1) the KV pool --------------------------------------------------------------------------------
@@ -130,8 +126,7 @@ class Engine:
     def release(self) -> None:
         """Give the KV pool's memory back (e.g. to the training step); the next generate reallocates.
         Captured CUDA graphs go too (they point into the pool); they are captured again on use."""
-        if self.runner.graphs is not None:
-            self.runner.graphs.reset()
+        self.runner.release_graphs()
         self.kv_cache.release()
 
     # 2) generation ---------------------------------------------------------------------------------
@@ -156,230 +151,188 @@ class Engine:
                 raise ValueError(f"prompt {i} is empty")
             if len(prompt) >= self.max_model_len:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; max_model_len is {self.max_model_len}")
-        dtype = self._compute_dtype()
-        if not self.kv_cache.is_allocated or self.kv_cache.dtype != dtype:
-            self.kv_cache.release()
-            self.kv_cache.dtype = dtype
-            self.kv_cache.allocate(self._num_blocks())
-        self.runner.new_call()
+        self._ensure_pool()
         with self._rollout_weights():
             trajs = self._generate(prompts, params, n, tools, prompt_keys)
         if self.config.release_after_generate:
             self.release()
         return trajs
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, tools: ToolConfig | None,
-                  prompt_keys: list[int] | None) -> list[Trajectory]:
-        if self.runner.graphs is not None:
-            self.runner.graphs.check()  # a new pool or new parameter storage: capture again
+    def _ensure_pool(self) -> None:
+        dtype = self._compute_dtype()
+        if not self.kv_cache.is_allocated or self.kv_cache.dtype != dtype:
+            self.kv_cache.release()
+            self.kv_cache.dtype = dtype
+            self.kv_cache.allocate(self._num_blocks())
+
+    def _scheduler(self, params: SamplingParams, tools: ToolConfig | None, version: int | None = None) -> Scheduler:
         block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
                                      self.config.enable_prefix_caching)
-        scheduler = Scheduler(self.config, block_manager)
-        groups = []
-        for i, prompt in enumerate(prompts):
-            key = i if prompt_keys is None else prompt_keys[i]
-            group = [Sequence(prompt, params, group_id=i, sample_idx=j, seed_key=key) for j in range(n)]
-            group[0].followers = group[1:]
-            scheduler.add(group[0])
-            groups.append(group)
-        if tools is not None:
-            for seq in (s for group in groups for s in group):
-                seq.decoder = SegmentDecoder(self.tokenizer)
-        seqs = [s for group in groups for s in group]
-        for slot, seq in enumerate(seqs):
-            seq.max_response_tokens = min(params.max_tokens, self.max_model_len - seq.num_prompt_tokens)
-            seq.max_num_tokens = seq.num_prompt_tokens + seq.max_response_tokens
-            seq.seed_slot = slot
-        self.runner.seed_bases = seed_bases(self.runner.call_seed, [s.seed_key for s in seqs],
-                                            [s.sample_idx for s in seqs])
-        self.runner.shared_params = params
-        self.runner.begin_call(seqs, -(-self.max_model_len // self.config.block_size))
-        num_seqs = len(prompts) * n
-        bar = tqdm(total=num_seqs, desc="rollout", unit="seq", leave=False,
-                   disable=not self.config.show_progress or num_seqs < 8)
-        self._seconds_waiting = 0.0
-        self._stop_ids = [] if params.ignore_eos else sorted(self.eos_token_ids | set(params.stop_token_ids))
+        stop_ids = [] if params.ignore_eos else sorted(self.eos_token_ids | set(params.stop_token_ids))
         if tools is not None and self._fence_table is None:
             self._fence_table = fence_token_table(self.tokenizer)
         vocab = getattr(self.model.config, "vocab_size", None)
-        self._check_table = check_table(self._stop_ids, self._fence_table, tools is not None, (vocab or 0) + 1)
-        self._check_unclipped = bool(vocab)  # every sampled id indexes the table
-        self._must_check: set[Sequence] = set()
-        self._row_of_slot = np.full(len(seqs), -1, dtype=np.int64)  # scratch of _read_pending
-        self._pending: LaunchedStep | None = None
-        self.runner.on_launch = lambda: self._read_pending(scheduler, tools, bar)
+        return Scheduler(self.config, block_manager, stop_ids,
+                         check_table(stop_ids, self._fence_table, tools is not None, (vocab or 0) + 1),
+                         tools, lambda: SegmentDecoder(self.tokenizer), version)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, tools: ToolConfig | None,
+                  prompt_keys: list[int] | None) -> list[Trajectory]:
+        scheduler = self._scheduler(params, tools)
+        groups = []
+        for i, prompt in enumerate(prompts):
+            key = i if prompt_keys is None else prompt_keys[i]
+            groups.append([Sequence(prompt, params, group_id=i, sample_idx=j, seed_key=key, seed_slot=i * n + j,
+                                    max_model_len=self.max_model_len) for j in range(n)])
+            scheduler.add_group(groups[-1])
+        seqs = [s for group in groups for s in group]
+        ctx = self.runner.begin_call(seqs, -(-self.max_model_len // self.config.block_size), params)
+        bar = tqdm(total=len(seqs), desc="rollout", unit="seq", leave=False,
+                   disable=not self.config.show_progress or len(seqs) < 8)
+        self._seconds_waiting = 0.0
         try:
-            num_steps, num_generated = self._loop(scheduler, tools, bar)
-            scheduler.drop_decode()
+            num_steps = self._loop(scheduler, ctx, tools, bar, {})
         finally:
-            self.runner.on_launch = self.runner.prev_tokens = self.runner.prev_slots = self._pending = None
-            self.runner.seed_bases = self.runner.shared_params = self.runner.table_rows = None
+            scheduler.drop_decode()
         bar.close()
-        self.stats = dict(num_steps=num_steps, num_generated_tokens=num_generated,
+        self._set_stats(scheduler, num_steps)
+        return [self._trajectory(seq) for seq in seqs]
+
+    def _set_stats(self, scheduler: Scheduler, num_steps: int) -> None:
+        self.stats = dict(num_steps=num_steps, num_generated_tokens=scheduler.num_generated_tokens,
                           num_preemptions=scheduler.num_preemptions,
-                          num_prefix_cache_hit_tokens=block_manager.num_cache_hits,
+                          num_prefix_cache_hit_tokens=scheduler.block_manager.num_cache_hits,
                           seconds_waiting_on_tools=self._seconds_waiting)
-        return [self._trajectory(seq) for group in groups for seq in group]
 
-    def _loop(self, scheduler: Scheduler, tools: ToolConfig | None, bar) -> tuple[int, int]:
-        """Steps until every sequence ended: (steps, tokens kept). Step t + 1 is launched before step
-        t's tokens are read (`runner.on_launch` -> `_read_pending`), so stops are seen one step late."""
-        bm = scheduler.block_manager
-        bs, caching, running = bm.block_size, bm.enable_prefix_caching, SequenceStatus.RUNNING
-        num_steps = num_generated = 0
-        while scheduler.has_work or self._pending is not None:
-            self._collect_tool_results(scheduler, bar, block=False)
-            if not scheduler.has_work and self._pending is None:  # feedback ended the last sequence
+    # 3) rollout streams (rollout.mode: partial, see stream.py) -------------------------------------------
+    def generate_stream(self, stream: RolloutStream, num_groups: int, tools: ToolConfig | None = None,
+                        version: int = 0) -> list[list[Trajectory]]:
+        """Roll the stream on until `num_groups` groups have all their samples finished (fewer only when
+        the source ran out): those groups' trajectories, in the order they finished, each with the
+        policy version of every token. The rest is carried into the next call."""
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        if stream.n > self.config.max_num_seqs:
+            raise ValueError(f"n = {stream.n} samples of a prompt run together, but max_num_seqs is "
+                             f"{self.config.max_num_seqs}")
+        self._ensure_pool()
+        with self._rollout_weights():
+            groups = self._generate_stream(stream, num_groups, tools, version)
+        if self.config.release_after_generate:
+            self.release()
+        return [[self._trajectory(seq, versions=True) for seq in group] for group in groups]
+
+    def _generate_stream(self, stream: RolloutStream, num_groups: int, tools: ToolConfig | None,
+                         version: int) -> list[list[Sequence]]:
+        scheduler = self._scheduler(stream.params, tools, version)
+        carried, restarted = stream.take_up(version, self.max_model_len)
+        for slot, (seq, leader) in enumerate(carried):
+            scheduler.carry_in(seq, slot, leader)
+        ctx = self.runner.begin_call([], -(-self.max_model_len // self.config.block_size), stream.params,
+                                     bases=stream.bases_of([seq for seq, _ in carried]))
+        for seq in restarted:
+            self._take_up(stream, scheduler, ctx, [seq])
+        num_carried, occupancy = len(carried), []
+        self._seconds_waiting = 0.0
+
+        def between_steps() -> bool:
+            """Keep the running batch full from the stream; whether enough groups are done."""
+            live = len(ctx.seed_bases) - scheduler.num_finished - len(scheduler.paused)
+            while live + stream.n <= self.config.max_num_seqs:
+                group = stream.next_group(self.max_model_len)
+                if group is None:
+                    break
+                self._take_up(stream, scheduler, ctx, group)
+                live += stream.n
+            if scheduler.num_finished != between_steps.seen:
+                between_steps.seen = scheduler.num_finished
+                stream.collect_finished()
+            occupancy.append(len(scheduler.running))
+            return len(stream.ready) >= num_groups
+        between_steps.seen = -1
+
+        try:
+            num_steps = self._loop(scheduler, ctx, tools, None, stream.futures, between_steps)
+            while scheduler.pending is not None:  # the last step's tokens: read them now
+                calls = scheduler.postprocess(ScheduledBatch(), None)
+                if calls:
+                    self._submit(calls, tools, stream.futures)
+        finally:
+            scheduler.release_all()
+        stream.collect_finished()
+        self._set_stats(scheduler, num_steps)
+        steps = max(len(occupancy) - 1, 1)
+        stream.stats = dict(num_decode_steps=num_steps, num_carried_in=num_carried,
+                            occupancy=sum(occupancy[1:]) / steps / self.config.max_num_seqs,
+                            num_unfinished=sum(not s.is_finished for g in stream.groups for s in g),
+                            num_restarted=len(restarted), num_groups_taken=stream.num_groups_taken)
+        return stream.pop_ready(num_groups)
+
+    def _take_up(self, stream: RolloutStream, scheduler: Scheduler, ctx: CallContext, group: list[Sequence]) -> None:
+        """New sequences join the call: seed slots (by constructor order), seed bases, the queues."""
+        first = len(ctx.seed_bases)
+        fresh = [s for s in group if s not in stream.bases]
+        if fresh:
+            for seq, base in zip(fresh, seed_bases(self.runner.call_seed, [s.seed_key for s in fresh],
+                                                   [s.sample_idx for s in fresh]).tolist(), strict=True):
+                stream.bases[seq] = base
+        scheduler.take_up(group, first)
+        self.runner.extend_call(ctx, stream.bases_of(group))
+
+    def _loop(self, scheduler: Scheduler, ctx: CallContext, tools: ToolConfig | None, bar,
+              futures: dict[Sequence, cf.Future], between_steps=None) -> int:
+        """Steps until every sequence ended (or `between_steps()` says stop): schedule -> run ->
+        postprocess, around them the tool calls and the progress bar. The number of steps launched."""
+        num_steps = 0
+        while True:
+            if between_steps is not None and between_steps():
                 break
+            if not scheduler.has_work:
+                break
+            if scheduler.paused:
+                self._collect_tool_results(scheduler, futures, block=False)
+                if not scheduler.has_work:  # feedback ended the last sequence
+                    continue
             batch = scheduler.schedule()
-            if not batch.seqs:
-                if self._pending is not None:  # nothing to overlap with: read the last step now
-                    self._read_pending(scheduler, tools, bar)
-                    continue
-                if scheduler.paused:
-                    self._collect_tool_results(scheduler, bar, block=True)
-                    continue
+            if batch.seqs:
+                launched = self.runner.run(batch, ctx)
+                num_steps += 1
+            elif scheduler.pending is not None:  # nothing to overlap with: read the last step now
+                launched = None
+            elif scheduler.paused:
+                self._collect_tool_results(scheduler, futures, block=True)
+                continue
+            else:
                 raise RuntimeError("scheduler produced an empty step with no sequence waiting on a tool")
-            # 1) launch: placeholders gather the previous step's tokens on the device
-            pending = self._pending
-            if pending is None:
-                self.runner.prev_tokens = self.runner.prev_slots = None
-            else:
-                self.runner.prev_tokens, self.runner.prev_slots = pending.tokens, pending.slots
-            self._num_dropped = 0
-            owners, logits = self.runner.forward(batch)
-            self._read_pending(scheduler, tools, bar)  # a no-op: forward's on_launch read it
-            num_steps += 1
-            tokens, logprobs = self.runner.sample(owners, logits, batch.decode)
-            ended, state = [], batch.decode
-            if state is not None and state.alive and not self._num_dropped:
-                # 2) the common step, a plain decode of the running batch: array updates, C-level maps
-                ended = [state.seqs[i] for i in state.mark_computed().tolist()]
-                if caching and len(state.filled):  # blocks that just filled get their prefix hash
-                    for i, end in zip(state.filled.tolist(), state.starts[state.filled].tolist(), strict=True):
-                        bm.hash_full_blocks(state.seqs[i], end - 1, end)
-                slots = state.slots
-            else:
-                if state is not None:  # a sequence ended or paused while the step ran
-                    scheduler.drop_decode()
-                    state = None
-                # 2') K/V written; sequences that ended or paused at the previous step drop out of this one
-                for seq, num_tokens in zip(batch.seqs, batch.num_tokens, strict=True):
-                    if seq.status is running:
-                        start = seq.num_cached_tokens
-                        seq.num_cached_tokens = start + num_tokens
-                        if caching and (start + num_tokens) // bs > start // bs:
-                            bm.hash_full_blocks(seq, start)
-                for seq in batch.leaders:
-                    if seq.followers and seq.status is running:
-                        for follower in seq.followers:  # the leader finished its prompt: samples share it
-                            bm.share(seq, follower)
-                            follower.status = running
-                            scheduler.add_running(follower)
-                        seq.followers = []
-                # 3') each running owner gets a placeholder for its token, filled one step later
-                kept = [i for i, seq in enumerate(owners) if seq.status is running]
-                if len(kept) < len(owners):
-                    index = torch.tensor(kept, dtype=torch.int64, device=tokens.device)
-                    owners, tokens, logprobs = [owners[i] for i in kept], tokens[index], logprobs[index]
-                for seq in owners:
-                    seq.token_ids.append(-1)
-                    if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
-                        ended.append(seq)
-                slots = np.fromiter(map(_seed_slot, owners), dtype=np.int64, count=len(owners))
-            if ended:  # known without the token: out of the next step, blocks back now
-                scheduler.retire(ended)
-            self._pending = LaunchedStep.launch(owners, slots, tokens, logprobs, ended, state)
-            num_generated += len(owners)
-        return num_steps, num_generated
+            calls = scheduler.postprocess(batch, launched)
+            if calls:
+                self._submit(calls, tools, futures)
+            if bar is not None and scheduler.num_finished != bar.n:
+                bar.update(scheduler.num_finished - bar.n)
+        return num_steps
 
-    def _read_pending(self, scheduler: Scheduler, tools: ToolConfig | None, bar) -> None:
-        """Read the pending step's tokens back (the one host sync), fill the placeholders, then end,
-        pause or go on with each sequence whose token may stop it."""
-        step, self._pending = self._pending, None
-        if step is None:
-            return
-        ids, tokens = step.read()  # fills the placeholders
-        table = self._check_table
-        check = table[ids] if self._check_unclipped else table[np.minimum(ids, len(table) - 1)]
-        rows = np.flatnonzero(check).tolist()
-        extra = step.ended + list(self._must_check)  # (ended and paused ones leave _must_check)
-        if extra:  # their rows in this step, if they have one (by seed slot: no walk over the owners)
-            row_of = self._row_of_slot
-            row_of[step.slots] = np.arange(len(step.slots))
-            found = row_of[np.fromiter(map(_seed_slot, extra), dtype=np.int64, count=len(extra))]
-            row_of[step.slots] = -1
-            rows = sorted(set(rows).union(found[found >= 0].tolist()))
-        for i in rows:
-            self._on_sampled(step.owners[i], tokens[i], scheduler, tools, bar)
+    @staticmethod
+    def _submit(calls: list[ToolCall], tools: ToolConfig, futures: dict[Sequence, cf.Future]) -> None:
+        for call in calls:
+            futures[call.seq] = tools.executor.submit(call.code)
 
-    def _on_sampled(self, seq: Sequence, token: int, scheduler: Scheduler, tools: ToolConfig | None,
-                    bar) -> None:
-        """A sequence whose new token may end or pause it: EOS, the length limit, a closed code block."""
-        if token in self._stop_ids:
-            return self._finish(seq, "eos", scheduler, bar)
-        if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
-            return self._finish(seq, "length", scheduler, bar)
-        if tools is None:
-            return
-        decoder = seq.decoder
-        new = decoder.extend(seq.token_ids[seq.segment_start + len(decoder.ids):])
-        if decoder.is_holding_back:
-            self._must_check.add(seq)
-        else:
-            self._must_check.discard(seq)
-        if not new:
-            return
-        found = find_closed_code(decoder.text, seq.scan_offset)
-        if found is None:
-            seq.scan_offset = scan_start_hint(decoder.text, seq.scan_offset)
-            return
-        code, end = found
-        if seq.num_tool_calls < tools.max_calls:
-            seq.num_tool_calls += 1
-            seq.pending_tool = tools.executor.submit(code)
-            self._must_check.discard(seq)
-            self._num_dropped += 1
-            scheduler.pause_for_tool(seq)
-        elif tools.on_budget_spent == "stop":
-            self._finish(seq, "budget", scheduler, bar)
-        else:
-            seq.scan_offset = end  # budget spent: the block stays as text, generation goes on
-
-    def _collect_tool_results(self, scheduler: Scheduler, bar, block: bool) -> None:
-        if not scheduler.paused:
-            return
+    def _collect_tool_results(self, scheduler: Scheduler, futures: dict[Sequence, cf.Future], block: bool) -> None:
+        """Feedback for each sequence whose sandbox call is done (`block`: wait for one first)."""
         if block:
             start = time.perf_counter()
-            cf.wait([s.pending_tool for s in scheduler.paused], return_when=cf.FIRST_COMPLETED)
+            cf.wait([futures[s] for s in scheduler.paused], return_when=cf.FIRST_COMPLETED)
             self._seconds_waiting += time.perf_counter() - start
-        for seq in [s for s in scheduler.paused if s.pending_tool.done()]:
-            future, seq.pending_tool = seq.pending_tool, None
+        for seq in [s for s in scheduler.paused if futures[s].done()]:
+            future = futures.pop(seq)
             try:
                 result = future.result()
             except Exception:  # the executor itself failed: end this trajectory, not the rollout
-                self._finish(seq, "error", scheduler, bar)
+                scheduler.finish(seq, "error")
                 continue
-            seq.num_tool_successes += result.status == "ok"
             feedback = self.tokenizer.encode(feedback_text(format_feedback(result)))
-            room = seq.max_response_tokens - seq.num_response_tokens
-            seq.append_feedback(feedback[:room])
-            scheduler.resume_from_tool(seq)
-            if len(feedback) >= room:
-                self._finish(seq, "length", scheduler, bar)
-            else:
-                seq.decoder = SegmentDecoder(self.tokenizer)
-                seq.segment_start = len(seq.token_ids)
+            scheduler.resume_from_tool(seq, feedback, result.status == "ok")
 
-    def _finish(self, seq: Sequence, reason: str, scheduler: Scheduler, bar) -> None:
-        self._must_check.discard(seq)
-        self._num_dropped += 1
-        if seq in scheduler.waiting:
-            scheduler.waiting.remove(seq)
-        scheduler.finish(seq, reason)
-        bar.update(1)
-
-    def _trajectory(self, seq: Sequence) -> Trajectory:
+    def _trajectory(self, seq: Sequence, versions: bool = False) -> Trajectory:
         return Trajectory(
             prompt_ids=seq.token_ids[: seq.num_prompt_tokens],
             response_ids=seq.response_ids,
@@ -391,4 +344,5 @@ class Engine:
             text=self.tokenizer.decode(seq.response_ids),
             prompt_index=seq.group_id,
             sample_index=seq.sample_idx,
+            versions=seq.token_versions() if versions else None,
         )

@@ -1,22 +1,26 @@
-"""A launched step whose sampled tokens are still on the device (the engine reads it one step later).
+"""A launched step whose sampled tokens are still on the device (the scheduler reads it one step later).
 
-Its owners each got a -1 placeholder at the end of `token_ids`; reading the step fills them and
-appends each owner's loss mask (1) and behaviour log-prob (kept by the decode state while it is alive,
-see decode_state.py), with C-level `map`s over the owners' own lists (no Python frame per sequence).
+Its owners each got a -1 placeholder at the end of `token_ids`; `Scheduler.postprocess` of the next
+step reads the tokens (`host`) and fills them. Nothing here touches a sequence.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import repeat
-from operator import attrgetter, setitem
 
 import numpy as np
 import torch
 
-from cir.engine.decode_state import DecodeState, consume
+from cir.engine.decode_state import DecodeState
 from cir.engine.sequence import Sequence
 
-_token_ids, _loss_mask, _logprobs = attrgetter("token_ids"), attrgetter("loss_mask"), attrgetter("logprobs")
+
+@dataclass
+class StepOutput:
+    """What `ModelRunner.run` returns: row i of `tokens` / `logprobs` was sampled for `owners[i]`."""
+
+    owners: list[Sequence]
+    tokens: torch.Tensor  # (R,) int64, on the device
+    logprobs: torch.Tensor  # (R,) float32, on the device
 
 
 @dataclass
@@ -24,7 +28,7 @@ class LaunchedStep:
     """Row i of `tokens` belongs to `owners[i]`."""
 
     owners: list[Sequence]
-    slots: np.ndarray  # (R,) the owners' seed slots (ModelRunner.pending_rows)
+    slots: np.ndarray  # (R,) the owners' seed slots (where the next step's inputs find their rows)
     tokens: torch.Tensor  # (R,) int64, on the device: the next step's inputs
     logprobs: torch.Tensor  # (R,) float32
     ended: list[Sequence]  # owners whose token is their last (length limit), already out of the batch
@@ -45,21 +49,9 @@ class LaunchedStep:
             step.copied.record()
         return step
 
-    def read(self) -> tuple[np.ndarray, list[int]]:
-        """Wait for the tokens, fill the owners' placeholders, record their loss masks and log-probs
-        (in the decode state while it is alive): the tokens as an (R,) int64 array and as a list."""
+    def read(self) -> tuple[np.ndarray, torch.Tensor]:
+        """Wait for the tokens: (R,) int64 array and the (R,) float32 log-probs on the host."""
         if self.copied is None:
-            tokens, logprobs = self.tokens.numpy(), self.logprobs
-        else:
-            self.copied.synchronize()
-            tokens, logprobs = self.host[0].numpy(), self.host[1]
-        token_list = tokens.tolist()
-        if self.decode is not None:
-            consume(map(setitem, self.decode.token_lists, repeat(-1), token_list))
-            if self.decode.log_read(logprobs):
-                return tokens, token_list
-        else:
-            consume(map(setitem, map(_token_ids, self.owners), repeat(-1), token_list))
-        consume(map(list.append, map(_loss_mask, self.owners), repeat(1)))
-        consume(map(list.append, map(_logprobs, self.owners), logprobs.tolist()))
-        return tokens, token_list
+            return self.tokens.numpy(), self.logprobs
+        self.copied.synchronize()
+        return self.host[0].numpy(), self.host[1]

@@ -1,21 +1,47 @@
-"""Scheduler: decides which tokens of which sequences one model step computes.
+"""Scheduler: what one model step computes (`schedule`), and every change the step makes (`postprocess`).
 
-One rule covers prefill, decode and feedback: a scheduled sequence computes its next
+An engine step is three calls: `Scheduler.schedule()` -> a batch; `ModelRunner.run(batch)` -> its
+tokens and log-probs, on the device; `Scheduler.postprocess(batch, launched)` -> cached counts, prefix
+hashes, followers sharing their leader's prompt, placeholders for the unread tokens and their fill one
+step later, finishing, tool pauses (handed back to the engine to submit). Only the scheduler, the block
+manager and sequence.py write a sequence's fields.
+
+Scheduling: one rule covers prefill, decode and feedback: a scheduled sequence computes its next
 `min(num_uncomputed_tokens, budget left)` tokens, and it samples when that reaches its end. A decode
 step is 1 token; a prompt, a recompute after preemption, or a fence token + interpreter feedback are
 chunks under the per-step token budget (chunked prefill). Running sequences go first, so decode is
 never starved by new prompts. When blocks run out, the most recently admitted running sequence is
 preempted: its blocks are freed and it is recomputed later (never a crash).
+
+Postprocessing runs one step late for what needs the tokens: step t + 1 is launched before step t's
+tokens are read (they stay on the device as step t + 1's inputs; on the host each is a -1 placeholder
+until read). So EOS and closed code blocks are seen one step late: a sequence that ended or paused at
+step t was also computed in step t + 1, and the token it got there is dropped. The length limit needs
+no token, so a sequence at its limit leaves the batch at once. While the running batch only decodes
+(`batch.decode` alive), the step's changes are array arithmetic on the decode state plus two C-level
+maps over the token lists (placeholder, fill): the same changes as the per-sequence path, vectorised.
+Only tokens that may stop a sequence (EOS, a backtick: `check_table`) are looked at one by one.
 """
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter, setitem
+
+import numpy as np
+import torch
 
 from cir.engine.block_manager import BlockManager
-from cir.engine.config import EngineConfig
+from cir.engine.config import EngineConfig, ToolConfig
 from cir.engine.decode_state import DecodeState
-from cir.engine.sequence import Sequence, SequenceStatus
+from cir.engine.launched_step import LaunchedStep, StepOutput
+from cir.engine.sequence import Sequence, SequenceStatus, consume
+from cir.engine.tools import find_closed_code, scan_start_hint
+
+_seed_slot, _token_ids = attrgetter("seed_slot"), attrgetter("token_ids")
+_loss_mask, _logprobs = attrgetter("loss_mask"), attrgetter("logprobs")
 
 
 @dataclass
@@ -26,6 +52,8 @@ class ScheduledBatch:
     is_plain_decode: bool = True  # one token per sequence, each its last: every sequence samples once
     leaders: list[Sequence] = field(default_factory=list)  # sequences with followers (sample for them)
     decode: DecodeState | None = None  # a plain decode step of exactly the running batch: its arrays
+    prev_tokens: torch.Tensor | None = None  # (R,) the unread step's tokens, on the device (placeholders' values)
+    prev_slots: np.ndarray | None = None  # (R,) the seed slots of prev_tokens' rows
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -36,8 +64,22 @@ class ScheduledBatch:
         return seq.num_cached_tokens + self.num_tokens[i] == len(seq)
 
 
+@dataclass
+class ToolCall:
+    """A sequence paused at a closed code block (postprocess hands these to the engine to submit)."""
+
+    seq: Sequence
+    code: str
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, stop_ids: list[int] = (),
+                 check_table: np.ndarray | None = None, tools: ToolConfig | None = None,
+                 new_decoder: Callable[[], object] | None = None, version: int | None = None):
+        """`stop_ids` end a sequence; `check_table[min(id, len - 1)]` says whether a sampled token is
+        looked at one by one (tools.check_table; None: every token); `new_decoder` makes a segment's
+        decoder (tools.SegmentDecoder) when `tools` is set; `version`: the policy version sampling in
+        this call, marked on each sequence taken up (rollout streams; None: not recorded)."""
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
@@ -46,6 +88,64 @@ class Scheduler:
         self.num_preemptions = 0
         # the running batch's arrays while it only decodes; dropped (`drop_decode`) whenever `running` changes
         self.decode: DecodeState | None = None
+        self.stop_ids = set(stop_ids)
+        self.check_table = np.ones(1, dtype=bool) if check_table is None else check_table
+        self.tools, self.new_decoder, self.version = tools, new_decoder, version
+        self.pending: LaunchedStep | None = None  # the launched step whose tokens are not read yet
+        self.num_finished = self.num_generated_tokens = 0
+        self._must_check: set[Sequence] = set()  # decoders holding back half a character: check every token
+        self._num_dropped = 0  # sequences ended or paused while reading the pending step
+        self._row_of_slot = np.zeros(0, dtype=np.int64)  # scratch of _read_pending, by seed slot
+
+    def add_group(self, group: list[Sequence]) -> None:
+        """The n samples of a prompt: the first prefills it, the others share its blocks then."""
+        leader = group[0]
+        leader.followers = group[1:]
+        for seq in group:
+            if self.tools is not None:
+                seq.decoder = self.new_decoder()
+            if self.version is not None:
+                seq.version_marks.append((0, self.version))
+        self._grow_slots(max(s.seed_slot for s in group))
+        self.add(leader)
+
+    def take_up(self, group: list[Sequence], first_slot: int) -> None:
+        """New sequences join a call that runs already (rollout streams): seed slots from `first_slot`."""
+        for i, seq in enumerate(group):
+            seq.seed_slot = first_slot + i
+        self.add_group(group)
+
+    def _grow_slots(self, max_slot: int) -> None:
+        if max_slot >= len(self._row_of_slot):
+            self._row_of_slot = np.full(max(2 * len(self._row_of_slot), max_slot + 1), -1, dtype=np.int64)
+
+    def carry_in(self, seq: Sequence, slot: int, leader: bool) -> None:
+        """A sequence an earlier call left unfinished (`release_all`), with no blocks: it recomputes its
+        KV under this call's weights. `leader`: it enters the queues (else a follower still waiting for
+        its leader's prompt). Paused at the sandbox, it stays paused."""
+        seq.seed_slot = slot
+        self._grow_slots(slot)
+        if self.version is not None:
+            seq.version_marks.append((seq.num_response_tokens, self.version))
+        if seq.decoder is not None and seq.decoder.is_holding_back:
+            self._must_check.add(seq)
+        if not leader:
+            return
+        if seq.status is SequenceStatus.TOOL:
+            self.paused.append(seq)
+        else:
+            self.add(seq)
+
+    def release_all(self) -> None:
+        """The call ends with sequences unfinished (rollout streams): read nothing more, give every block
+        back; running ones wait (at the front, in order) to be carried into the next call."""
+        self.pending = None  # (read already, unless the call failed)
+        self.drop_decode()
+        for seq in [*self.running, *self.waiting, *self.paused]:
+            self.block_manager.free(seq)
+        for seq in reversed(self.running):
+            self.add(seq, front=True)
+        self.running = []
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SequenceStatus.WAITING
@@ -56,7 +156,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.paused)
+        return bool(self.waiting or self.running or self.paused) or self.pending is not None
 
     def _num_seqs(self, seq: Sequence) -> int:
         return 1 + len(seq.followers)
@@ -68,8 +168,11 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq, front=True)
 
+    # 1) schedule ---------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        if self.pending is not None:
+            batch.prev_tokens, batch.prev_slots = self.pending.tokens, self.pending.slots
         budget = self.config.max_num_batched_tokens
         if self.decode is not None and self._advance(batch, budget):
             budget -= len(batch.seqs)
@@ -85,9 +188,15 @@ class Scheduler:
 
     def drop_decode(self) -> None:
         """The running batch changes: write the decode state back into the sequences, forget it."""
-        if self.decode is not None:
-            self.decode.sync()
+        state = self.decode
+        if state is not None:
             self.decode = None
+            state.alive = False
+            consume(map(setattr, state.seqs, repeat("num_cached_tokens"), state.starts.tolist()))
+            if state.logprob_log:
+                consume(map(list.extend, map(_logprobs, state.seqs), torch.stack(state.logprob_log).T.tolist()))
+                consume(map(list.extend, map(_loss_mask, state.seqs), repeat([1] * len(state.logprob_log))))
+                state.logprob_log = []
 
     def _advance(self, batch: ScheduledBatch, budget: int) -> bool:
         """The running batch decodes again, unchanged since the last step: the decode state's arrays
@@ -205,7 +314,129 @@ class Scheduler:
         self.drop_decode()
         self.running.append(seq)
 
+    # 2) postprocess -------------------------------------------------------------------------------------
+    def postprocess(self, batch: ScheduledBatch, launched: StepOutput | None) -> list[ToolCall]:
+        """After `ModelRunner.run(batch)` launched the step (None: nothing launched, only read): read
+        the previous step's tokens and stop or pause who they end, then record this step: cached
+        counts, prefix hashes, followers, placeholders, the length limit. The new tool calls."""
+        calls = self._read_pending()
+        if launched is None:
+            return calls
+        bm, owners, tokens, logprobs = self.block_manager, launched.owners, launched.tokens, launched.logprobs
+        bs, caching, running = bm.block_size, bm.enable_prefix_caching, SequenceStatus.RUNNING
+        ended, state = [], batch.decode
+        if state is not None and state.alive and not self._num_dropped:
+            # a plain decode of the running batch: the same changes as below, as array arithmetic
+            ended = [state.seqs[i] for i in state.advance().tolist()]
+            consume(map(list.append, state.token_lists, repeat(-1)))
+            if caching and len(state.filled):  # blocks that just filled get their prefix hash
+                for i, end in zip(state.filled.tolist(), state.starts[state.filled].tolist(), strict=True):
+                    bm.hash_full_blocks(state.seqs[i], end - 1, end)
+            slots = state.slots
+        else:
+            if state is not None:  # a sequence ended or paused while the step ran
+                self.drop_decode()
+                state = None
+            # K/V written; sequences that ended or paused at the previous step drop out of this one
+            for seq, num_tokens in zip(batch.seqs, batch.num_tokens, strict=True):
+                if seq.status is running:
+                    start = seq.num_cached_tokens
+                    seq.num_cached_tokens = start + num_tokens
+                    if caching and (start + num_tokens) // bs > start // bs:
+                        bm.hash_full_blocks(seq, start)
+            for seq in batch.leaders:
+                if seq.followers and seq.status is running:
+                    for follower in seq.followers:  # the leader finished its prompt: samples share it
+                        bm.share(seq, follower)
+                        follower.status = running
+                        self.add_running(follower)
+                    seq.followers = []
+            # each running owner gets a placeholder for its token, filled one step later
+            kept = [i for i, seq in enumerate(owners) if seq.status is running]
+            if len(kept) < len(owners):
+                index = torch.tensor(kept, dtype=torch.int64, device=tokens.device)
+                owners, tokens, logprobs = [owners[i] for i in kept], tokens[index], logprobs[index]
+            for seq in owners:
+                seq.token_ids.append(-1)
+                if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
+                    ended.append(seq)
+            slots = np.fromiter(map(_seed_slot, owners), dtype=np.int64, count=len(owners))
+        if ended:  # known without the token: out of the next step, blocks back now
+            self.retire(ended)
+        self.pending = LaunchedStep.launch(owners, slots, tokens, logprobs, ended, state)
+        self.num_generated_tokens += len(owners)
+        return calls
+
+    def _read_pending(self) -> list[ToolCall]:
+        """Read the pending step's tokens back (the one host sync), fill the placeholders, record loss
+        masks and log-probs (in the decode state while it is alive), then end, pause or go on with
+        each sequence whose token may stop it."""
+        step, self.pending = self.pending, None
+        self._num_dropped = 0
+        calls: list[ToolCall] = []
+        if step is None:
+            return calls
+        ids, logprobs = step.read()
+        tokens = ids.tolist()
+        if step.decode is not None:
+            consume(map(setitem, step.decode.token_lists, repeat(-1), tokens))
+            logged = step.decode.log_read(logprobs)
+        else:
+            consume(map(setitem, map(_token_ids, step.owners), repeat(-1), tokens))
+            logged = False
+        if not logged:
+            consume(map(list.append, map(_loss_mask, step.owners), repeat(1)))
+            consume(map(list.append, map(_logprobs, step.owners), logprobs.tolist()))
+        table = self.check_table
+        rows = np.flatnonzero(table[np.minimum(ids, len(table) - 1)]).tolist()
+        extra = step.ended + list(self._must_check)  # (ended and paused ones leave _must_check)
+        if extra:  # their rows in this step, if they have one (by seed slot: no walk over the owners)
+            row_of = self._row_of_slot
+            row_of[step.slots] = np.arange(len(step.slots))
+            found = row_of[np.fromiter(map(_seed_slot, extra), dtype=np.int64, count=len(extra))]
+            row_of[step.slots] = -1
+            rows = sorted(set(rows).union(found[found >= 0].tolist()))
+        for i in rows:
+            self._on_sampled(step.owners[i], tokens[i], calls)
+        return calls
+
+    def _on_sampled(self, seq: Sequence, token: int, calls: list[ToolCall]) -> None:
+        """A sequence whose new token may end or pause it: EOS, the length limit, a closed code block."""
+        if token in self.stop_ids:
+            return self.finish(seq, "eos")
+        if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_response_tokens:
+            return self.finish(seq, "length")
+        tools = self.tools
+        if tools is None:
+            return
+        decoder = seq.decoder
+        new = decoder.extend(seq.token_ids[seq.segment_start + len(decoder.ids):])
+        if decoder.is_holding_back:
+            self._must_check.add(seq)
+        else:
+            self._must_check.discard(seq)
+        if not new:
+            return
+        found = find_closed_code(decoder.text, seq.scan_offset)
+        if found is None:
+            seq.scan_offset = scan_start_hint(decoder.text, seq.scan_offset)
+            return
+        code, end = found
+        if seq.num_tool_calls < tools.max_calls:
+            seq.num_tool_calls += 1
+            self.pause_for_tool(seq)
+            calls.append(ToolCall(seq, code))
+        elif tools.on_budget_spent == "stop":
+            self.finish(seq, "budget")
+        else:
+            seq.scan_offset = end  # budget spent: the block stays as text, generation goes on
+
+    # 3) leaving and coming back ---------------------------------------------------------------------------
     def finish(self, seq: Sequence, reason: str) -> None:
+        self._must_check.discard(seq)
+        self._num_dropped += 1
+        if seq in self.waiting:
+            self.waiting.remove(seq)
         if seq in self.running:
             self.drop_decode()  # (before the block manager resets the sequence)
             self.running.remove(seq)
@@ -214,6 +445,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.num_finished += 1
 
     def retire(self, seqs: list[Sequence]) -> None:
         """Out of the running batch with their blocks freed, before `finish` (their last token is
@@ -226,6 +458,8 @@ class Scheduler:
 
     def pause_for_tool(self, seq: Sequence) -> None:
         """Leave the running batch (blocks kept) until the sandbox answers."""
+        self._must_check.discard(seq)
+        self._num_dropped += 1
         if seq in self.running:
             self.drop_decode()
             self.running.remove(seq)
@@ -234,7 +468,16 @@ class Scheduler:
         self.paused.append(seq)
         seq.status = SequenceStatus.TOOL
 
-    def resume_from_tool(self, seq: Sequence) -> None:
-        """Back from the sandbox (feedback appended): compute the fence token and feedback next."""
+    def resume_from_tool(self, seq: Sequence, feedback: list[int], ok: bool) -> None:
+        """Back from the sandbox: the feedback tokens are appended (as many as fit) and, unless they
+        reach the length limit, the fence token and feedback are computed next."""
+        seq.num_tool_successes += ok
+        room = seq.max_response_tokens - seq.num_response_tokens
+        seq.append_feedback(feedback[:room])
         self.paused.remove(seq)
         self.add(seq, front=True)
+        if len(feedback) >= room:
+            self.finish(seq, "length")
+        else:
+            seq.decoder = self.new_decoder()
+            seq.segment_start = len(seq.token_ids)

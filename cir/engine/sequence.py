@@ -2,12 +2,18 @@
 
 Token in, token out: `token_ids` only ever grows by sampled tokens (mask 1, their log-prob) or by
 feedback tokens encoded once (mask 0, log-prob 0). Nothing is decoded and re-encoded.
+
+A sequence's fields are written here, by the scheduler (scheduler.py: every change one engine step
+makes) and by the block manager (block_manager.py: its block table and cached count); nowhere else
+(tests/test_engine_structure.py checks it). The batch-wise writes of a step run as C-level `map`s
+over the sequences' own lists (no Python frame per sequence): the functions at the end of this file.
 """
 from __future__ import annotations
 
-from concurrent.futures import Future
+from collections import deque
 from enum import Enum, auto
-from itertools import count
+from itertools import count, repeat
+from operator import attrgetter, setitem
 
 from cir.engine.config import SamplingParams
 
@@ -23,7 +29,7 @@ class Sequence:
     _ids = count()
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, group_id: int = 0, sample_idx: int = 0,
-                 seed_key: int | None = None):
+                 seed_key: int | None = None, seed_slot: int = 0, max_model_len: int | None = None):
         self.seq_id = next(Sequence._ids)
         self.group_id = group_id
         self.seed_key = group_id if seed_key is None else seed_key  # the prompt's part of each draw's seed
@@ -39,15 +45,18 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.followers: list[Sequence] = []  # samples 1..n-1 of the group, forked after this one's prefill
-        # a token sampled but not yet read back is a -1 at the end of token_ids (the engine fills it one
-        # step later; its row in that step's tokens on the device is ModelRunner.pending_rows[seed_slot])
-        self.max_response_tokens = params.max_tokens  # the engine lowers it to fit max_model_len
-        self.max_num_tokens = len(prompt_ids) + params.max_tokens  # prompt + most response tokens
-        self.seed_slot = 0  # index of this sequence in the generate call (seed bases, per-sequence arrays)
+        # a token sampled but not yet read back is a -1 at the end of token_ids (the scheduler fills it
+        # one step later, see Scheduler.postprocess)
+        limit = params.max_tokens if max_model_len is None else min(params.max_tokens, max_model_len - len(prompt_ids))
+        self.max_response_tokens = limit  # params.max_tokens, lowered to fit max_model_len
+        self.max_num_tokens = len(prompt_ids) + limit  # prompt + most response tokens
+        self.seed_slot = seed_slot  # index of this sequence in the generate call (seed bases, per-sequence arrays)
+        # (response index, policy version) each time a generate call takes the sequence up: the tokens
+        # from that index on (until the next mark) were sampled by that version (rollout streams)
+        self.version_marks: list[tuple[int, int]] = []
         # tool state
         self.num_tool_calls = 0
         self.num_tool_successes = 0
-        self.pending_tool: Future | None = None
         self.scan_offset = 0  # chars of the segment's text already scanned for a closing fence
         self.decoder = None  # tools.SegmentDecoder of the current segment, when tools are on
         self.segment_start = len(prompt_ids)  # index in token_ids where the decoder's segment begins
@@ -71,13 +80,53 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_sampled(self, token_id: int, logprob: float) -> None:
-        self.token_ids.append(token_id)
-        self.loss_mask.append(1)
-        self.logprobs.append(logprob)
+    def token_versions(self) -> list[int]:
+        """The policy version of each response token (feedback tokens: the version of their segment)."""
+        versions, marks = [], self.version_marks or [(0, 0)]
+        for (start, version), (end, _) in zip(marks, [*marks[1:], (self.num_response_tokens, 0)], strict=True):
+            versions += [version] * (end - start)
+        return versions
 
     def append_feedback(self, token_ids: list[int]) -> None:
         self.token_ids.extend(token_ids)
         self.loss_mask.extend([0] * len(token_ids))
         self.logprobs.extend([0.0] * len(token_ids))
         self.scan_offset = 0
+
+
+_token_ids, _loss_mask, _logprobs = attrgetter("token_ids"), attrgetter("loss_mask"), attrgetter("logprobs")
+
+
+def consume(iterator) -> None:
+    """Run a `map` for its side effects, in C."""
+    deque(iterator, maxlen=0)
+
+
+def append_placeholders(token_lists: list[list[int]]) -> None:
+    """Each list gains a -1: the token its sequence sampled in a step whose tokens are not read yet."""
+    consume(map(list.append, token_lists, repeat(-1)))
+
+
+def fill_placeholders(token_lists: list[list[int]], tokens: list[int]) -> None:
+    """The read tokens replace the placeholders, in order."""
+    consume(map(setitem, token_lists, repeat(-1), tokens))
+
+
+def token_lists(seqs: list[Sequence]) -> list[list[int]]:
+    return list(map(_token_ids, seqs))
+
+
+def record_sampled(seqs: list[Sequence], logprobs: list[float]) -> None:
+    """One sampled token each: loss mask 1 and its behaviour log-prob."""
+    consume(map(list.append, map(_loss_mask, seqs), repeat(1)))
+    consume(map(list.append, map(_logprobs, seqs), logprobs))
+
+
+def record_sampled_steps(seqs: list[Sequence], logprobs: list[list[float]], num_steps: int) -> None:
+    """`num_steps` sampled tokens each (row i: sequence i's log-probs in step order)."""
+    consume(map(list.extend, map(_logprobs, seqs), logprobs))
+    consume(map(list.extend, map(_loss_mask, seqs), repeat([1] * num_steps)))
+
+
+def set_num_cached(seqs: list[Sequence], counts: list[int]) -> None:
+    consume(map(setattr, seqs, repeat("num_cached_tokens"), counts))

@@ -18,6 +18,18 @@ Aggregation over the masked tokens:
   Both need `seq_ids` [N] (the sequence index of each token); the global normaliser is `num_seqs`,
   counting sequences with at least one masked token.
 
+Decoupled objective (AReaL, arXiv 2505.24298, eq. 5), for tokens sampled by an older policy version
+(rollout.mode: partial): with the behaviour log-prob mu (recorded at sampling), the proximal log-prob
+prox (the policy at the start of this update) and the current one logp,
+
+    ratio = exp(logp - prox)                          (clipped against the proximal policy, as above)
+    w     = min(exp(prox - mu), weight_cap)           (importance weight behaviour -> proximal, no grad)
+    pg    = w * max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+
+so the trust region is around the policy being updated, and the staleness is corrected by w (truncated
+at `weight_cap`: a token far off-policy cannot dominate). Where prox == mu (every token sampled by the
+current version, the sync mode) w is exactly 1 and this is the plain loss, bit for bit.
+
 KL to a reference policy, per token with d = ref_logp - logp: "k1" -d, "k2" d^2 / 2,
 "k3" exp(d) - d - 1 (unbiased, non-negative estimate of KL(pi || ref) from samples of pi).
 The log-ratio is clamped to [-20, 20] before exp, so one stale token can't overflow.
@@ -76,6 +88,8 @@ def policy_loss(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     num_seq_ids: int | None = None,
+    proximal_logprobs: torch.Tensor | None = None,
+    weight_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy loss (scalar) and detached statistics over the masked tokens.
 
@@ -86,6 +100,9 @@ def policy_loss(
     ratio_max, pg_loss, kl (to ref), entropy, num_masked_tokens.
     num_seq_ids: a host bound on seq_ids (all < num_seq_ids) for the seq-mean modes; without it the
     bound is read from the device (one host synchronisation). Nothing else here synchronises.
+    proximal_logprobs: [N] the policy at the start of the update, no grad (the decoupled objective, see
+    the module docstring; None: the plain loss); weight_cap: the truncation of the behaviour ->
+    proximal weight (None: untruncated). Extra stats then: is_weight_mean, is_trunc_frac.
     """
     # 1) check arguments
     if agg not in AGG_MODES:
@@ -97,7 +114,7 @@ def policy_loss(
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     named = {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask, "seq_ids": seq_ids,
-             "ref_logprobs": ref_logprobs, "entropy": entropy}
+             "ref_logprobs": ref_logprobs, "entropy": entropy, "proximal_logprobs": proximal_logprobs}
     for name, t in named.items():
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
@@ -107,11 +124,14 @@ def policy_loss(
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
+    if weight_cap is not None and weight_cap < 1:
+        raise ValueError(f"weight_cap must be >= 1, got {weight_cap}")
     mask = mask.bool()
     advantages = advantages.to(logprobs.dtype)
 
-    # 2) clipped surrogate, per token
-    log_ratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    # 2) clipped surrogate, per token (against the proximal policy in the decoupled objective)
+    anchor = old_logprobs if proximal_logprobs is None else proximal_logprobs.detach()
+    log_ratio = torch.where(mask, logprobs - anchor, torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (N,)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -122,6 +142,14 @@ def policy_loss(
         pg_dual = -advantages * dual_clip
         is_dual_clipped = (advantages < 0) & (pg > pg_dual)
         pg = torch.where(advantages < 0, torch.minimum(pg, pg_dual), pg)
+    weight = is_truncated = None
+    if proximal_logprobs is not None:  # importance weight behaviour -> proximal, truncated
+        log_w = torch.where(mask, anchor - old_logprobs, torch.zeros_like(anchor)).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        weight = torch.exp(log_w)
+        if weight_cap is not None:
+            is_truncated = weight > weight_cap
+            weight = weight.clamp(max=weight_cap)
+        pg = weight * pg
 
     # 3) optional KL to the reference and entropy bonus
     loss = pg
@@ -152,6 +180,9 @@ def policy_loss(
         }
         if kl is not None:
             stats["kl"] = mean(kl)
+        if weight is not None:
+            stats["is_weight_mean"] = mean(weight)
+            stats["is_trunc_frac"] = mean(is_truncated) if is_truncated is not None else mean(weight * 0)
         if entropy is not None:
             stats["entropy"] = mean(entropy)
         stats = {k: v.detach() for k, v in stats.items()}
