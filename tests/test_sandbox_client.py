@@ -129,7 +129,7 @@ def test_a_module_on_the_callers_pythonpath_is_importable_warm(tmp_path):
     with pytest.raises(ImportError):
         __import__(name)
     caller = (
-        "import json\nfrom sandbox import Sandbox\n"
+        "import json\nfrom cir_sandbox import Sandbox\n"
         f"with Sandbox(workers=1, warm_modules=('math', {name!r})) as sb:\n"
         f"    r = sb.run('import {name}\\nprint({name}.VALUE)')\n"
         "    print(json.dumps({'warm': sb.info()['warm_modules'], 'stdout': r.stdout, 'error': r.error_line}))\n"
