@@ -230,7 +230,7 @@ class Server(Frontend):
                         if child.kill_reason is not None:
                             break
                 except ValueError as exc:
-                    log.info("sandbox child %d broke the protocol: %s", child.pid, exc)
+                    log.debug("sandbox child %d broke the protocol: %s", child.pid, exc)
                     self._kill(child, "protocol")
             if not drain:
                 return

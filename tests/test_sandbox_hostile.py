@@ -225,3 +225,80 @@ def test_leftover_threads_of_a_session_have_a_wall_time_bound():
         r = s.run("print('x' in globals())")
         assert r.stdout == "False\n" and "session restarted" in r.note, r
         assert s.run("print(2)").note == ""
+
+
+# ---- a mix of hostile snippets, several at once, under innocent load ------------------------------
+def _frame(payload: str) -> str:
+    """Snippet lines that write `payload` (a bytes expression) to the control socket as a frame."""
+    return (f"import os, struct, time\np = {payload}\n"
+            "os.write(3, struct.pack('!I', len(p)) + p)\ntime.sleep(0.3)\n")
+
+
+HOSTILE = {
+    "deep-dirs": "import os\nfor i in range(1100):\n    os.mkdir('d')\n    os.chdir('d')",
+    "many-files": "for i in range(20000):\n    open(str(i), 'w').close()",
+    "chmod-siblings": CHMOD_SIBLINGS,
+    "symlinks": ("import os\nos.symlink('/', 'root')\nos.symlink('..', 'up')\nos.symlink('../..', 'up2')\n"
+                 "os.mkdir('loop')\nos.symlink('../loop', 'loop/self')\nopen(b'\\xff\\xfe', 'w').write('x')\n"
+                 "os.mkdir('.rm0')\nopen('.rm1', 'w').close()\nos.chmod('loop', 0)"),
+    "rename-own-dir": "import os\nos.rename(os.getcwd(), os.getcwd() + 'x')",
+    "surrogates": "import sys\nprint(chr(0xD800) * 1000)\nsys.stderr.write(chr(0xDFFF))\nraise SystemExit(chr(0xDC00))",
+    "byte-flood": "import sys\nsys.stdout.buffer.write(bytes(range(256)) * 2000)",
+    "nested-json-frame": _frame("b'[' * 30000 + b']' * 30000"),
+    "huge-number-frame": FIND_SEQ + _frame(
+        "('{\"seq\": %d, \"status\": \"ok\", \"error_line\": \"\", \"cpu_ms\": 1%s}' % (seq, '0' * 400)).encode()"),
+    "report-bad-status": FIND_SEQ + _frame("b'S' + struct.pack('!IBd', seq, 200, 1.0)"),
+    "report-nan-cpu": FIND_SEQ + _frame("b'S' + struct.pack('!IBd', seq, 0, float('nan'))"),
+    "report-wrong-seq": FIND_SEQ + _frame("b'S' + struct.pack('!IBd', seq + 1, 0, 1.0)"),
+    "ready-again": _frame("b'R'"),
+    "huge-frame-header": "import os\nos.write(3, b'\\x7f\\xff\\xff\\xff' + b'x' * 1000)\nimport time\ntime.sleep(0.3)",
+    "garbage-flood": "import os\nfor _ in range(64):\n    os.write(3, os.urandom(1 << 14))",
+    "tiny-frame-flood": "import os\nfor _ in range(20000):\n    os.write(3, b'\\x00\\x00\\x00\\x01R')",
+    "close-fd3": "import os\nos.close(3)\nprint('closed')",
+    "stdout-over-fd3": "import os\nos.dup2(1, 3)\nprint('replaced')",
+    "exit-70": "import os\nos._exit(70)",
+    "exit-71": "import os\nos._exit(71)",
+    "fork-bomb": "import os\nfor _ in range(2000):\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    "thread-swarm": ("import threading, time\nfor _ in range(200):\n"
+                     "    threading.Thread(target=time.sleep, args=(0.5,)).start()"),
+    "stop-self": "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)",
+    "segv-self": "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)",
+    "killpg": "import os, signal\nos.killpg(0, signal.SIGKILL)",
+    "deep-recursion": "import sys\nsys.setrecursionlimit(10 ** 7)\ndef f(n):\n    return f(n + 1)\nf(0)",
+    "memory-bomb": "x = bytearray(1 << 34)",
+    "output-flood": "while True:\n    print('y' * 1000)",
+    "disk-fill": ("for i in range(4):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))\n"
+                  "open('big', 'wb').write(b'x' * (17 << 20))"),
+    "busy-loop": "while True:\n    pass",
+    "raise-cpu-limit": ("import resource, threading\nhard = resource.getrlimit(resource.RLIMIT_CPU)[1]\n"
+                        "resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))\n"
+                        "threading.Thread(target=lambda: sum(iter(int, 1)), daemon=True).start()"),
+    "tamper": "import builtins, os, math\nos.environ.clear()\nmath.pi = 3\nbuiltins.print = None\nos.chdir('/')",
+}
+
+
+def test_hostile_snippets_under_load_leave_every_innocent_call_alone():
+    """Every hostile snippet above twice, 6 at a time, while 12 callers run innocent calls: every
+    innocent call returns ok with its own output, no server restarts, and the sandbox still
+    answers. A session whose leftover thread writes garbage to fd 3 loses only itself."""
+    with Sandbox(workers=4, timeout=3, memory_mb=256, warm_modules=("math",), output_limit=100_000) as box:
+        pid = box.server_pid
+        codes = [code for code in HOSTILE.values() for _ in range(2)]
+        with InnocentLoad(box) as load, box.session() as s:
+            s.run("import os, threading, time\nx = 1\ndef spam():\n    time.sleep(0.2)\n    while True:\n"
+                  "        os.write(3, b'garbage')\nthreading.Thread(target=spam, daemon=True).start()")
+            futures = []
+            for i in range(0, len(codes), 6):
+                futures += [box.submit(code) for code in codes[i:i + 6]]
+                time.sleep(0.2)
+            hostile = [f.result(timeout=300) for f in futures]
+            time.sleep(0.5)
+            after = s.run("print('x' in globals())")
+        load.check()
+        assert after.stdout == "False\n" and "session restarted" in after.note, after
+        for r in hostile:
+            assert r.note == "", r
+            for text in (r.stdout, r.stderr, r.error_line):
+                text.encode("utf-8")
+        assert box.server_pid == pid and box.num_restarts == 0
+        assert [r.stdout for r in box.run_many([f"print({i})" for i in range(8)])] == [f"{i}\n" for i in range(8)]
