@@ -194,19 +194,20 @@ def test_a_call_cannot_change_the_directories_of_other_calls(sb):
 
 
 def test_many_files_do_not_stall_other_calls():
-    """A call that leaves ~60k files: removing them took the zygote seconds, during which no
-    child could be forked. Innocent calls right after it must not wait for that clean-up: they
-    must take less than a quarter of what making the files took (making a file costs about what
-    removing it does, so before, the calls waited ~1/2 to 1x of it; after, ~1/50 of it)."""
+    """A call that leaves 40k files: removing them took the zygote about a third of the time making
+    them took (measured 0.3-0.42 over runs, before), during which no child could be forked. Innocent
+    calls right after it must not wait for that clean-up: together they must take under a tenth of
+    the making time (measured 0.002-0.02 after; both sides 5x away from the bound, on a loaded
+    2-core VM where the making time itself ranged 2-15 s)."""
     with Sandbox(workers=2, timeout=20, warm_modules=("math",)) as small:
-        r = small.run("import os, time\nt = time.monotonic()\nfor i in range(60000):\n"
+        r = small.run("import os, time\nt = time.monotonic()\nfor i in range(40000):\n"
                       "    open(str(i), 'w').close()\nprint(time.monotonic() - t)")
         assert r.status == "ok", r
         making = float(r.stdout)
         start = time.monotonic()
         for i in range(6):
             assert small.run(f"print({i})").stdout == f"{i}\n"
-        assert time.monotonic() - start < making / 4, (time.monotonic() - start, making)
+        assert time.monotonic() - start < making / 10, (time.monotonic() - start, making)
 
 
 def test_leftover_threads_of_a_session_have_a_wall_time_bound():
