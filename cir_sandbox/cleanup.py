@@ -238,7 +238,10 @@ def _janitor_loop(trash_dir: str, wake_fd: int, parent: int) -> None:
         try:
             with os.scandir(trash_dir) as entries:
                 names = [entry.name for entry in entries]
-            for name in names:
-                remove_tree(os.path.join(trash_dir, name))
         except OSError:
-            pass                            # what is left is retried at the next wake-up
+            continue
+        for name in names:
+            try:
+                remove_tree(os.path.join(trash_dir, name))
+            except OSError:
+                pass                        # what is left is retried at the next wake-up

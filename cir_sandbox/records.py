@@ -144,3 +144,21 @@ def classify_exit(kill_reason: str | None, wait_status: int, cpu_ms: float, conf
     if code == EXIT_NO_CONTROL:
         return "error", "SandboxError: the code closed the sandbox's control channel (fd 3)"
     return "error", f"SystemExit: {code}"
+
+
+def num_threads(pid: int) -> int:
+    """Threads of a live child, from the kernel (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def describe_death(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return f"signal {os.WTERMSIG(wait_status)}"
+    return f"exit code {os.waitstatus_to_exitcode(wait_status)}"

@@ -47,7 +47,8 @@ from cir_sandbox.environment import is_scrubbed, server_environment
 from cir_sandbox.frontend import Frontend
 from cir_sandbox.plan import ChildPlan, make_plan
 from cir_sandbox.protocol import READY, REPORT, SETUP_ERROR, ChildReport, decode_child_frame, encode, frame
-from cir_sandbox.records import Child, Client, Job, Probe, classify_exit, decode_text
+from cir_sandbox.records import (Child, Client, Job, Probe, classify_exit, decode_text, describe_death,
+                                 num_threads)
 from cir_sandbox.result import Result
 from cir_sandbox.warm import collapse_heap, warm_up
 from cir_sandbox.zygote import Zygote
@@ -292,7 +293,7 @@ class Server(Frontend):
         child.err.clear()
         if job.session is None or child.kill_reason:
             self._kill(child, child.kill_reason or "done")
-        elif _num_threads(child.pid) <= 1:
+        elif num_threads(child.pid) <= 1:
             child.linger_deadline = None
         elif child.linger_deadline is None:
             child.linger_deadline = job.deadline
@@ -304,7 +305,7 @@ class Server(Frontend):
             self._guarded(child, self._on_ctrl, child, selectors.EVENT_READ, True)
         failed_setup = not child.ready and child.kill_reason != "done"
         if failed_setup:                            # no code of a call ran: the infrastructure failed
-            child.setup_error = child.setup_error or f"the child ended during set-up ({_death(wait_status)})"
+            child.setup_error = child.setup_error or f"the child ended during set-up ({describe_death(wait_status)})"
             self._child_failed(child.setup_error)
         if child.job is not None:
             self._drain(child)
@@ -355,7 +356,7 @@ class Server(Frontend):
             if child.job is not None and now >= child.job.deadline:
                 self._kill(child, "timeout")
             elif child.job is None and child.linger_deadline is not None and now >= child.linger_deadline:
-                if _num_threads(child.pid) > 1:     # a session's leftover threads: time is up
+                if num_threads(child.pid) > 1:     # a session's leftover threads: time is up
                     self._kill(child, "threads")
                 else:
                     child.linger_deadline = None
@@ -378,10 +379,12 @@ class Server(Frontend):
     def _child_for(self, job: Job) -> Child | None:
         if job.session is not None:
             current = self._sessions.get(job.session)
-            if current is not None and current.job is None and not current.kill_reason:
-                return current
             if current is not None and current.job is not None:
                 return None                         # previous call of this session still running
+            if current is not None and not current.kill_reason:
+                return current
+            if current is not None:                 # killed between calls, not reaped yet
+                self._sessions_lost.add(job.session)
         if not self._idle:
             return None
         child = self._idle.popleft()
@@ -406,24 +409,6 @@ class Server(Frontend):
 
     def _answer(self, job: Job, result: Result) -> None:
         job.client.send(encode({"id": job.id, "result": result.to_dict()}), self._sel)
-
-
-def _num_threads(pid: int) -> int:
-    """Threads of a live child, from the kernel (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Threads:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _death(wait_status: int) -> str:
-    if os.WIFSIGNALED(wait_status):
-        return f"signal {os.WTERMSIG(wait_status)}"
-    return f"exit code {os.waitstatus_to_exitcode(wait_status)}"
 
 
 def main(argv: list[str] | None = None) -> None:
