@@ -195,7 +195,7 @@ def test_a_call_cannot_change_the_directories_of_other_calls(sb):
 
 def test_many_files_do_not_stall_other_calls():
     """A call that leaves 40k files: removing them took the zygote about a third of the time making
-    them took (measured 0.3-0.42 over runs, before), during which no child could be forked. Innocent
+    them took (0.27-0.42 in three runs, before), during which no child could be forked. Innocent
     calls right after it must not wait for that clean-up: together they must take under a tenth of
     the making time (measured 0.002-0.02 after; both sides 5x away from the bound, on a loaded
     2-core VM where the making time itself ranged 2-15 s)."""
