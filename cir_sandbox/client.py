@@ -350,4 +350,4 @@ def _check_code(code: str) -> str:
 
 def _failed(answer: dict, note: str) -> Result:
     return Result("killed", error_line=f"SandboxError: {answer.get('error', 'sandbox server died')}",
-                  note=note)
+                  note=note, infrastructure=True)

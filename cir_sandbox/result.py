@@ -42,6 +42,10 @@ class Result:
     """CPU time (user + system) the snippet used."""
     note: str = ""
     """Set when something outside the snippet happened, e.g. the sandbox server was restarted."""
+    infrastructure: bool = False
+    """True when the sandbox failed, not the code (children fail to start, the server died): set
+    only by the server and client, never from what a snippet reports or prints, so a count of these
+    cannot be forged by code that raises an exception named SandboxError."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

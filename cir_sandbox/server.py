@@ -321,7 +321,7 @@ class Server(Frontend):
                     status, error_line = "error", f"SandboxError: child set-up failed: {child.setup_error}"
                 self._answer(job, Result(status, decode_text(child.out), decode_text(child.err),
                                          error_line, (time.monotonic() - job.started) * 1e3, cpu_ms,
-                                         job.note))
+                                         job.note, infrastructure=failed_setup))
         self._cleanup(child)
 
     def _cleanup(self, child: Child) -> None:
@@ -370,7 +370,8 @@ class Server(Frontend):
                 if self._setup_failures >= 5:       # children keep failing: do not hang callers
                     self._pending.popleft()
                     self._answer(job, Result("error", error_line="SandboxError: children fail to "
-                                             f"start: {self._last_setup_error}", note=job.note))
+                                             f"start: {self._last_setup_error}", note=job.note,
+                                             infrastructure=True))
                     continue
                 return
             self._pending.popleft()

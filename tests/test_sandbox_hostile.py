@@ -153,7 +153,10 @@ def test_exit_codes_do_not_impersonate_the_infrastructure(sb):
         hostile = [sb.submit("import os\nos._exit(70)") for _ in range(8)]
         hostile = [f.result(timeout=120) for f in hostile]
     load.check()
-    assert all((r.status, r.error_line, r.note) == ("error", "SystemExit: 70", "") for r in hostile), hostile
+    assert all((r.status, r.error_line, r.note, r.infrastructure) == ("error", "SystemExit: 70", "", False)
+               for r in hostile), hostile
+    forged = sb.run("class SandboxError(Exception):\n    pass\nraise SandboxError('children fail to start')")
+    assert forged.error_line == "SandboxError: children fail to start" and not forged.infrastructure
 
 
 CHMOD_SIBLINGS = """import os
