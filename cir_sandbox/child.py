@@ -16,8 +16,12 @@ child, in `run_child`:
   5) reseeds numpy's global RNG (Python's `random` reseeds itself after a fork),
   6) loads the seccomp filters: "signal only yourself", then the allowlist,
   7) makes one dry-run call through a pipe (see below),
+  8) tells the server its set-up is done (a b"R" frame on fd 3; or b"E" and a message if a step
+     failed),
 
-and only then reads its control socket, so code never runs unconfined. Forking the warm interpreter
+and only then reads its control socket, so code never runs unconfined, and nothing a call's code
+does -- its exit code, what it writes to fd 3 -- can pass for a failed set-up: the server knows
+set-up worked from a frame sent before any code ran. Forking the warm interpreter
 and tearing it down cost milliseconds here, so every step that can be done once in the zygote is,
 and the child runs as little Python as possible: each page it writes costs a copy-on-write fault.
 The dry run takes the faults of a call's own path (~75 pages) before the call: measured, a stateless
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import builtins
 import io
-import json
 import math
 import os
 import resource
@@ -39,7 +42,8 @@ import traceback
 
 from cir_sandbox import landlock, policy
 from cir_sandbox.plan import ChildPlan
-from cir_sandbox.protocol import HEADER, frame, read_exact_fd, write_all_fd
+from cir_sandbox.protocol import (HEADER, frame, read_exact_fd, ready_frame, report_frame, setup_error_frame,
+                                  write_all_fd)
 from cir_sandbox.records import EXIT_NO_CONTROL, EXIT_SETUP_FAILED
 
 CTRL_FD = 3
@@ -64,10 +68,11 @@ def run_child(plan: ChildPlan, rundir: str, ruleset_fd: int, zygote_pid: int,
     except BaseException as exc:                    # report, then die: the server logs it
         try:
             message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            write_all_fd(CTRL_FD, frame(json.dumps({"setup_error": message}).encode()))
+            write_all_fd(CTRL_FD, setup_error_frame(message))
         finally:
             os._exit(EXIT_SETUP_FAILED)
     try:
+        write_all_fd(CTRL_FD, ready_frame())        # 8)
         _serve(plan)
     finally:
         os._exit(0)
@@ -139,9 +144,8 @@ def _call(plan: ChildPlan, in_fd: int, out_fd: int, session_globals: dict) -> bo
             stream.flush()
         except Exception:
             pass
-    report = {"seq": seq, "status": status, "error_line": error_line, "cpu_ms": cpu_ms}
     try:
-        write_all_fd(out_fd, frame(json.dumps(report).encode()))
+        write_all_fd(out_fd, report_frame(seq, status, error_line, max(cpu_ms, 0.0)))
     except OSError:
         os._exit(EXIT_NO_CONTROL)
     return keep

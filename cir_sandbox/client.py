@@ -19,15 +19,16 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from cir_sandbox.cleanup import remove_tree
 from cir_sandbox.config import DEFAULT_WARM_MODULES, ServerConfig
 from cir_sandbox.environment import server_environment
 from cir_sandbox.protocol import encode, recv_obj
@@ -35,6 +36,8 @@ from cir_sandbox.result import Result
 
 log = logging.getLogger("cir_sandbox")
 _ids = itertools.count(1)
+RESTART_CLEANUP_SECONDS = 1.0
+"""How long a restart spends removing the dead server's files; what is left goes at close."""
 
 
 class _Server:
@@ -219,7 +222,7 @@ class Sandbox:
                 os.unlink(self.config.socket_path)
             except FileNotFoundError:
                 pass
-            shutil.rmtree(self.config.base_dir, ignore_errors=True)     # a killed server's leftovers
+            _remove(self.config.base_dir, time.monotonic() + RESTART_CLEANUP_SECONDS)  # a dead server's leftovers
             self.config.base_dir = os.path.join(self._dir, f"children-{self._generation + 1}")
             self._server = _Server(self.config, self._startup_timeout)
             self._generation += 1
@@ -329,7 +332,14 @@ def _shut_down(holder: list[_Server], directory: str) -> None:
     for server in holder:
         server.stop()
     holder.clear()
-    shutil.rmtree(directory, ignore_errors=True)
+    _remove(directory, None)
+
+
+def _remove(path: str, deadline: float | None) -> None:
+    try:
+        remove_tree(path, deadline)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
 
 
 def _check_code(code: str) -> str:
@@ -340,4 +350,4 @@ def _check_code(code: str) -> str:
 
 def _failed(answer: dict, note: str) -> Result:
     return Result("killed", error_line=f"SandboxError: {answer.get('error', 'sandbox server died')}",
-                  note=note)
+                  note=note, infrastructure=True)

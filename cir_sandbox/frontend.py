@@ -44,7 +44,7 @@ class Frontend:
             data = b""
         try:
             requests = [decode(p) for p in client.frames.feed(data)] if data else None
-        except ValueError:
+        except (ValueError, RecursionError):        # not JSON, not an object, nested too deep
             requests = None
         if requests is None:
             self._drop_client(client)

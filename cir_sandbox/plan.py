@@ -55,7 +55,7 @@ def make_plan(config: ServerConfig, warm_modules: list[str], stdio: tuple) -> Ch
             log.warning("the Python install is not readable by uid %d and the kernel has no "
                         "Landlock: snippets can import only the warm modules", uid)
     return ChildPlan(
-        seccomp_filter=policy.BpfProgram(policy.build_filter_bpf()),
+        seccomp_filter=policy.BpfProgram(policy.build_filter_bpf(allow_path_chmod=uid is not None)),
         pid_filter=policy.BpfProgram(policy.pid_filter_bpf(0)),
         cpu_seconds=config.cpu_seconds,
         cpu_hard_seconds=max(config.cpu_seconds + 1, 64 * config.cpu_seconds),

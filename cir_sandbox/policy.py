@@ -5,7 +5,8 @@ server with libseccomp (`pyseccomp`) and exported as raw BPF; each child loads t
 prctl. A second, tiny hand-written BPF program is built per child: kill / tkill / tgkill may only
 target the child itself (kill(0) = its own process group, which holds only itself).
 
-Notable rules: clone only with CLONE_THREAD (threads yes, processes no); clone3 fails with ENOSYS so
+Notable rules: chmod by path only where children run as their own uid (nobody), not the caller's;
+clone only with CLONE_THREAD (threads yes, processes no); clone3 fails with ENOSYS so
 glibc falls back to clone; no socket calls at all; no execve; ioctl, fcntl and prctl only with a
 few harmless commands; prlimit64 only on the calling process; a syscall from a foreign
 architecture (int 0x80, x32) kills the process.
@@ -85,12 +86,18 @@ def _nr(name: str) -> int:
     return seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
 
 
-def build_filter_bpf() -> bytes:
-    """Compile the allowlist with libseccomp and return the raw BPF program (done once)."""
+PATH_CHMOD_SYSCALLS = ("chmod", "fchmodat", "fchmodat2")
+
+
+def build_filter_bpf(allow_path_chmod: bool = True) -> bytes:
+    """Compile the allowlist with libseccomp and return the raw BPF program (done once).
+    allow_path_chmod=False refuses chmod by path (fchmod of an open file stays allowed): Landlock
+    does not govern chmod, so a child that runs as the caller's uid (no root to drop to) could
+    otherwise chmod any of the caller's files and directories, the sandbox's own included."""
     f = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
     f.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
     for name in ALLOWED_SYSCALLS:
-        if _nr(name) >= 0:
+        if _nr(name) >= 0 and (allow_path_chmod or name not in PATH_CHMOD_SYSCALLS):
             f.add_rule(seccomp.ALLOW, name)
     f.add_rule(seccomp.ALLOW, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
     if _nr("clone3") >= 0:

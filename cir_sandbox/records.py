@@ -13,7 +13,8 @@ from cir_sandbox.config import ServerConfig
 from cir_sandbox.protocol import HEADER, MAX_CHILD_FRAME, FrameBuffer, decode
 from cir_sandbox.result import Result
 
-EXIT_SETUP_FAILED = 70          # a child's exit code when its confinement failed
+EXIT_SETUP_FAILED = 70          # a child's exit code when its confinement failed (for people: the
+                                # server knows set-up worked by the child's b"R" frame, not by codes)
 EXIT_NO_CONTROL = 71            # ... when the code closed or replaced fd 3, so it could not report
 
 
@@ -81,12 +82,13 @@ class Child(_Outbox):
         self.out_fd, self.err_fd, self.tmpdir = out_fd, err_fd, tmpdir
         self.ctrl_frames = FrameBuffer(MAX_CHILD_FRAME)
         self.ctrl_open = True
-        self.reported = False                     # sent at least one status: set-up succeeded
+        self.ready = False                        # sent its set-up-done frame (before any code ran)
         self.setup_error = ""
+        self.linger_deadline: float | None = None  # a session's leftover threads must end by then
         self.gone = False                         # reaped and its descriptors closed
         self.job: Job | None = None
         self.session: int | None = None
-        self.kill_reason: str | None = None       # timeout | output_limit | protocol | done
+        self.kill_reason: str | None = None       # timeout | output_limit | protocol | threads | done
         self.out = bytearray()
         self.err = bytearray()
         self._init_outbox()
@@ -125,6 +127,8 @@ def classify_exit(kill_reason: str | None, wait_status: int, cpu_ms: float, conf
         return "output_limit", f"OutputLimitError: output exceeded {config.output_limit} bytes"
     if kill_reason == "protocol":
         return "killed", "SandboxError: the child broke the control protocol"
+    if kill_reason == "threads":
+        return "timeout", "TimeoutError: threads still running at the wall time limit"
     if os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_ms >= cpu_hard_seconds * 1e3 - 50):
@@ -140,3 +144,21 @@ def classify_exit(kill_reason: str | None, wait_status: int, cpu_ms: float, conf
     if code == EXIT_NO_CONTROL:
         return "error", "SandboxError: the code closed the sandbox's control channel (fd 3)"
     return "error", f"SystemExit: {code}"
+
+
+def num_threads(pid: int) -> int:
+    """Threads of a live child, from the kernel (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def describe_death(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return f"signal {os.WTERMSIG(wait_status)}"
+    return f"exit code {os.waitstatus_to_exitcode(wait_status)}"

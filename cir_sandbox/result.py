@@ -12,6 +12,7 @@ and every text longer than 400 characters is cut to its first 200 + "..." + its 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed", "denied")
@@ -24,6 +25,7 @@ the seccomp filter, Landlock or file permissions refused something and the code 
 FEEDBACK_MAX_CHARS = 400
 TIMEOUT_FEEDBACK = "Timeout Error"
 NO_OUTPUT_FEEDBACK = "Done"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -40,10 +42,16 @@ class Result:
     """CPU time (user + system) the snippet used."""
     note: str = ""
     """Set when something outside the snippet happened, e.g. the sandbox server was restarted."""
+    infrastructure: bool = False
+    """True when the sandbox failed, not the code (children fail to start, the server died): set
+    only by the server and client, never from what a snippet reports or prints, so a count of these
+    cannot be forged by code that raises an exception named SandboxError."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        self.stdout, self.stderr = valid_text(self.stdout), valid_text(self.stderr)
+        self.error_line, self.note = valid_text(self.error_line), valid_text(self.note)
 
     @property
     def ok(self) -> bool:
@@ -55,6 +63,17 @@ class Result:
     @classmethod
     def from_dict(cls, d: dict) -> Result:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def valid_text(text: object) -> str:
+    """`text` as a str that encodes as UTF-8: lone surrogates (which a snippet can put in an
+    exception message) become U+FFFD, so every consumer (a tokenizer, a JSON file) can take it."""
+    text = text if isinstance(text, str) else str(text)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
 
 
 def truncate(text: str, max_chars: int = FEEDBACK_MAX_CHARS) -> str:

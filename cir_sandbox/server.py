@@ -17,6 +17,15 @@ request only costs a write to a waiting child; run at most `workers` calls at on
 rest; read each running child's stdout/stderr as it writes (the byte cap kills it); SIGKILL the
 child at the wall-time deadline (through a pidfd: it cannot have made other processes); answer
 when the child reports, or when the zygote reports its death.
+
+What a child sends is untrusted once its first call has started: frames are checked against the
+protocol (protocol.py: fixed layouts, sizes, ranges) and against what the child may send next
+(its set-up frame first, then one report per call, for the call it runs); a child that breaks
+this, or whose handling raises anything at all, is killed, which fails its own call and nothing
+else. A child is infrastructure until its set-up frame arrives: a death before it is retried
+once elsewhere and counts towards the back-off; a death after it is the code's own result, whatever
+its exit code. A session call's leftover threads may run until that call's wall-time limit; a
+session child that still has them then is killed (its session restarts, with a note).
 """
 from __future__ import annotations
 
@@ -24,7 +33,6 @@ import gc
 import logging
 import os
 import selectors
-import shutil
 import signal
 import socket
 import sys
@@ -33,13 +41,15 @@ import time
 from collections import deque
 
 from cir_sandbox.child import build_stdio
+from cir_sandbox.cleanup import remove_tree
 from cir_sandbox.config import ServerConfig
 from cir_sandbox.environment import is_scrubbed, server_environment
 from cir_sandbox.frontend import Frontend
 from cir_sandbox.plan import ChildPlan, make_plan
-from cir_sandbox.protocol import decode, encode, frame
-from cir_sandbox.records import EXIT_SETUP_FAILED, Child, Client, Job, Probe, classify_exit, decode_text
-from cir_sandbox.result import STATUSES, Result
+from cir_sandbox.protocol import READY, REPORT, SETUP_ERROR, ChildReport, decode_child_frame, encode, frame
+from cir_sandbox.records import (Child, Client, Job, Probe, classify_exit, decode_text, describe_death,
+                                 num_threads)
+from cir_sandbox.result import Result
 from cir_sandbox.warm import collapse_heap, warm_up
 from cir_sandbox.zygote import Zygote
 
@@ -129,6 +139,8 @@ class Server(Frontend):
 
     def _next_deadline(self, now: float) -> float | None:
         deadlines = [c.job.deadline for c in self._children.values() if c.job and not c.kill_reason]
+        deadlines += [c.linger_deadline for c in self._children.values()
+                      if c.linger_deadline is not None and c.job is None and not c.kill_reason]
         if len(self._idle) + self._num_starting < self.config.prefork:
             deadlines.append(self._fork_after)
         return max(0.0, min(deadlines) - now) if deadlines else None
@@ -140,7 +152,10 @@ class Server(Frontend):
         if self.zygote is not None:
             self.zygote.close()
         if self.base_dir:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
+            try:
+                remove_tree(self.base_dir)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", self.base_dir, exc)
             try:
                 os.unlink(self.config.socket_path)
             except FileNotFoundError:
@@ -159,15 +174,15 @@ class Server(Frontend):
                 ctrl = socket.socket(fileno=fds[0])
                 ctrl.setblocking(False)
                 child = Child(msg["spawned"], fds[3], ctrl, fds[1], fds[2], msg["tmpdir"])
-                child.on_event = lambda mask, child=child: self._on_ctrl(child, mask)
+                child.on_event = lambda mask, child=child: self._guarded(child, self._on_ctrl, child, mask)
                 self._children[child.pid] = child
                 self._num_starting -= 1
                 self._idle.append(child)
                 self._sel.register(ctrl, selectors.EVENT_READ, child.on_event)
                 for fd in (child.out_fd, child.err_fd):
                     os.set_blocking(fd, False)
-                    self._sel.register(fd, selectors.EVENT_READ,
-                                       lambda mask, child=child, fd=fd: self._on_output(child, fd))
+                    self._sel.register(fd, selectors.EVENT_READ, lambda mask, child=child, fd=fd:
+                                       self._guarded(child, self._on_output, child, fd))
             elif "exited" in msg and msg["exited"] in self._children:
                 self._on_exit(self._children[msg["exited"]], msg["status"], msg["cpu_ms"])
             elif "failed" in msg:
@@ -180,35 +195,61 @@ class Server(Frontend):
         log.warning("sandbox child failed to start: %s", error)
         self._fork_after = time.monotonic() + min(0.05 * 2 ** self._setup_failures, 5.0)
 
-    def _on_ctrl(self, child: Child, mask: int) -> None:
+    def _guarded(self, child: Child, handler, *args) -> None:
+        """Run a handler of what a child sent; if it raises, whatever the child did, only the child
+        (and so only its own call) pays."""
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("handling sandbox child %d failed; killing it", child.pid)
+            if not child.gone:
+                self._kill(child, "protocol")
+
+    def _on_ctrl(self, child: Child, mask: int, drain: bool = False) -> None:
+        """Read the control socket (once, or until empty when the child is dead: drain)."""
         if child.gone:                              # cleaned up earlier in this batch of events
             return
         if mask & selectors.EVENT_WRITE:
             child.flush(self._sel)
         if not mask & selectors.EVENT_READ:
             return
-        try:
-            data = child.ctrl.recv(1 << 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._sel.unregister(child.ctrl)
-            child.ctrl_open = False
-            return
-        try:
-            messages = [decode(p) for p in child.ctrl_frames.feed(data)]
-        except ValueError:
-            self._kill(child, "protocol")
-            return
-        for msg in messages:
-            if "setup_error" in msg and not child.reported:
-                child.setup_error = str(msg["setup_error"])[:2000]
-            elif child.job is not None and msg.get("seq") == child.job.seq:
-                child.reported = True
+        while child.ctrl_open:
+            try:
+                data = child.ctrl.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._sel.unregister(child.ctrl)
+                child.ctrl_open = False
+                return
+            if child.kill_reason is None:           # what a dying child says no longer counts
+                try:
+                    for payload in child.ctrl_frames.feed(data):
+                        self._on_child_frame(child, *decode_child_frame(payload))
+                        if child.kill_reason is not None:
+                            break
+                except ValueError as exc:
+                    log.debug("sandbox child %d broke the protocol: %s", child.pid, exc)
+                    self._kill(child, "protocol")
+            if not drain:
+                return
+
+    def _on_child_frame(self, child: Child, kind: bytes, value: str | ChildReport | None) -> None:
+        """Take a frame only where the protocol expects it; ValueError for any other."""
+        if not child.ready and not child.setup_error:
+            if kind == READY:
+                child.ready = True
                 self._setup_failures = 0
-                self._finish(child, msg)
+                return
+            if kind == SETUP_ERROR:
+                child.setup_error = value or "unknown error"
+                return
+        elif kind == REPORT and child.job is not None and value.seq == child.job.seq:
+            self._finish(child, value)
+            return
+        raise ValueError(f"unexpected frame {kind!r} (ready {child.ready}, running {child.job is not None})")
 
     def _on_output(self, child: Child, fd: int) -> None:
         if child.gone:
@@ -239,31 +280,33 @@ class Server(Frontend):
                 and child.add_output(fd, data, self.config.output_limit)):
             self._kill(child, "output_limit")
 
-    def _finish(self, child: Child, msg: dict) -> None:
+    def _finish(self, child: Child, report: ChildReport) -> None:
         """The child reported its status: answer now, the process is reaped later."""
         self._drain(child)
+        status = "output_limit" if child.kill_reason == "output_limit" else report.status
+        result = Result(status, decode_text(child.out), decode_text(child.err), report.error_line,
+                        (time.monotonic() - child.job.started) * 1e3, report.cpu_ms, child.job.note)
         job, child.job = child.job, None
         self._num_running -= 1
-        status = msg.get("status") if msg.get("status") in STATUSES else "error"
-        if child.kill_reason == "output_limit":
-            status = "output_limit"
-        cpu = msg.get("cpu_ms")
-        self._answer(job, Result(
-            status, decode_text(child.out), decode_text(child.err), str(msg.get("error_line", ""))[:8000],
-            (time.monotonic() - job.started) * 1e3, float(cpu) if isinstance(cpu, (int, float)) else 0.0,
-            job.note))
+        self._answer(job, result)
         child.out.clear()
         child.err.clear()
         if job.session is None or child.kill_reason:
             self._kill(child, child.kill_reason or "done")
+        elif num_threads(child.pid) <= 1:
+            child.linger_deadline = None
+        elif child.linger_deadline is None:
+            child.linger_deadline = job.deadline
+        elif time.monotonic() >= child.linger_deadline:
+            self._kill(child, "threads")
 
     def _on_exit(self, child: Child, wait_status: int, cpu_ms: float) -> None:
-        if child.ctrl_open:                         # a set-up error may still be in the socket
-            self._on_ctrl(child, selectors.EVENT_READ)
-        failed_setup = (os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == EXIT_SETUP_FAILED
-                        and not child.reported and child.kill_reason is None)
-        if failed_setup:
-            self._child_failed(child.setup_error or "the child exited during set-up")
+        if child.ctrl_open:                         # its last frames may still be in the socket
+            self._guarded(child, self._on_ctrl, child, selectors.EVENT_READ, True)
+        failed_setup = not child.ready and child.kill_reason != "done"
+        if failed_setup:                            # no code of a call ran: the infrastructure failed
+            child.setup_error = child.setup_error or f"the child ended during set-up ({describe_death(wait_status)})"
+            self._child_failed(child.setup_error)
         if child.job is not None:
             self._drain(child)
             job, child.job = child.job, None
@@ -278,7 +321,7 @@ class Server(Frontend):
                     status, error_line = "error", f"SandboxError: child set-up failed: {child.setup_error}"
                 self._answer(job, Result(status, decode_text(child.out), decode_text(child.err),
                                          error_line, (time.monotonic() - job.started) * 1e3, cpu_ms,
-                                         job.note))
+                                         job.note, infrastructure=failed_setup))
         self._cleanup(child)
 
     def _cleanup(self, child: Child) -> None:
@@ -308,8 +351,15 @@ class Server(Frontend):
 
     def _expire(self, now: float) -> None:
         for child in list(self._children.values()):
-            if child.job is not None and not child.kill_reason and now >= child.job.deadline:
+            if child.kill_reason:
+                continue
+            if child.job is not None and now >= child.job.deadline:
                 self._kill(child, "timeout")
+            elif child.job is None and child.linger_deadline is not None and now >= child.linger_deadline:
+                if num_threads(child.pid) > 1:     # a session's leftover threads: time is up
+                    self._kill(child, "threads")
+                else:
+                    child.linger_deadline = None
 
     # ---- jobs -------------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -320,7 +370,8 @@ class Server(Frontend):
                 if self._setup_failures >= 5:       # children keep failing: do not hang callers
                     self._pending.popleft()
                     self._answer(job, Result("error", error_line="SandboxError: children fail to "
-                                             f"start: {self._last_setup_error}", note=job.note))
+                                             f"start: {self._last_setup_error}", note=job.note,
+                                             infrastructure=True))
                     continue
                 return
             self._pending.popleft()
@@ -329,18 +380,20 @@ class Server(Frontend):
     def _child_for(self, job: Job) -> Child | None:
         if job.session is not None:
             current = self._sessions.get(job.session)
-            if current is not None and current.job is None and not current.kill_reason:
-                return current
             if current is not None and current.job is not None:
                 return None                         # previous call of this session still running
+            if current is not None and not current.kill_reason:
+                return current
+            if current is not None:                 # killed between calls, not reaped yet
+                self._sessions_lost.add(job.session)
         if not self._idle:
             return None
         child = self._idle.popleft()
         if job.session is not None:
             if job.session in self._sessions_lost:
                 self._sessions_lost.discard(job.session)
-                job.note = ("session restarted: its previous interpreter ended (timeout, crash or "
-                            "limit), so its globals are lost")
+                job.note = ("session restarted: its previous interpreter ended (timeout, crash, "
+                            "limit, or threads left running past the time limit), so its globals are lost")
             self._sessions[job.session] = child
             child.session = job.session
         return child

@@ -8,29 +8,37 @@ objects, inherited rlimits) and, per child, what is cheaper before the fork than
 temp dir, the descriptors (put straight at fds 0-3), the Landlock ruleset. It hands the server its
 ends of each child's control socket and stdout/stderr pipes, plus a pidfd to kill the child with,
 over a SOCK_SEQPACKET socket with SCM_RIGHTS. When a child exits it reaps it, reports the wait
-status and CPU time, and removes the child's temp dir.
+status and CPU time, and retires the child's temp dir.
 
     server -> zygote: {"spawn": n}
     zygote -> server: {"spawned": pid, "tmpdir": path} + fds [ctrl, stdout, stderr, pidfd]
                       {"exited": pid, "status": wait_status, "cpu_ms": float}
                       {"failed": "..."}
 
-Temp dirs live in slots: base/s<k>/run, where the Landlock ruleset of slot k (the read paths plus
-full access beneath base/s<k>) is built once and reused by every child the slot hosts, one at a
-time; "run" is created for each child and removed after it.
+Temp dirs live in slots: base/s<k>/<random>, where the Landlock ruleset of slot k (the read paths
+plus full access beneath base/s<k>) is built once and reused by every child the slot hosts, one at
+a time. Each child gets a new temp dir with a random 128-bit name, created by the zygote; the slot
+directories (and base/) belong to the server's user, mode 0711, so a child (uid nobody) can neither
+list them nor chmod them, nor so find another child's temp dir: Landlock does not govern chmod,
+and every child has the same uid, so a temp dir whose path a child could guess is one it could
+chmod to 0 under another call. When a child exits, its temp dir is renamed into base/trash (one
+rename, whatever the code left in it) and the janitor process (cleanup.py) removes it there, off
+the request path. A slot is reused only if its directory is as the zygote made it (empty, 0711);
+otherwise it is retired whole to the trash.
 """
 from __future__ import annotations
 
 import json
 import os
 import select
-import shutil
 import signal
 import socket
+import stat
 import sys
 
 from cir_sandbox import landlock, policy
 from cir_sandbox.child import CTRL_FD, run_child
+from cir_sandbox.cleanup import Janitor
 from cir_sandbox.plan import ChildPlan
 
 
@@ -79,7 +87,6 @@ class Zygote:
 class _Slot:
     def __init__(self, path: str, ruleset_fd: int) -> None:
         self.path, self.ruleset_fd = path, ruleset_fd
-        self.rundir = os.path.join(path, "run")
 
 
 class _Forker:
@@ -117,7 +124,10 @@ class _Forker:
         sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = plan.stdio
         self.free_slots: list[_Slot] = []
         self.num_slots = 0
-        self.children: dict[int, tuple[int, _Slot]] = {}         # pidfd -> (pid, slot)
+        self.children: dict[int, tuple[int, _Slot, str]] = {}    # pidfd -> (pid, slot, temp dir)
+        self.trash_dir = os.path.join(base_dir, "trash")
+        os.mkdir(self.trash_dir, 0o700)
+        self.janitor = Janitor(self.trash_dir, [self.sock.fileno(), *(fd for fd, _ in self.read_rules)])
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN)
 
@@ -127,8 +137,9 @@ class _Forker:
                 if fd == self.sock.fileno():
                     data = self.sock.recv(4096)
                     if not data:                                # the server is gone
-                        for pid, _ in self.children.values():
+                        for pid, _, _ in self.children.values():
                             os.kill(pid, signal.SIGKILL)
+                        self.janitor.close()
                         return
                     for _ in range(int(json.loads(data).get("spawn", 0))):
                         self._spawn()
@@ -140,6 +151,7 @@ class _Forker:
             return self.free_slots.pop()
         self.num_slots += 1
         path = os.path.join(self.base_dir, f"s{self.num_slots}")
+        os.chmod(self.base_dir, 0o711)          # as the server made it (a same-uid child could chmod it)
         os.mkdir(path, 0o711)
         abi = self.plan.landlock_abi
         ruleset_fd = -1
@@ -154,9 +166,10 @@ class _Forker:
     def _spawn(self) -> None:
         try:
             slot = self._slot()
-            os.mkdir(slot.rundir, 0o700)
+            rundir = os.path.join(slot.path, os.urandom(16).hex())
+            os.mkdir(rundir, 0o700)
             if self.plan.uid is not None:
-                os.chown(slot.rundir, self.plan.uid, self.plan.gid)
+                os.chown(rundir, self.plan.uid, self.plan.gid)
         except Exception as exc:
             self.sock.send(json.dumps({"failed": f"temp dir for a child: {exc!r}"}).encode())
             return
@@ -176,7 +189,7 @@ class _Forker:
             self.sock.send(json.dumps({"failed": f"fork: {exc!r}"}).encode())
         if pid == 0:
             try:
-                run_child(self.plan, slot.rundir, slot.ruleset_fd, self.pid, address_space)
+                run_child(self.plan, rundir, slot.ruleset_fd, self.pid, address_space)
             finally:
                 os._exit(70)
         for fd in (1, 2, CTRL_FD):
@@ -185,33 +198,54 @@ class _Forker:
             ctrl.close()
             os.close(out_r)
             os.close(err_r)
-            self._free(slot)
+            self._free(slot, rundir)
             return
         pidfd = os.pidfd_open(pid)
-        socket.send_fds(self.sock, [json.dumps({"spawned": pid, "tmpdir": slot.rundir}).encode()],
+        socket.send_fds(self.sock, [json.dumps({"spawned": pid, "tmpdir": rundir}).encode()],
                         [ctrl.fileno(), out_r, err_r, pidfd])
         ctrl.close()
         os.close(out_r)
         os.close(err_r)
-        self.children[pidfd] = (pid, slot)
+        self.children[pidfd] = (pid, slot, rundir)
         self.poller.register(pidfd, select.POLLIN)
 
     def _reap(self, pidfd: int) -> None:
-        pid, slot = self.children.pop(pidfd)
+        pid, slot, rundir = self.children.pop(pidfd)
         self.poller.unregister(pidfd)
         os.close(pidfd)
         _, status, usage = os.wait4(pid, 0)
         self.sock.send(json.dumps({"exited": pid, "status": status,
                                    "cpu_ms": (usage.ru_utime + usage.ru_stime) * 1e3}).encode())
-        self._free(slot)
+        self._free(slot, rundir)
 
-    def _free(self, slot: _Slot) -> None:
-        """Remove the slot's temp dir; the slot hosts another child only if that worked."""
+    def _free(self, slot: _Slot, rundir: str) -> None:
+        """Move the child's temp dir to the trash (constant time, whatever it holds) and let the
+        janitor remove it; the slot hosts another child only if its directory is as it was made."""
         try:
-            os.rmdir(slot.rundir)
+            self._to_trash(rundir)
+            if self._is_pristine(slot):
+                self.free_slots.append(slot)
+                return
+            self._to_trash(slot.path)
+        except OSError:                          # left where it is; removed with base/ at the end
+            pass
+        finally:
+            self.janitor.poke()
+        if slot.ruleset_fd >= 0:
+            os.close(slot.ruleset_fd)
+
+    def _to_trash(self, path: str) -> None:
+        target = os.path.join(self.trash_dir, os.urandom(16).hex())
+        try:
+            os.rename(path, target)
         except FileNotFoundError:
             pass
-        except OSError:
-            shutil.rmtree(slot.rundir, ignore_errors=True)
-        if not os.path.exists(slot.rundir):
-            self.free_slots.append(slot)
+        except PermissionError:                 # a same-uid child may have chmod'ed what it owns
+            for directory, mode in ((self.base_dir, 0o711), (self.trash_dir, 0o700), (path, 0o700)):
+                os.chmod(directory, mode)
+            os.rename(path, target)
+
+    def _is_pristine(self, slot: _Slot) -> bool:
+        st = os.lstat(slot.path)
+        return (stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o711 and st.st_uid == os.getuid()
+                and not os.listdir(slot.path))

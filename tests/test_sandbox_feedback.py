@@ -58,5 +58,5 @@ def test_unknown_status_is_rejected():
 
 
 def test_result_round_trips_through_a_dict():
-    result = Result("error", "out", "err", "E: x", 1.5, 0.5, "note")
+    result = Result("error", "out", "err", "E: x", 1.5, 0.5, "note", True)
     assert Result.from_dict(result.to_dict()) == result

@@ -235,3 +235,24 @@ def test_closing_its_descriptors_is_contained(sb):
     r = sb.run("import os\nfor fd in range(10):\n    try:\n        os.close(fd)\n    except OSError:\n        pass")
     assert r.status == "error" and "control channel" in r.error_line
     assert sb.run("print('alive')").stdout == "alive\n"
+
+
+@pytest.mark.parametrize("allow", [True, False], ids=["as-nobody", "as-the-caller"])
+def test_chmod_by_path_is_refused_where_children_keep_the_callers_uid(tmp_path, allow):
+    """Without root there is no uid to drop to, and Landlock does not govern chmod: the filter
+    then refuses chmod by path (a child could chmod any of the caller's files), fchmod stays."""
+    import subprocess
+    import sys
+    script = (
+        "import os, sys\nfrom cir_sandbox import policy\n"
+        "program = policy.BpfProgram(policy.build_filter_bpf(allow_path_chmod=sys.argv[2] == 'True'))\n"
+        "policy.prctl(policy.PR_SET_NO_NEW_PRIVS, 1)\nprogram.load()\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\nos.fchmod(fd, 0o600)\n"
+        "try:\n    os.chmod(sys.argv[1], 0o644)\n    print('chmod allowed')\n"
+        "except PermissionError:\n    print('chmod refused')\n")
+    path = tmp_path / "f"
+    path.write_text("x")
+    proc = subprocess.run([sys.executable, "-c", script, str(path), str(allow)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout == ("chmod allowed\n" if allow else "chmod refused\n"), proc.stderr
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644 if allow else 0o600)
