@@ -147,6 +147,7 @@ class Trainer:
         self.model.train()
         t1 = time.perf_counter()
         self.rollout_problems = kept  # the problem of each group, for samples.jsonl
+        self.num_skipped_prompts = len(problems) - len(kept)
         answers = [p.answer for p in kept for _ in range(cfg.n)]
         rewards = score_many([t.text for t in trajs], answers)
         t2 = time.perf_counter()
@@ -329,16 +330,18 @@ class Trainer:
 
     def _signal(self, trajs, rewards, stats) -> dict:
         """`signal/*` metrics; a warning with the likely cause when no group's rewards differ."""
-        local = rollout_counts(trajs, rewards)
+        local = rollout_counts(trajs, rewards, getattr(self, "num_skipped_prompts", 0))
         counts = dict(zip(COUNT_KEYS, distributed.all_reduce_sum([local[k] for k in COUNT_KEYS], self.device),
                           strict=True))
         if counts["groups_with_signal"] == 0:
             cfg = self.config.rollout
-            cause = no_signal_cause(counts, cfg.max_response_tokens, tools_on=self.budget.at(self.step - 1) > 0)
+            cause = no_signal_cause(counts, cfg.max_response_tokens, tools_on=self.budget.at(self.step - 1) > 0,
+                                    max_prompt_tokens=cfg.max_prompt_tokens)
             action = "update skipped" if stats.get("skipped") else "zero-advantage update (rl.filter_groups off)"
-            distributed.print0(f"warning: step {self.step}: no learning signal, all {int(counts['groups'])} groups "
-                               f"have equal rewards: {cause}; {action}")
-        return {"signal/groups_with_signal": counts["groups_with_signal"], "signal/groups": counts["groups"]}
+            which = f"all {int(counts['groups'])} groups have equal rewards" if counts["groups"] else "no groups"
+            distributed.print0(f"warning: step {self.step}: no learning signal, {which}: {cause}; {action}")
+        return {"signal/groups_with_signal": counts["groups_with_signal"], "signal/groups": counts["groups"],
+                "signal/prompts_skipped": counts["prompts_skipped"]}
 
     # 5) checkpoints and evaluation --------------------------------------------------------------------
     def save(self) -> Path:
