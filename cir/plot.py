@@ -100,7 +100,7 @@ def _eval_points(ax, evals: list[dict]) -> None:
     names = sorted({k for r in evals for k, v in r.items() if isinstance(v, dict)})
     styles = itertools.cycle(zip("s^Dvp*", ["tab:red", "tab:cyan", "tab:olive", "tab:pink", "black", "tab:brown"],
                                  strict=True))
-    for name, (marker, color) in zip(names, styles, strict=True):
+    for name, (marker, color) in zip(names, styles, strict=False):
         steps, values, metric = [], [], "avg@n"
         for r in evals:
             m = r.get(name)
