@@ -95,7 +95,7 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
-        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, resume=resume)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, resume=resume, step=self.step)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
