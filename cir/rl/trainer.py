@@ -353,7 +353,7 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        path = checkpoint.latest(self.output_dir / "checkpoints")
+        path = checkpoint.latest_verified(self.output_dir / "checkpoints")  # skips damaged ones, saying so
         if path is None:
             distributed.print0(f"--resume: no checkpoint under {self.output_dir / 'checkpoints'}; starting fresh")
             return
