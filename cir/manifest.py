@@ -41,15 +41,17 @@ def num_threads() -> int:
 
 def _chunk_digest(path: Path, index: int) -> str:
     h = hashlib.sha256()
+    buffer = bytearray(_READ_BYTES)
+    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         f.seek(index * CHUNK_BYTES)
         left = CHUNK_BYTES
         while left > 0:
-            data = f.read(min(_READ_BYTES, left))
-            if not data:
+            n = f.readinto(view[: min(_READ_BYTES, left)])
+            if not n:
                 break
-            h.update(data)
-            left -= len(data)
+            h.update(view[:n])
+            left -= n
     return h.hexdigest()
 
 
