@@ -41,9 +41,8 @@ from cir.engine.model_runner import ModelRunner, seed_bases
 from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
-from cir.engine.tools import (SegmentDecoder, check_table, feedback_text, fence_token_table, find_closed_code,
-                               scan_start_hint)
-from cir_sandbox import format_feedback
+from cir.engine.tools import (InfraFailures, SegmentDecoder, check_table, feedback_text, fence_token_table,
+                              find_closed_code, scan_start_hint, tool_outcome)
 
 
 @dataclass
@@ -54,7 +53,7 @@ class Trajectory:
     logprobs: list[float]  # behaviour log-probs per response token; 0.0 where masked
     num_tool_calls: int
     num_tool_successes: int
-    finish_reason: str  # "eos" | "length" | "budget" | "error"
+    finish_reason: str  # "eos" | "length" | "budget"
     text: str  # the response decoded, for display only
     prompt_index: int = 0
     sample_index: int = 0
@@ -86,6 +85,7 @@ class Engine:
         self._pending: LaunchedStep | None = None
         self._num_dropped = 0  # sequences ended or paused while the current step ran
         self.rollout_weights: RolloutWeights | None = None  # bf16 copies of fp32 masters, under autocast
+        self.infra_failures = InfraFailures()  # tool calls the sandbox failed; too many in a row stop generate
 
     # 1) the KV pool --------------------------------------------------------------------------------
     def _num_blocks(self) -> int:
@@ -198,6 +198,7 @@ class Engine:
         bar = tqdm(total=num_seqs, desc="rollout", unit="seq", leave=False,
                    disable=not self.config.show_progress or num_seqs < 8)
         self._seconds_waiting = 0.0
+        self.infra_failures.num = 0
         self._stop_ids = [] if params.ignore_eos else sorted(self.eos_token_ids | set(params.stop_token_ids))
         if tools is not None and self._fence_table is None:
             self._fence_table = fence_token_table(self.tokenizer)
@@ -218,7 +219,8 @@ class Engine:
         self.stats = dict(num_steps=num_steps, num_generated_tokens=num_generated,
                           num_preemptions=scheduler.num_preemptions,
                           num_prefix_cache_hit_tokens=block_manager.num_cache_hits,
-                          seconds_waiting_on_tools=self._seconds_waiting)
+                          seconds_waiting_on_tools=self._seconds_waiting,
+                          num_tool_infra_failures=self.infra_failures.num)
         return [self._trajectory(seq) for group in groups for seq in group]
 
     def _loop(self, scheduler: Scheduler, tools: ToolConfig | None, bar) -> tuple[int, int]:
@@ -355,13 +357,10 @@ class Engine:
             self._seconds_waiting += time.perf_counter() - start
         for seq in [s for s in scheduler.paused if s.pending_tool.done()]:
             future, seq.pending_tool = seq.pending_tool, None
-            try:
-                result = future.result()
-            except Exception:  # the executor itself failed: end this trajectory, not the rollout
-                self._finish(seq, "error", scheduler, bar)
-                continue
-            seq.num_tool_successes += result.status == "ok"
-            feedback = self.tokenizer.encode(feedback_text(format_feedback(result)))
+            outcome = tool_outcome(future)  # never raises; a failed executor's error is the feedback
+            self.infra_failures.record(outcome)  # counted; SandboxFailingError when they keep failing
+            seq.num_tool_successes += outcome.ok
+            feedback = self.tokenizer.encode(feedback_text(outcome.text))
             room = seq.max_response_tokens - seq.num_response_tokens
             seq.append_feedback(feedback[:room])
             scheduler.resume_from_tool(seq)

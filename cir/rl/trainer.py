@@ -148,6 +148,7 @@ class Trainer:
         t1 = time.perf_counter()
         self.rollout_problems = kept  # the problem of each group, for samples.jsonl
         self.num_skipped_prompts = len(problems) - len(kept)
+        self.num_tool_infra_failures = self.engine.stats.get("num_tool_infra_failures", 0) if prompts else 0
         answers = [p.answer for p in kept for _ in range(cfg.n)]
         rewards = score_many([t.text for t in trajs], answers)
         t2 = time.perf_counter()
@@ -314,12 +315,15 @@ class Trainer:
             sum(t.num_tool_calls for t in trajs), sum(t.num_tool_successes for t in trajs),
             sum(len(t.response_ids) for t in trajs), sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs),
             sum(t.num_tool_calls > 0 for t in trajs),
+            getattr(self, "num_tool_infra_failures", 0),  # calls the sandbox failed (0 when healthy)
         ]
-        (n, r_sum, correct, calls, ok, resp_len, all_tokens, using) = distributed.all_reduce_sum(local, self.device)
+        (n, r_sum, correct, calls, ok, resp_len, all_tokens, using, infra) = distributed.all_reduce_sum(local,
+                                                                                                       self.device)
         n = max(n, 1.0)
         return {
             "reward/mean": r_sum / n, "accuracy": correct / n,
             "tools/calls_per_response": calls / n, "tools/success_rate": ok / max(calls, 1.0),
+            "tools/infra_failures": infra,
             "tools/responses_using_tool": using / n, "tools/budget": self.budget.at(self.step - 1),
             "response/length_mean": resp_len / n,
             **{f"train/{k}": v for k, v in stats.items()},
