@@ -162,8 +162,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):  # stale weights of an earlier save would shadow or mix with these
-        if name == INDEX_FILE or (name.startswith("model") and name.endswith(".safetensors")):
-            os.remove(os.path.join(path, name))
+        if name in (INDEX_FILE, manifest.MANIFEST) or (name.startswith("model") and name.endswith(".safetensors")):
+            os.remove(os.path.join(path, name))  # (an earlier manifest describes files rewritten now)
 
     # 1) group tensors into shards, in parameter order
     shards: list[dict[str, torch.Tensor]] = [{}]
