@@ -197,3 +197,13 @@ def test_sliding_window_configured_but_unused_is_fine(saved):
     config.update(use_sliding_window=False, sliding_window=4096, max_window_layers=28)
     (saved / "config.json").write_text(json.dumps(config))
     from_pretrained(saved)
+
+
+def test_saving_again_drops_a_stale_manifest(tmp_path):
+    from cir import manifest
+
+    save_pretrained(tiny_model(seed=0), tmp_path)
+    manifest.write(tmp_path, manifest.digest_files(tmp_path, manifest.list_files(tmp_path)))
+    save_pretrained(tiny_model(seed=1), tmp_path)  # other weights: the old manifest would call them damaged
+    assert not (tmp_path / manifest.MANIFEST).exists()
+    assert torch.equal(logits(from_pretrained(tmp_path), IDS), logits(tiny_model(seed=1), IDS))

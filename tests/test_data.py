@@ -224,3 +224,63 @@ def test_loader_rejects_bad_settings():
         PromptLoader(make_problems(4), batch_size=4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="at least one problem"):
         PromptLoader([], batch_size=1)
+
+
+# ---- what a damaged or odd file says, and where -----------------------------------------------------
+
+def test_a_bad_byte_is_reported_on_its_own_line(tmp_path):
+    """Text-mode reading decodes ahead in chunks, so a bad byte used to be reported lines too early."""
+    good = [json.dumps({"problem": f"{i}+{i}? " + "pad " * 30, "answer": str(2 * i)}) for i in range(700)]
+    data = "\n".join(good).encode().split(b"\n")
+    data[499] = data[499].replace(b"pad", b"p\xffd", 1)  # line 500
+    (path := tmp_path / "bad-byte.jsonl").write_bytes(b"\n".join(data) + b"\n")
+    with pytest.raises(ValueError, match=r"not UTF-8 text: byte 0xff at column \d+") as info:
+        load_problems(path)
+    assert str(info.value).endswith(f"({path}:500)")
+    two = tmp_path / "two.jsonl"  # in a 2-line file, the bad second line is line 2
+    two.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "b\xc3", "answer": "2"}\n')
+    with pytest.raises(ValueError, match="not UTF-8") as info:
+        load_problems(two)
+    assert str(info.value).endswith(f"({two}:2)")
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    rows = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    assert [p.answer for p in load_problems(path)] == ["2", "4"]
+    listed = tmp_path / "bom.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert [p.answer for p in load_problems(listed)] == ["2", "4"]
+
+
+@pytest.mark.parametrize("answer", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_non_finite_answer_is_refused_with_its_line(tmp_path, answer):
+    path = write_jsonl(tmp_path / "nan.jsonl", ['{"problem": "ok", "answer": "1"}',
+                                                 '{"problem": "x", "answer": ' + answer + '}'])
+    with pytest.raises(ValueError, match="`answer` is .*NaN or infinite") as info:
+        load_problems(path)
+    assert str(info.value).endswith(f"({path}:2)")
+
+
+def test_a_non_finite_parquet_answer_is_refused_with_its_row(tmp_path):
+    path = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({"problem": ["a", "b"], "answer": [1.0, float("nan")]}), path)
+    with pytest.raises(ValueError, match=r"NaN or infinite.*nan.parquet: row 1\)"):
+        load_problems(path)
+
+
+def test_duplicate_ids_are_refused_naming_both_lines(tmp_path):
+    path = write_jsonl(tmp_path / "dup.jsonl", [{"id": "p1", "problem": "1+1?", "answer": "2"},
+                                                 {"id": "p2", "problem": "2+2?", "answer": "4"},
+                                                 {"id": "p1", "problem": "3+3?", "answer": "6"}])
+    with pytest.raises(ValueError, match=rf"duplicate id 'p1': also the id of another problem \({path}:1\) "
+                                         rf"\({path}:3\)"):
+        load_problems(path)
+
+
+def test_a_repeated_record_is_kept(tmp_path):
+    """verl files repeat rows to weight them: the same id with the same problem and answer is no clash."""
+    row = {"id": "p1", "problem": "1+1?", "answer": "2"}
+    path = write_jsonl(tmp_path / "repeat.jsonl", [row, {"id": "p2", "problem": "2+2?", "answer": "4"}, row])
+    assert [p.id for p in load_problems(path)] == ["p1", "p2", "p1"]

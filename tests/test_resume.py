@@ -1,5 +1,6 @@
 """Resume is exact: a run killed with SIGKILL mid-step and resumed logs the same metrics afterwards
-as a run that was never interrupted (same seed, CPU). Also: the checkpoint loads in transformers."""
+as a run that was never interrupted (same seed, CPU), each step once, also when the kill came after a
+step's metrics were written but before its checkpoint was. Also: the checkpoint loads in transformers."""
 import json
 import os
 import signal
@@ -48,8 +49,13 @@ def metrics(out: Path) -> dict[int, dict]:
     rows = {}
     for line in open(out / "metrics.jsonl"):
         row = json.loads(line)
-        rows[row["step"]] = {k: row[k] for k in DETERMINISTIC}  # the last record of a step wins
+        assert row["step"] not in rows, f"step {row['step']} logged twice in {out / 'metrics.jsonl'}"
+        rows[row["step"]] = {k: row[k] for k in DETERMINISTIC}
     return rows
+
+
+def logged_steps(out: Path, name: str) -> list[int]:
+    return [json.loads(line)["step"] for line in open(out / name)] if (out / name).exists() else []
 
 
 @pytest.mark.slow
@@ -62,18 +68,21 @@ def test_sigkill_then_resume_gives_the_same_metrics(small_model_dir, tmp_path):
     proc = subprocess.Popen(train_cmd(small_model_dir, killed), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not (killed / "checkpoints" / "step_000002").exists():
-        assert proc.poll() is None, "the run ended before its second checkpoint"
+    while 3 not in logged_steps(killed, "metrics.jsonl"):  # step 3 logged: its checkpoint is being written
+        assert proc.poll() is None, "the run ended before its third step"
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: trainer, sandbox server, verifier workers
     proc.wait()
-    assert 3 not in metrics(killed), "killed too late to test a resume mid-run"
+    assert not (killed / "checkpoints" / "step_000003").exists(), "killed too late: step 3's save had ended"
     subprocess.run(train_cmd(small_model_dir, killed, "--resume"), check=True, env=env, capture_output=True,
                    timeout=600)
 
-    a, b = metrics(straight), metrics(killed)
+    a, b = metrics(straight), metrics(killed)  # each step once
     assert sorted(b) == [1, 2, 3, 4]
+    samples = logged_steps(killed, "samples.jsonl")
+    assert samples == sorted(samples) and set(samples) == {1, 2, 3, 4}
+    assert all(samples.count(s) == samples.count(1) for s in (2, 3, 4))
     for step in (3, 4):
         assert a[step] == b[step], f"step {step}: {a[step]} != {b[step]}"
     ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())

@@ -147,3 +147,55 @@ def test_train_py_refuses_a_used_run_dir_in_one_line(tmp_path):
     assert proc.stderr.splitlines() == [
         f"error: {tmp_path} holds another run (metrics.jsonl); continue it with --resume, start over with "
         "--train.overwrite true (deletes its checkpoints and metrics), or choose another --train.output_dir"]
+
+
+def rows(out: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in open(out / name)]
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A kill after step 3's rows were written but before its checkpoint was (here: step 3's checkpoint
+    removed, and a row cut off mid-write): the resume at step 2 redoes step 3, and every file holds each
+    step once."""
+    out = tmp_path / "run"
+    held = ("--train.held_out", "1", "--train.eval_every", "1", "--train.eval_data", f"[{tmp_path / 'p.jsonl'}]")
+    train(config(tmp_path, out, 3, "--train.keep_last", "2", *held))
+    assert checkpoint_names(out) == ["step_000002", "step_000003"]
+    shutil.rmtree(out / "checkpoints" / "step_000003")
+    before = {name: rows(out, name) for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl")}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/mean": ')  # SIGKILL during a write: no newline
+    assert [r["step"] for r in before["eval.jsonl"]] == [0, 1, 2, 3, 3]  # before RL, one per step, after RL
+
+    train(config(tmp_path, out, 4, "--train.keep_last", "2", *held), resume=True)
+    assert steps_logged(out) == [1, 2, 3, 4]
+    assert rows(out, "metrics.jsonl")[:2] == before["metrics.jsonl"][:2]  # rows of kept steps untouched
+    samples = [r["step"] for r in rows(out, "samples.jsonl")]
+    assert samples == sorted(samples) and all(samples.count(s) == 4 for s in (1, 2, 3, 4))
+    evals = rows(out, "eval.jsonl")
+    held_out = [(r["step"], r["when"]) for r in evals if "held_out" in r]
+    assert held_out == [(0, "before RL"), (2, "at step 2 (resumed)"), (4, "after RL")]
+    scheduled = [r["step"] for r in evals if "held_out" not in r]
+    assert scheduled == [1, 2, 3, 4]
+    assert not list(out.glob("*.tmp"))
+
+    # resumed at its last checkpoint, twice: still each step once, and the evaluations at step 4 once
+    for _ in range(2):
+        train(config(tmp_path, out, 4, "--train.keep_last", "2", *held), resume=True)
+        assert steps_logged(out) == [1, 2, 3, 4]
+        evals = rows(out, "eval.jsonl")
+        held_out = [(r["step"], r["when"]) for r in evals if "held_out" in r]
+        assert held_out == [(0, "before RL"), (2, "at step 2 (resumed)"), (4, "at step 4 (resumed)"),
+                            (4, "after RL")]
+        assert [r["step"] for r in evals if "held_out" not in r] == [1, 2, 3, 4]
+
+
+def test_drop_records_after(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 2}\n{"st')
+    (tmp_path / "eval.jsonl").write_text('{"step": 0, "when": "before RL"}\n{"step": 2, "x": 1}\n'
+                                         '{"step": 2, "when": "at step 2 (resumed)"}\n{"step": 3}\n')
+    assert run_dir.drop_records_after(tmp_path, 2) == {"metrics.jsonl": 2, "eval.jsonl": 2}
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n{"step": 2}\n'
+    assert (tmp_path / "eval.jsonl").read_text() == '{"step": 0, "when": "before RL"}\n{"step": 2, "x": 1}\n'
+    assert run_dir.drop_records_after(tmp_path, 0) == {"metrics.jsonl": 3, "eval.jsonl": 2}  # nothing resumed
+    assert (tmp_path / "metrics.jsonl").read_text() == (tmp_path / "eval.jsonl").read_text() == ""

@@ -80,3 +80,17 @@ def test_without_filtering_the_step_runs_and_still_warns(tmp_path, capsys):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["train/skipped"] == 0.0 and row["train/num_loss_tokens"] > 0  # the KL term still trains
     assert "no learning signal" in out and "zero-advantage update (rl.filter_groups off)" in out
+
+
+def test_a_step_whose_prompts_were_all_skipped_says_so(tmp_path, capsys):
+    """Every prompt longer than rollout.max_prompt_tokens: 0 groups, 0 responses. That used to read as
+    0 correct of 0 responses, "every response was correct"."""
+    assert "too easy" not in no_signal_cause(counts(groups=0, responses=0, prompts_skipped=2), 6, True, 4)
+    trainer = make_trainer(tmp_path, "--rollout.max_prompt_tokens", "2")
+    trainer.train()
+    out = capsys.readouterr().out
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["signal/groups"] == 0 and row["signal/prompts_skipped"] == 2 and row["train/skipped"] == 1.0
+    assert "every response was correct" not in out
+    assert ("warning: step 1: no learning signal, no groups: no prompt to train on: all 2 prompts of the step were "
+            "skipped as longer than rollout.max_prompt_tokens = 2") in out

@@ -10,11 +10,16 @@ A record is read as
 
 A malformed record or file raises `cir.errors.UserError` (a ValueError) saying what is wrong and
 where: `invalid JSON: Expecting ',' delimiter at column 42 (data/train.jsonl:3)`, `... (x.parquet: row 7)`;
-a missing file raises MissingPathError (a FileNotFoundError).
+a missing file raises MissingPathError (a FileNotFoundError). JSONL is read and decoded line by line,
+so a byte that is not UTF-8 is reported on its own line; a UTF-8 byte-order mark is skipped. A numeric
+answer that is NaN or infinite (JSON `NaN`, `Infinity`, or a number too large for a float, like 1e400)
+is refused. Two records with one id are refused (naming both places) unless they are the same record
+repeated: verl files repeat rows to weight them (the shared aime24.parquet holds each row twice).
 
     problems = load_problems("data/train.jsonl")      # or .parquet
 """
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +67,8 @@ def _problem_text(record: dict[str, Any]) -> tuple[str, list[dict[str, str]] | N
 def _as_answer(value: Any, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"`{key}` must be a string or a number, got {value!r:.80}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"`{key}` is {value} (NaN or infinite: not an answer a response can match)")
     text = str(value).strip()
     if not text:
         raise ValueError(f"`{key}` is empty")
@@ -106,24 +113,27 @@ def parse_record(record: Any, source: str, fallback_id: str) -> Problem:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line; invalid JSON is a UserError naming the
-    file, the line and the column."""
-    line_no = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                text = line.rstrip("\r\n")  # with the newline, an error at its end reads "line 2 column 1"
-                if not text.strip():
-                    continue
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as e:
-                    end = " (the end of the line)" if e.pos >= len(text) else ""
-                    raise UserError(f"invalid JSON: {e.msg} at column {e.pos + 1}{end}",
-                                    where=location(path, line_no)) from None
-                yield line_no, value
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text (a binary file?)", where=location(path, line_no + 1)) from None
+    """(line number, parsed value) for each non-blank line; invalid JSON or a line that is not UTF-8
+    is a UserError naming the file, the line and the column. A leading UTF-8 byte-order mark is skipped."""
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported on its own line
+        for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1} (a binary file?)",
+                                where=location(path, line_no)) from None
+            text = line.rstrip("\r\n")  # with the newline, an error at its end reads "line 2 column 1"
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                end = " (the end of the line)" if e.pos >= len(text) else ""
+                raise UserError(f"invalid JSON: {e.msg} at column {e.pos + 1}{end}",
+                                where=location(path, line_no)) from None
+            yield line_no, value
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -132,7 +142,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
@@ -174,14 +184,22 @@ def load_problems(path: str | Path) -> list[Problem]:
         raise UserError("a directory, not a problem-set file", where=str(path))
     if not path.is_file():
         raise MissingPathError(f"problem set not found: {path}")
-    problems = []
+    problems, first_seen = [], {}
     for where, record in reader(path):
+        line = where.removeprefix("line ")
+        place = location(path, int(line)) if line.isdigit() else f"{path}: {where}"
         try:
-            problems.append(parse_record(record, source=path.stem, fallback_id=f"{path.stem}-{where.split()[-1]}"))
+            problem = parse_record(record, source=path.stem, fallback_id=f"{path.stem}-{where.split()[-1]}")
         except ValueError as e:
-            line = where.removeprefix("line ")
-            place = location(path, int(line)) if line.isdigit() else f"{path}: {where}"
             raise UserError(str(e), where=place) from None
+        if problem.id in first_seen:
+            earlier_place, earlier = first_seen[problem.id]
+            if (earlier.problem, earlier.answer) != (problem.problem, problem.answer):
+                raise UserError(f"duplicate id {problem.id!r}: also the id of another problem ({earlier_place})",
+                                where=place, hint="ids must be unique (drop the `id` field to number records by line)")
+        else:
+            first_seen[problem.id] = (place, problem)
+        problems.append(problem)
     if not problems:
         raise UserError("no problems in file", where=str(path))
     return problems

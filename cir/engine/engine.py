@@ -43,8 +43,7 @@ from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import ScheduledBatch, Scheduler, ToolCall
 from cir.engine.sequence import Sequence
 from cir.engine.stream import RolloutStream
-from cir.engine.tools import SegmentDecoder, check_table, feedback_text, fence_token_table
-from cir_sandbox import format_feedback
+from cir.engine.tools import InfraFailures, SegmentDecoder, check_table, fence_token_table, feedback_text, tool_outcome
 
 
 @dataclass
@@ -55,7 +54,7 @@ class Trajectory:
     logprobs: list[float]  # behaviour log-probs per response token; 0.0 where masked
     num_tool_calls: int
     num_tool_successes: int
-    finish_reason: str  # "eos" | "length" | "budget" | "error"
+    finish_reason: str  # "eos" | "length" | "budget"
     text: str  # the response decoded, for display only
     prompt_index: int = 0
     sample_index: int = 0
@@ -82,6 +81,7 @@ class Engine:
         self.stats: dict[str, float] = {}
         self._fence_table = None  # per token: may it close a code block (tools.fence_token_table)
         self.rollout_weights: RolloutWeights | None = None  # bf16 copies of fp32 masters, under autocast
+        self.infra_failures = InfraFailures()  # tool calls the sandbox failed; too many in a row stop generate
 
     # 1) the KV pool --------------------------------------------------------------------------------
     def _num_blocks(self) -> int:
@@ -190,6 +190,7 @@ class Engine:
         bar = tqdm(total=len(seqs), desc="rollout", unit="seq", leave=False,
                    disable=not self.config.show_progress or len(seqs) < 8)
         self._seconds_waiting = 0.0
+        self.infra_failures.num = 0
         try:
             num_steps = self._loop(scheduler, ctx, tools, bar, {})
         finally:
@@ -202,7 +203,8 @@ class Engine:
         self.stats = dict(num_steps=num_steps, num_generated_tokens=scheduler.num_generated_tokens,
                           num_preemptions=scheduler.num_preemptions,
                           num_prefix_cache_hit_tokens=scheduler.block_manager.num_cache_hits,
-                          seconds_waiting_on_tools=self._seconds_waiting)
+                          seconds_waiting_on_tools=self._seconds_waiting,
+                          num_tool_infra_failures=self.infra_failures.num)
 
     # 3) rollout streams (rollout.mode: partial, see stream.py) -------------------------------------------
     def generate_stream(self, stream: RolloutStream, num_groups: int, tools: ToolConfig | None = None,
@@ -234,6 +236,7 @@ class Engine:
             self._take_up(stream, scheduler, ctx, [seq])
         num_carried, occupancy = len(carried), []
         self._seconds_waiting = 0.0
+        self.infra_failures.num = 0
 
         def between_steps() -> bool:
             """Keep the running batch full from the stream; whether enough groups are done."""
@@ -323,14 +326,10 @@ class Engine:
             cf.wait([futures[s] for s in scheduler.paused], return_when=cf.FIRST_COMPLETED)
             self._seconds_waiting += time.perf_counter() - start
         for seq in [s for s in scheduler.paused if futures[s].done()]:
-            future = futures.pop(seq)
-            try:
-                result = future.result()
-            except Exception:  # the executor itself failed: end this trajectory, not the rollout
-                scheduler.finish(seq, "error")
-                continue
-            feedback = self.tokenizer.encode(feedback_text(format_feedback(result)))
-            scheduler.resume_from_tool(seq, feedback, result.status == "ok")
+            outcome = tool_outcome(futures.pop(seq))  # never raises; a failed executor's error is the feedback
+            self.infra_failures.record(outcome)  # counted; SandboxFailingError when they keep failing
+            feedback = self.tokenizer.encode(feedback_text(outcome.text))
+            scheduler.resume_from_tool(seq, feedback, outcome.ok)
 
     def _trajectory(self, seq: Sequence, versions: bool = False) -> Trajectory:
         return Trajectory(

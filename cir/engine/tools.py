@@ -3,19 +3,86 @@
 The text is only ever *read* here, to find the code. The trajectory's tokens stay exactly as
 sampled; the feedback block is encoded once and appended (loss mask 0). Format, as in the paper's
 rollout: newline, ```output, the sandbox's formatted result, the closing fence, newline.
+
+Whatever a snippet prints or raises becomes feedback text: `tool_outcome` never raises, and its text
+is valid UTF-8 (a lone surrogate, e.g. from `raise ValueError(chr(0xD800))`, is replaced, so the
+tokenizer can encode it). A call the sandbox itself failed (the executor's future raised, or the
+client answered `killed` with a `SandboxError:` line: a server that died and could not run the call
+again) is an infrastructure failure: its feedback is that error line, it is counted, and
+`InfraFailures` stops the rollout with one error line once `limit` such calls came back in a row.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
+from dataclasses import dataclass
+
 import numpy as np
 
+from cir.errors import UserError
 from cir.tokenizer import decode_incremental
+from cir_sandbox import format_feedback
+from cir_sandbox.result import valid_text  # lone surrogates -> U+FFFD, as the sandbox writes its own text
+
+SANDBOX_ERROR = "SandboxError: "  # how the sandbox client starts the error line of a call it could not run
 
 CODE_OPEN = "```python"
 CODE_CLOSE = "```"
 
 
 def feedback_text(formatted_result: str) -> str:
-    return f"\n```output\n{formatted_result}\n```\n"
+    return f"\n```output\n{valid_text(formatted_result)}\n```\n"
+
+
+@dataclass
+class ToolOutcome:
+    text: str  # the formatted feedback (valid_text)
+    ok: bool  # the code ran to its end
+    infra: bool  # the sandbox failed, not the code
+
+
+def is_infra_failure(result) -> bool:
+    """Whether a Result says the sandbox could not run the call (`Result.infrastructure`: set only by the
+    sandbox's server and client, never from anything a snippet reports), as opposed to anything the code
+    itself did. A snippet raising its own `SandboxError` is the code's failure."""
+    return getattr(result, "infrastructure", False) is True
+
+
+def tool_outcome(future: Future) -> ToolOutcome:
+    """The feedback of one finished call; never raises (an executor's exception is an infra failure)."""
+    try:
+        result = future.result()
+    except Exception as e:  # the executor itself failed: the sequence goes on with the error as feedback
+        return ToolOutcome(valid_text(f"{SANDBOX_ERROR}{type(e).__name__}: {e}")[:400], ok=False, infra=True)
+    try:
+        text = format_feedback(result)
+    except Exception as e:  # a Result with fields of the wrong type: the sandbox's fault, not the code's
+        return ToolOutcome(valid_text(f"{SANDBOX_ERROR}malformed result ({type(e).__name__})"), ok=False, infra=True)
+    return ToolOutcome(valid_text(text), ok=getattr(result, "status", None) == "ok", infra=is_infra_failure(result))
+
+
+class SandboxFailingError(UserError):
+    """Tool calls keep failing for infrastructure reasons: the run cannot go on."""
+
+
+class InfraFailures:
+    """Infrastructure failures: counted per rollout (`num`), and `limit` of them in a row (across
+    rollouts, no other result in between) raise SandboxFailingError."""
+
+    def __init__(self, limit: int = 32):
+        self.limit, self.num, self.in_a_row = limit, 0, 0
+
+    def record(self, outcome: ToolOutcome) -> None:
+        if not outcome.infra:
+            self.in_a_row = 0
+            return
+        self.num += 1
+        self.in_a_row += 1
+        if self.limit and self.in_a_row >= self.limit:
+            self.in_a_row = 0
+            raise SandboxFailingError(
+                f"the sandbox failed {self.limit} tool calls in a row (last: {outcome.text.splitlines()[0][:200]})",
+                hint="it restarted itself and still fails: check the machine (free space in the temp dir, "
+                     "process limits); resume with --resume, or train without tools (rollout.tool_budget {0: 0})")
 
 
 class SegmentDecoder:

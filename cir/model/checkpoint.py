@@ -8,7 +8,10 @@ it alone to `dtype`, so peak memory is the model plus one tensor (no float32 cop
 model). Our parameter names are Hugging Face's without the "model." prefix (lm_head.weight as is).
 Every way a checkpoint can be wrong raises an error naming the file or tensor at fault; a path that
 is not a model directory is a MissingPathError (cir.errors), with a hint when the model is near
-(a training checkpoint's `model/`, a run directory's latest checkpoint).
+(a training checkpoint's `model/`, a run directory's latest checkpoint). A directory with a
+manifest.json (every model a training checkpoint writes) is checked against it first: a damaged file
+is a `cir.manifest.DamagedFileError` (a UserError) naming it. Without one, a truncated or padded
+safetensors file is still caught (its header must cover the file exactly), a flipped bit is not.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from cir import manifest
 from cir.errors import MissingPathError, UserError
 from cir.model.config import ModelConfig
 from cir.model.transformer import Transformer
@@ -90,11 +94,14 @@ def _resolve_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
-                    device: torch.device | str = "cpu") -> Transformer:
-    """Load an HF model directory (config.json + safetensors) into a Transformer, in eval mode."""
+                    device: torch.device | str = "cpu", verify: bool = True) -> Transformer:
+    """Load an HF model directory (config.json + safetensors) into a Transformer, in eval mode.
+    `verify`: check the files against the directory's manifest.json first, when it has one."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise MissingPathError(f"checkpoint directory not found: {path}")
+    if verify:
+        manifest.verify(path)
     if not os.path.isfile(os.path.join(path, "config.json")) and model_dir_hint(path):
         raise _not_a_model_dir(path, f"no config.json in {path}")
     try:
@@ -155,8 +162,8 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, tokenizer=None,
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):  # stale weights of an earlier save would shadow or mix with these
-        if name == INDEX_FILE or (name.startswith("model") and name.endswith(".safetensors")):
-            os.remove(os.path.join(path, name))
+        if name in (INDEX_FILE, manifest.MANIFEST) or (name.startswith("model") and name.endswith(".safetensors")):
+            os.remove(os.path.join(path, name))  # (an earlier manifest describes files rewritten now)
 
     # 1) group tensors into shards, in parameter order
     shards: list[dict[str, torch.Tensor]] = [{}]

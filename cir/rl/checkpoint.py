@@ -2,13 +2,20 @@
 
     <output_dir>/checkpoints/step_000050/
         model/            HF format (config.json, safetensors, tokenizer files) - rank 0
+          manifest.json   size and SHA-256 of each file of model/ (it travels with the model)
         train_state/      model + optimizer state (torch.distributed.checkpoint: works sharded)
         rank_<r>.pt       per rank: step, lr scheduler, data position, RNG states (torch, python,
                           numpy, the engine's sampling generator)
+        manifest.json     size and SHA-256 of every other file, model/manifest.json included: LAST
 
 Written into `step_K.tmp` and renamed when complete, so a run killed mid-save never leaves a
-checkpoint that looks whole. The last `keep_last` checkpoints (by step number) are kept, and the one
-just written always is one of them, whatever else the directory holds.
+checkpoint that looks whole. The manifests (cir/manifest.py) are written after every other file,
+the hashing shared over the ranks (each hashes about 1/world of the bytes). `--resume` takes the
+newest checkpoint whose files all match its manifests: a damaged one (a truncated .distcp, a
+flipped bit in the weights, no manifest at all) is skipped with a warning naming the file, and the
+previous one is used; when none is whole, the run stops with one error line naming the file.
+The last `keep_last` checkpoints (by step number) are kept, and the one just written always is one
+of them, whatever else the directory holds.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from cir.errors import MissingPathError
+from cir import manifest
+from cir.errors import MissingPathError, UserError
 from cir.model import save_pretrained
 from cir.rl import distributed as dist_utils
 
@@ -89,12 +97,69 @@ def save(root: Path, step: int, policy: torch.nn.Module, model: torch.nn.Module,
         save_pretrained(_with_state(model, full), tmp / "model", tokenizer=tokenizer)
     torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
     _barrier()
+    _write_manifests(tmp)  # last: a checkpoint with its manifest is one whose every file was written
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         rotate(root, final, keep_last)
     _barrier()
     return final
+
+
+def _write_manifests(path: Path) -> None:
+    """Every rank hashes its share of the checkpoint's files; rank 0 writes model/manifest.json, then
+    manifest.json (the other files and model/manifest.json). Returns on every rank when written."""
+    files = manifest.list_files(path)
+    sizes = {name: {"size": (path / name).stat().st_size} for name in files}
+    mine = manifest.share(sizes, dist_utils.world_size())[dist_utils.rank()]
+    parts = dist_utils.all_gather_object(manifest.digest_files(path, mine))
+    if dist_utils.rank() == 0:
+        entries = {name: entry for part in parts for name, entry in part.items()}
+        model = {name.removeprefix("model/"): e for name, e in entries.items() if name.startswith("model/")}
+        manifest.write(path / "model", model)
+        rest = {name: e for name, e in entries.items() if not name.startswith("model/")}
+        rest.update(manifest.digest_files(path, ["model/" + manifest.MANIFEST]))
+        manifest.write(path, rest)
+    _barrier()
+
+
+def damage(path: Path) -> tuple[str, str] | None:
+    """Whether checkpoint `path` is whole: None, or (the first file that does not match its manifest,
+    what is wrong). Every rank calls it and checks its share of the bytes; all get the same answer."""
+    try:
+        outer = manifest.read(path)
+        if outer is None:
+            return str(path / manifest.MANIFEST), "missing (a save that did not finish, or an older cir's)"
+        inner = manifest.read(path / "model")
+        if inner is None:
+            return str(path / "model" / manifest.MANIFEST), "missing"
+    except manifest.DamagedFileError as e:
+        return e.file, str(e)
+    entries = {**outer, **{f"model/{name}": entry for name, entry in inner.items()}}
+    mine = manifest.share(entries, dist_utils.world_size())[dist_utils.rank()]
+    found = [p for p in dist_utils.all_gather_object(manifest.check(path, {n: entries[n] for n in mine}))
+             if p is not None]
+    return min(found) if found else None
+
+
+def latest_verified(root: Path) -> Path | None:
+    """The newest checkpoint under `root` whose files match its manifests; each newer damaged one is
+    reported in a warning naming its file. None when there is no checkpoint; a UserError naming the
+    newest one's damaged file when none is whole."""
+    found = checkpoints(root)
+    problems = []
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            return path
+        problems.append(problem)
+        dist_utils.print0(f"warning: checkpoint {path.name} is damaged, not resuming from it: "
+                          f"{problem[0]}: {problem[1]}")
+    if not found:
+        return None
+    file, what = problems[0]
+    raise UserError(f"no whole checkpoint under {root}: the newest, {found[-1].name}, has a damaged file "
+                    f"{file}: {what}", hint="start over with --train.overwrite true, or restore the file")
 
 
 def load(path: Path, policy: torch.nn.Module, optimizer) -> dict:

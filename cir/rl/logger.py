@@ -17,23 +17,28 @@ from tqdm.auto import tqdm
 
 from cir.engine.tools import marked_text
 from cir.rewards import extract_boxed
+from cir.rl.run_dir import drop_records_after
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, enabled: bool = True, resume: bool = False):
+    def __init__(self, output_dir: Path, enabled: bool = True, resume: bool = False, step: int = 0):
+        """`resume`: append to the files of the run being resumed at `step` (its rows of later steps are
+        dropped first, and TensorBoard hides its events from step + 1 on); else start them afresh."""
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.tb = None
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            drop_records_after(self.output_dir, step)
         mode = "a" if resume else "w"
         self.metrics = open(self.output_dir / "metrics.jsonl", mode)
         self.samples = open(self.output_dir / "samples.jsonl", mode)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.output_dir / "tb"))
+            self.tb = SummaryWriter(str(self.output_dir / "tb"), purge_step=step + 1 if resume else None)
         except ImportError:
             pass
 

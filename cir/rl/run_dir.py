@@ -11,9 +11,16 @@ naming the ways out:
 
 Overwriting deletes only what a run writes (the names below); other files in the directory stay.
 Under torchrun, rank 0 looks and clears; every rank gets the same verdict.
+
+A resumed run's files hold each step once: metrics are written before the step's checkpoint, so a run
+killed between the two (or during a save) left rows of steps the resumed run does again.
+`drop_records_after(output_dir, step)` removes them before the run goes on (each file rewritten
+whole, then renamed over the old one, so a kill during it loses nothing).
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -68,3 +75,46 @@ def claim(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
     if verdict is not None:
         raise UserError(verdict, hint="continue it with --resume, start over with --train.overwrite true "
                         "(deletes its checkpoints and metrics), or choose another --train.output_dir")
+
+
+# the `when` of the held-out evaluations a run resumed at step k makes (again) at step k: the one at the
+# start of a resumed run ("at step k (resumed)", Trainer.train) and, when k is the last step, the final one
+REDONE_EVALS = ("(resumed)", "after RL")
+
+
+def drop_records_after(output_dir: str | Path, step: int) -> dict[str, int]:
+    """Before a run resumed at `step` goes on: drop the rows of metrics.jsonl, samples.jsonl and
+    eval.jsonl of later steps, the held-out evaluations at `step` that this run makes again (REDONE_EVALS)
+    and, at step 0 (nothing to resume from), every evaluation row (warm start and "before RL" are made
+    again). A last line cut off by a kill (no newline) goes too. Returns the rows dropped per file."""
+    dropped = {}
+    for name in _RECORD_FILES:
+        path = Path(output_dir) / name
+        if not path.is_file():
+            continue
+        raw = path.read_bytes()
+        lines = raw.split(b"\n")
+        complete, torn = lines[:-1], lines[-1]  # the part after the last newline: b"" or a cut-off row
+        kept = [line for line in complete if not _is_redone(line, step, is_eval=name == "eval.jsonl")]
+        num_dropped = len(complete) - len(kept) + bool(torn)
+        if num_dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(b"".join(line + b"\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        dropped[name] = num_dropped
+    return dropped
+
+
+def _is_redone(line: bytes, step: int, is_eval: bool) -> bool:
+    """Whether a record row is one the run resumed at `step` writes again."""
+    try:
+        row = json.loads(line)
+        row_step = int(row["step"])
+    except (ValueError, TypeError, KeyError):
+        return False  # not a row of ours: left as it is
+    if row_step > step:
+        return True
+    return is_eval and row_step == step and (step == 0 or str(row.get("when", "")).endswith(REDONE_EVALS))

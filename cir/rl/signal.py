@@ -4,8 +4,11 @@ A group whose n rewards are all equal has advantage 0 under every estimator (adv
 a step where every group is like that teaches nothing. The trainer then skips the update (with
 `rl.filter_groups`, the default) and warns with the likely cause, read off the rollout:
 
-    counts = rollout_counts(trajs, rewards)            # this rank's; sum them over ranks
-    cause = no_signal_cause(counts, max_response_tokens=256, tools_on=True)
+    counts = rollout_counts(trajs, rewards, num_skipped)  # this rank's; sum them over ranks
+    cause = no_signal_cause(counts, max_response_tokens=256, tools_on=True, max_prompt_tokens=1024)
+
+A step can also have no group at all: every prompt of it was skipped as too long. That is said as
+such, never as "every response was correct" (which 0 correct of 0 responses would read as).
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ from cir.rewards import extract_boxed
 from cir.rl.advantages import groups_with_signal
 
 COUNT_KEYS = ("groups", "groups_with_signal", "responses", "correct", "boxed", "tool_calls", "tool_outputs",
-              "truncated")
+              "truncated", "prompts_skipped")
 
 
-def rollout_counts(trajs: list, rewards: torch.Tensor) -> dict[str, float]:
-    """Counts over one rank's rollout (rewards [G, n], trajectories prompt-major); they add over ranks."""
+def rollout_counts(trajs: list, rewards: torch.Tensor, num_skipped: int = 0) -> dict[str, float]:
+    """Counts over one rank's rollout (rewards [G, n], trajectories prompt-major; `num_skipped`: prompts
+    of the step left out as too long); they add over ranks."""
     return {
         "groups": float(rewards.shape[0]),
         "groups_with_signal": float(groups_with_signal(rewards).sum()) if rewards.numel() else 0.0,
@@ -29,11 +33,20 @@ def rollout_counts(trajs: list, rewards: torch.Tensor) -> dict[str, float]:
         "tool_calls": float(sum(t.num_tool_calls for t in trajs)),
         "tool_outputs": float(sum(t.num_tool_successes for t in trajs)),
         "truncated": float(sum(t.finish_reason == "length" for t in trajs)),
+        "prompts_skipped": float(num_skipped),
     }
 
 
-def no_signal_cause(counts: dict[str, float], max_response_tokens: int, tools_on: bool) -> str:
+def no_signal_cause(counts: dict[str, float], max_response_tokens: int, tools_on: bool,
+                    max_prompt_tokens: int | None = None) -> str:
     """The likeliest reason every group's rewards were equal, in words a user can act on."""
+    if counts["groups"] == 0:
+        skipped = int(counts.get("prompts_skipped", 0))
+        if skipped:
+            limit = f" = {max_prompt_tokens}" if max_prompt_tokens is not None else ""
+            return (f"no prompt to train on: all {skipped} prompts of the step were skipped as longer than "
+                    f"rollout.max_prompt_tokens{limit} (raise it, or shorten the problems)")
+        return "no prompt to train on: the step had no prompts"
     n = max(counts["responses"], 1.0)
     if counts["correct"] == counts["responses"]:
         return "every response was correct (the problems are too easy to tell responses apart)"

@@ -95,7 +95,7 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
-        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, resume=resume)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, resume=resume, step=self.step)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
@@ -147,6 +147,8 @@ class Trainer:
         self.model.train()
         t1 = time.perf_counter()
         self.rollout_problems = kept  # the problem of each group, for samples.jsonl
+        self.num_skipped_prompts = len(problems) - len(kept)
+        self.num_tool_infra_failures = self.engine.stats.get("num_tool_infra_failures", 0) if prompts else 0
         answers = [p.answer for p in kept for _ in range(cfg.n)]
         rewards = score_many([t.text for t in trajs], answers)
         t2 = time.perf_counter()
@@ -313,12 +315,15 @@ class Trainer:
             sum(t.num_tool_calls for t in trajs), sum(t.num_tool_successes for t in trajs),
             sum(len(t.response_ids) for t in trajs), sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs),
             sum(t.num_tool_calls > 0 for t in trajs),
+            getattr(self, "num_tool_infra_failures", 0),  # calls the sandbox failed (0 when healthy)
         ]
-        (n, r_sum, correct, calls, ok, resp_len, all_tokens, using) = distributed.all_reduce_sum(local, self.device)
+        (n, r_sum, correct, calls, ok, resp_len, all_tokens, using, infra) = distributed.all_reduce_sum(local,
+                                                                                                       self.device)
         n = max(n, 1.0)
         return {
             "reward/mean": r_sum / n, "accuracy": correct / n,
             "tools/calls_per_response": calls / n, "tools/success_rate": ok / max(calls, 1.0),
+            "tools/infra_failures": infra,
             "tools/responses_using_tool": using / n, "tools/budget": self.budget.at(self.step - 1),
             "response/length_mean": resp_len / n,
             **{f"train/{k}": v for k, v in stats.items()},
@@ -329,16 +334,18 @@ class Trainer:
 
     def _signal(self, trajs, rewards, stats) -> dict:
         """`signal/*` metrics; a warning with the likely cause when no group's rewards differ."""
-        local = rollout_counts(trajs, rewards)
+        local = rollout_counts(trajs, rewards, getattr(self, "num_skipped_prompts", 0))
         counts = dict(zip(COUNT_KEYS, distributed.all_reduce_sum([local[k] for k in COUNT_KEYS], self.device),
                           strict=True))
         if counts["groups_with_signal"] == 0:
             cfg = self.config.rollout
-            cause = no_signal_cause(counts, cfg.max_response_tokens, tools_on=self.budget.at(self.step - 1) > 0)
+            cause = no_signal_cause(counts, cfg.max_response_tokens, tools_on=self.budget.at(self.step - 1) > 0,
+                                    max_prompt_tokens=cfg.max_prompt_tokens)
             action = "update skipped" if stats.get("skipped") else "zero-advantage update (rl.filter_groups off)"
-            distributed.print0(f"warning: step {self.step}: no learning signal, all {int(counts['groups'])} groups "
-                               f"have equal rewards: {cause}; {action}")
-        return {"signal/groups_with_signal": counts["groups_with_signal"], "signal/groups": counts["groups"]}
+            which = f"all {int(counts['groups'])} groups have equal rewards" if counts["groups"] else "no groups"
+            distributed.print0(f"warning: step {self.step}: no learning signal, {which}: {cause}; {action}")
+        return {"signal/groups_with_signal": counts["groups_with_signal"], "signal/groups": counts["groups"],
+                "signal/prompts_skipped": counts["prompts_skipped"]}
 
     # 5) checkpoints and evaluation --------------------------------------------------------------------
     def save(self) -> Path:
@@ -350,7 +357,7 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        path = checkpoint.latest(self.output_dir / "checkpoints")
+        path = checkpoint.latest_verified(self.output_dir / "checkpoints")  # skips damaged ones, saying so
         if path is None:
             distributed.print0(f"--resume: no checkpoint under {self.output_dir / 'checkpoints'}; starting fresh")
             return
