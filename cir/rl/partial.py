@@ -22,7 +22,9 @@ are drawn, then it trains on what it has. Groups generated, kept and dropped are
 
 Checkpoints carry the stream: `state_dict()` holds the carried sequences (a sandbox call in flight is
 waited for and its answer kept), the source's position and the problems of the groups in flight, so a
-resumed run continues with the same sequences and the same prompts.
+resumed run continues with the same sequences and the same prompts. Which groups finish first
+depends on when the sandbox answers a paused sequence, so with tools on a partial run is reproducible
+up to that timing (the tokens themselves are seeded per draw); with tools off it is exact.
 """
 from __future__ import annotations
 
