@@ -55,8 +55,24 @@ class RolloutSection:
     sandbox_workers: int = 4
     sandbox_timeout: float = 10.0
     sandbox_memory_mb: int = 1024
+    mode: str = "sync"
+    """"sync" (the paper's): each step decodes its prompts to the end, then trains. "partial": the engine
+    never drains; a step trains on the first train.prompts_per_step groups to finish from a stream of
+    prompt groups, unfinished sequences carry into the next step (cir/rl/partial.py), and the loss
+    corrects their staleness (the decoupled objective, cir/rl/loss.py)."""
+    max_staleness: int | None = 1
+    """Partial mode: the most policy versions a trained token may lag the update (older carried sequences
+    restart from their prompt); None: unbounded."""
+    is_weight_cap: float | None = 5.0
+    """Partial mode: truncation of the importance weight behaviour -> proximal policy (None: untruncated)."""
 
     def __post_init__(self):
+        if self.mode not in ("sync", "partial"):
+            raise ValueError(f"rollout.mode must be 'sync' or 'partial', got {self.mode!r}")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0 (or null: unbounded), got {self.max_staleness}")
+        if self.is_weight_cap is not None and self.is_weight_cap < 1:
+            raise ValueError(f"rollout.is_weight_cap must be >= 1 (or null: untruncated), got {self.is_weight_cap}")
         if self.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.n}")
         if self.prompt_mode not in ("raw", "chat", "plain"):
@@ -179,6 +195,14 @@ class Config:
     rl: RLSection = field(default_factory=RLSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        if self.rollout.mode == "partial" and self.rl.recompute_old_logprobs:
+            raise ValueError("rl.recompute_old_logprobs does not apply in rollout.mode partial: the loss clips "
+                             "against the policy at the start of the update already (the proximal policy)")
+        if self.rollout.mode == "partial" and self.rollout.n > self.engine.max_num_seqs:
+            raise ValueError(f"rollout.mode partial runs a group's {self.rollout.n} samples together: "
+                             f"engine.max_num_seqs ({self.engine.max_num_seqs}) must be >= rollout.n")
 
 
 def _coerce(value, annotation, where: str):

@@ -11,7 +11,7 @@ from test_engine_stress import EchoExecutor
 
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
 from cir.engine.stream import RolloutStream
-from cir.engine.tools import feedback_text
+from cir.engine.tools import SegmentDecoder, feedback_text
 from cir_kernels import linear_logprobs
 from cir_sandbox import format_feedback
 
@@ -133,3 +133,78 @@ def test_the_running_batch_stays_full():
     engine.generate_stream(stream, num_groups=1, tools=ToolConfig(EchoExecutor(), max_calls=1), version=0)
     engine.generate_stream(stream, num_groups=4, tools=ToolConfig(EchoExecutor(), max_calls=1), version=1)
     assert stream.stats["num_carried_in"] > 0 and stream.stats["occupancy"] > 0.7
+
+
+def _roll(engine, stream, tools, versions, executor=None) -> list:
+    out = []
+    for version in versions:
+        out += [[(t.prompt_index, t.sample_index, t.response_ids, t.loss_mask, t.logprobs, t.versions,
+                  t.num_tool_calls, t.finish_reason) for t in g]
+                for g in engine.generate_stream(stream, num_groups=2, tools=tools, version=version)]
+        if executor is not None:
+            executor.release()
+    return out
+
+
+def test_a_stream_saved_between_calls_continues_as_the_uninterrupted_one():
+    """Carried sequences (one paused at the sandbox with its call in flight) survive state_dict ->
+    torch.save -> load_state_dict into a fresh engine and stream: the next calls return what the
+    uninterrupted stream returns, log-probs and versions included."""
+    import io
+    import threading
+
+    engine, prompts, _ = scripted_stream(12, n=2, max_num_seqs=6)
+    params = SamplingParams(temperature=0.0, max_tokens=200)
+    executor = HeldExecutor()
+    tools = ToolConfig(executor=executor, max_calls=1)
+    stream = RolloutStream(iter(prompts), params, n=2, max_staleness=None)
+    for version in range(2):
+        engine.generate_stream(stream, num_groups=2, tools=tools, version=version)
+    in_flight = [s for s in stream.futures if not stream.futures[s].done()]
+    assert in_flight and stream.has_unfinished
+    threading.Timer(0.2, executor.release).start()  # the sandbox answers while the state waits for it
+    buffer = io.BytesIO()
+    torch.save(stream.state_dict(), buffer)
+    generator = engine.runner.generator.get_state()
+    expected = _roll(engine, stream, tools, range(2, 8), executor)
+
+    engine2, _, _ = scripted_stream(12, n=2, max_num_seqs=6)
+    engine2.runner.generator.set_state(generator)
+    restored = RolloutStream(iter(prompts[stream_taken(buffer):]), params, n=2, max_staleness=None)
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer, weights_only=False), new_decoder=lambda: SegmentDecoder(TOK))
+    executor2 = HeldExecutor()
+    got = _roll(engine2, restored, ToolConfig(executor=executor2, max_calls=1), range(2, 8), executor2)
+    assert got == expected and any(len(set(t[5])) > 1 for g in got for t in g)  # some span two versions
+
+
+def stream_taken(buffer) -> int:
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)["num_groups_taken"]
+
+
+def test_a_sampled_stream_saved_between_calls_draws_the_same_tokens():
+    """Temperature 1 on a random model: the restored sequences keep their seed bases, so the draws match."""
+    import io
+
+    def make():
+        torch.manual_seed(0)
+        return Engine(tiny_model(seed=3), TOK, EngineConfig(block_size=4, num_kv_blocks=256, max_num_seqs=4,
+                                                             show_progress=False))
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 9, 5, 7, 4, 6] * 2
+    prompts = [(torch.randint(0, 256, (int(k),), generator=g).tolist(), i) for i, k in enumerate(lengths)]
+    params = SamplingParams(temperature=1.0, max_tokens=40, stop_token_ids=list(range(0, 256, 10)))
+    engine, stream = make(), RolloutStream(iter(prompts), params, n=2, max_staleness=1)
+    engine.generate_stream(stream, num_groups=1, version=0)
+    assert stream.has_unfinished
+    buffer = io.BytesIO()
+    torch.save({"stream": stream.state_dict(), "generator": engine.runner.generator.get_state()}, buffer)
+    expected = _roll(engine, stream, None, range(1, 4))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    engine2 = make()
+    engine2.runner.generator.set_state(saved["generator"])
+    restored = RolloutStream(iter(prompts[saved["stream"]["num_groups_taken"]:]), params, n=2, max_staleness=1)
+    restored.load_state_dict(saved["stream"])
+    assert _roll(engine2, restored, None, range(1, 4)) == expected

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "cir" / "engine"
-WRITERS = {"sequence.py", "scheduler.py", "block_manager.py"}
+WRITERS = {"sequence.py", "scheduler.py", "scheduler_stream.py", "block_manager.py"}
 MUTATORS = {"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse", "__setitem__"}
 C_WRITES = {"setattr", "setitem", "append", "extend"}  # map(<one of these>, ...) writes into its arguments
 

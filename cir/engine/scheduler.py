@@ -37,6 +37,7 @@ from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, ToolConfig
 from cir.engine.decode_state import DecodeState
 from cir.engine.launched_step import LaunchedStep, StepOutput
+from cir.engine.scheduler_stream import StreamScheduling
 from cir.engine.sequence import Sequence, SequenceStatus, consume
 from cir.engine.tools import find_closed_code, scan_start_hint
 
@@ -72,7 +73,7 @@ class ToolCall:
     code: str
 
 
-class Scheduler:
+class Scheduler(StreamScheduling):
     def __init__(self, config: EngineConfig, block_manager: BlockManager, stop_ids: list[int] = (),
                  check_table: np.ndarray | None = None, tools: ToolConfig | None = None,
                  new_decoder: Callable[[], object] | None = None, version: int | None = None):
@@ -109,43 +110,9 @@ class Scheduler:
         self._grow_slots(max(s.seed_slot for s in group))
         self.add(leader)
 
-    def take_up(self, group: list[Sequence], first_slot: int) -> None:
-        """New sequences join a call that runs already (rollout streams): seed slots from `first_slot`."""
-        for i, seq in enumerate(group):
-            seq.seed_slot = first_slot + i
-        self.add_group(group)
-
     def _grow_slots(self, max_slot: int) -> None:
         if max_slot >= len(self._row_of_slot):
             self._row_of_slot = np.full(max(2 * len(self._row_of_slot), max_slot + 1), -1, dtype=np.int64)
-
-    def carry_in(self, seq: Sequence, slot: int, leader: bool) -> None:
-        """A sequence an earlier call left unfinished (`release_all`), with no blocks: it recomputes its
-        KV under this call's weights. `leader`: it enters the queues (else a follower still waiting for
-        its leader's prompt). Paused at the sandbox, it stays paused."""
-        seq.seed_slot = slot
-        self._grow_slots(slot)
-        if self.version is not None:
-            seq.version_marks.append((seq.num_response_tokens, self.version))
-        if seq.decoder is not None and seq.decoder.is_holding_back:
-            self._must_check.add(seq)
-        if not leader:
-            return
-        if seq.status is SequenceStatus.TOOL:
-            self.paused.append(seq)
-        else:
-            self.add(seq)
-
-    def release_all(self) -> None:
-        """The call ends with sequences unfinished (rollout streams): read nothing more, give every block
-        back; running ones wait (at the front, in order) to be carried into the next call."""
-        self.pending = None  # (read already, unless the call failed)
-        self.drop_decode()
-        for seq in [*self.running, *self.waiting, *self.paused]:
-            self.block_manager.free(seq)
-        for seq in reversed(self.running):
-            self.add(seq, front=True)
-        self.running = []
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SequenceStatus.WAITING

@@ -10,6 +10,7 @@ over the sequences' own lists (no Python frame per sequence): the functions at t
 """
 from __future__ import annotations
 
+import copy
 from collections import deque
 from enum import Enum, auto
 from itertools import count, repeat
@@ -87,11 +88,51 @@ class Sequence:
             versions += [version] * (end - start)
         return versions
 
+    _STATE_FIELDS = ("group_id", "seed_key", "sample_idx", "token_ids", "num_prompt_tokens", "loss_mask", "logprobs",
+                     "finish_reason", "max_response_tokens", "max_num_tokens", "version_marks", "num_tool_calls",
+                     "num_tool_successes", "scan_offset", "segment_start")
+
+    def state(self) -> dict:
+        """What a sequence between generate calls is, as plain data (a checkpoint of a rollout stream):
+        tokens, mask, behaviour log-probs, versions, tool state, the decoder's. It holds no blocks then."""
+        if self.block_table:
+            raise ValueError(f"sequence {self.seq_id} holds KV blocks: only a sequence between calls has a state")
+        state = {name: copy.copy(getattr(self, name)) for name in self._STATE_FIELDS}
+        state["status"] = self.status.name
+        if self.decoder is not None:
+            state["decoder"] = {k: copy.copy(v) for k, v in vars(self.decoder).items() if k != "tokenizer"}
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict, params: SamplingParams, new_decoder=None) -> Sequence:
+        """The sequence `state()` described (followers are its stream's to link); `new_decoder` makes the
+        segment decoder when the state has one."""
+        seq = cls(state["token_ids"][: state["num_prompt_tokens"]], params)
+        for name in cls._STATE_FIELDS:
+            setattr(seq, name, copy.copy(state[name]))
+        seq.version_marks = [tuple(m) for m in seq.version_marks]
+        seq.status = SequenceStatus[state["status"]]
+        if "decoder" in state:
+            if new_decoder is None:
+                raise ValueError("the sequence was saved with a tool decoder: pass new_decoder")
+            seq.decoder = new_decoder()
+            vars(seq.decoder).update({k: copy.copy(v) for k, v in state["decoder"].items()})
+        return seq
+
     def append_feedback(self, token_ids: list[int]) -> None:
         self.token_ids.extend(token_ids)
         self.loss_mask.extend([0] * len(token_ids))
         self.logprobs.extend([0.0] * len(token_ids))
         self.scan_offset = 0
+
+
+def restore_group(states: list[dict], followers: list[list[int]], params: SamplingParams,
+                  new_decoder=None) -> list[Sequence]:
+    """A group of sequences from their `state()`s, each with its followers (indices into the group)."""
+    group = [Sequence.from_state(s, params, new_decoder) for s in states]
+    for seq, indices in zip(group, followers, strict=True):
+        seq.followers = [group[i] for i in indices]
+    return group
 
 
 _token_ids, _loss_mask, _logprobs = attrgetter("token_ids"), attrgetter("loss_mask"), attrgetter("logprobs")

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from cir.engine.config import SamplingParams
-from cir.engine.sequence import Sequence
+from cir.engine.sequence import Sequence, restore_group
 
 
 class RolloutStream:
@@ -104,3 +104,51 @@ class RolloutStream:
 
     def bases_of(self, seqs: list[Sequence]) -> np.ndarray:
         return np.array([self.bases[s] for s in seqs], dtype=np.uint64)
+
+    # checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The stream between calls as plain data: every group taken and not returned (sequences, seed
+        bases, followers), counters. A sandbox call in flight is waited for and its answer kept, so a
+        restored stream resumes that sequence with the same feedback. The source's position is not
+        here: it belongs to whoever made the source (cir/rl/partial.py saves it)."""
+        def group_state(group: list[Sequence]) -> list[dict]:
+            index = {s: i for i, s in enumerate(group)}
+            out = []
+            for seq in group:
+                state = {"seq": seq.state(), "base": int(self.bases[seq]),
+                         "followers": [index[f] for f in seq.followers]}
+                if seq in self.futures:
+                    try:
+                        state["tool_result"] = self.futures[seq].result()
+                    except Exception as e:  # the executor failed: the restored call fails the same way
+                        state["tool_error"] = f"{type(e).__name__}: {e}"
+                out.append(state)
+            return out
+        return {"groups": [group_state(g) for g in self.groups], "ready": [group_state(g) for g in self.ready],
+                "exhausted": self.exhausted, "num_groups_taken": self.num_groups_taken,
+                "num_restarted": self.num_restarted, "n": self.n}
+
+    def load_state_dict(self, state: dict, new_decoder=None) -> None:
+        """Continue from `state_dict()`'s groups (this stream's source must continue where that one's
+        stopped); `new_decoder` makes tool decoders (tools.SegmentDecoder) for sequences that had one."""
+        if state["n"] != self.n:
+            raise ValueError(f"stream state has groups of {state['n']} samples, this stream {self.n}")
+
+        def restore(saved: list[dict]) -> list[Sequence]:
+            group = restore_group([s["seq"] for s in saved], [s["followers"] for s in saved], self.params,
+                                  new_decoder)
+            for seq, s in zip(group, saved, strict=True):
+                self.bases[seq] = s["base"]
+                if "tool_result" in s or "tool_error" in s:
+                    future = Future()
+                    if "tool_result" in s:
+                        future.set_result(s["tool_result"])
+                    else:
+                        future.set_exception(RuntimeError(s["tool_error"]))
+                    self.futures[seq] = future
+            return group
+        self.bases, self.futures = {}, {}
+        self.groups = [restore(g) for g in state["groups"]]
+        self.ready = [restore(g) for g in state["ready"]]
+        self.exhausted = state["exhausted"]
+        self.num_groups_taken, self.num_restarted = state["num_groups_taken"], state["num_restarted"]

@@ -32,21 +32,26 @@ class MicroBatch:
     seq_lens: list[int] = field(default_factory=list)  # host copy of the B sequence lengths
     num_loss_tokens: int = 0  # host count of mask == 1
     num_seqs: int = 0  # B, the trajectories packed here (an upper bound of seq_ids + 1)
+    versions: torch.Tensor | None = None  # (N,) int64: the policy version that sampled each token (partial mode)
+    proximal_logprobs: torch.Tensor | None = None  # (N,) the policy at the start of the update (partial mode)
 
     def to(self, device: torch.device) -> MicroBatch:
         """On the device; host tensors go through pinned memory on CUDA so the copies never block."""
         pin = torch.device(device).type == "cuda"
-        moved = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in self.__dict__.items()}
+        moved = {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+                 if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return MicroBatch(**moved)
 
 
-def pack(trajectories: list, advantages: list[float], max_tokens: int) -> list[MicroBatch]:
+def pack(trajectories: list, advantages: list[float], max_tokens: int,
+         proximal: list[torch.Tensor] | None = None) -> list[MicroBatch]:
     """First-fit decreasing: the longest trajectory first, each into the first micro-batch with room.
 
     Deterministic (a stable sort by length), one trajectory never splits, and the micro-batches
     come out close to `max_tokens` (in-order greedy left each one part-empty wherever a long
     trajectory followed short ones). Within a micro-batch trajectories keep their given order.
+    Trajectories with `versions` (rollout streams) give the micro-batches per-token versions;
+    `proximal`: per trajectory, its proximal log-probs (the decoupled loss), packed the same way.
     """
     if len(trajectories) != len(advantages):
         raise ValueError(f"{len(trajectories)} trajectories but {len(advantages)} advantages")
@@ -54,7 +59,13 @@ def pack(trajectories: list, advantages: list[float], max_tokens: int) -> list[M
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
     groups = first_fit_decreasing(lengths, max_tokens)
-    return [_build([trajectories[i] for i in idx], [advantages[i] for i in idx]) for idx in groups]
+    micro = [_build([trajectories[i] for i in idx], [advantages[i] for i in idx]) for idx in groups]
+    if proximal is not None:
+        if len(proximal) != len(trajectories):
+            raise ValueError(f"{len(trajectories)} trajectories but {len(proximal)} proximal log-prob tensors")
+        for mb, idx in zip(micro, groups, strict=True):
+            mb.proximal_logprobs = torch.cat([proximal[i] for i in idx])
+    return micro
 
 
 def first_fit_decreasing(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -100,7 +111,11 @@ def _build(trajectories: list, advantages: list[float]) -> MicroBatch:
     rows = torch.repeat_interleave(first, responses, output_size=num_rows) + torch.arange(num_rows)
     seq_ids = torch.repeat_interleave(torch.arange(len(trajectories)), responses, output_size=num_rows)
     adv = torch.repeat_interleave(torch.tensor(advantages, dtype=torch.float32), responses, output_size=num_rows)
+    versions = None
+    if trajectories and all(getattr(t, "versions", None) is not None for t in trajectories):
+        versions = torch.from_numpy(flat((t.versions for t in trajectories), np.int64, num_rows))
     return MicroBatch(
+        versions=versions,
         input_ids=torch.from_numpy(input_ids),
         cu_seqlens=cu_seqlens.to(torch.int32),
         rows=rows,

@@ -32,6 +32,7 @@ from cir.rl.budget import ToolBudget
 from cir.rl.evaluation import evaluate_problems
 from cir.rl.logger import MetricsLogger
 from cir.rl.loss import policy_loss
+from cir.rl.partial import PartialRollout
 from cir.rl.policy import PolicyForward
 from cir.rl.signal import COUNT_KEYS, no_signal_cause, rollout_counts
 from cir.tokenizer import load_tokenizer
@@ -92,6 +93,7 @@ class Trainer:
             problems, self.held_out = problems[:-cfg.train.held_out], problems[-cfg.train.held_out:]
         self.loader = PromptLoader(problems, cfg.train.prompts_per_step, seed=cfg.train.seed, rank=self.rank,
                                    world_size=self.world_size)
+        self.partial = PartialRollout(self) if cfg.rollout.mode == "partial" else None  # cir/rl/partial.py
         self.step = 0
         if resume:
             self._resume()
@@ -156,6 +158,12 @@ class Trainer:
                   "time/sandbox_wait": self.engine.stats.get("seconds_waiting_on_tools", 0.0)}
         return trajs, torch.tensor(rewards, dtype=torch.float32).view(len(kept), cfg.n), timing
 
+    def _tools(self) -> ToolConfig | None:
+        """The interpreter at this step's budget; None when tools are off."""
+        max_calls = self.budget.at(self.step)
+        return ToolConfig(self.sandbox, max_calls=max_calls, on_budget_spent=self.config.rollout.on_budget_spent) \
+            if max_calls > 0 and self.sandbox is not None else None
+
     # 3) update ----------------------------------------------------------------------------------------
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Advantages from the rewards of all ranks (the batch std is the global one); this rank's rows."""
@@ -184,11 +192,13 @@ class Trainer:
         # a group's mini-batch follows from its index in the global batch, so filtering groups out
         # never changes which mini-batch the others join, whatever the number of ranks
         offset = sum(distributed.all_gather_object(rewards.shape[0])[: self.rank])
+        proximal = self.partial.proximal_logprobs(trajs, groups) if self.partial is not None else None
         for mb in range(rl.mini_batches):
             mine = [g for g in groups if (offset + g) % rl.mini_batches == mb]
             sel = [g * n + j for g in mine for j in range(n)]
             flat_adv = adv.reshape(-1).tolist()  # one read, not one per trajectory
-            micro = pack([trajs[i] for i in sel], [flat_adv[i] for i in sel], self.config.train.micro_batch_tokens)
+            micro = pack([trajs[i] for i in sel], [flat_adv[i] for i in sel], self.config.train.micro_batch_tokens,
+                         proximal=None if proximal is None else [proximal[i] for i in sel])
             # global normalisers: any split over ranks and micro-batches gives the same gradient
             local = [sum(m.num_loss_tokens for m in micro), sum(any(trajs[i].loss_mask) for i in sel)]
             global_tokens, global_seqs = distributed.all_reduce_sum(local, self.device)
@@ -204,6 +214,9 @@ class Trainer:
                     stats[f"mismatch/{k}"] = sums[k]
             for k in ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl"):
                 stats[k] += sums[k] / max(global_tokens, 1.0) / rl.mini_batches
+            if "is_trunc_frac" in sums:  # partial mode: tokens whose importance weight was truncated
+                stats["is_trunc_frac"] = stats.get("is_trunc_frac", 0.0) \
+                    + sums["is_trunc_frac"] / max(global_tokens, 1.0) / rl.mini_batches
             stats["grad_norm"] += sums["grad_norm"] / rl.mini_batches
             num_trained += global_tokens
         stats["num_loss_tokens"] = num_trained
@@ -228,12 +241,17 @@ class Trainer:
         micro = [mb.to(self.device) for mb in micro + pack([_DUMMY], [0.0], 1) * (num_micro - num_real)]
         sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float32, device=self.device)  # token-weighted sums
         mismatch = torch.zeros(3, dtype=torch.float32, device=self.device)  # |gap| sum, |gap| max, outside clip
+        current = torch.zeros((), dtype=torch.float32, device=self.device)  # partial: current-version tokens
+        truncated = torch.zeros((), dtype=torch.float32, device=self.device)  # partial: is_trunc_frac, summed
         for i, mb in enumerate(micro):
             dummy = i >= num_real
             with distributed.gradient_sync(self.policy, enabled=i == len(micro) - 1), self._autocast():
                 logprobs, entropy = self.policy(mb.input_ids, mb.cu_seqlens, mb.rows, mb.targets, mb.mask,
                                                 temperature, mb.positions, mb.seq_lens)
                 old = logprobs.detach() if rl.recompute_old_logprobs else mb.old_logprobs
+                proximal = None  # partial mode: the policy at the start of the update (cir/rl/partial.py)
+                if self.partial is not None:
+                    proximal = logprobs.detach() if mb.proximal_logprobs is None else mb.proximal_logprobs
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad():
@@ -243,36 +261,51 @@ class Trainer:
                                        clip_high=rl.clip_high, dual_clip=rl.dual_clip, agg=rl.loss_agg,
                                        seq_ids=mb.seq_ids, ref_logprobs=ref, kl_coef=rl.kl_coef,
                                        entropy=entropy, entropy_coef=rl.entropy_coef, num_tokens=global_tokens,
-                                       num_seqs=global_seqs, num_seq_ids=mb.num_seqs)
+                                       num_seqs=global_seqs, num_seq_ids=mb.num_seqs, proximal_logprobs=proximal,
+                                       weight_cap=self.config.rollout.is_weight_cap)
                 loss = loss * self.world_size  # gradients are averaged over ranks
                 if dummy:
                     loss = loss * 0.0
                 loss.backward()
             if first and not dummy:
-                gap = torch.where(mb.mask > 0, (logprobs.detach().float() - mb.old_logprobs).abs(), 0.0)
-                ratio = torch.exp(torch.where(mb.mask > 0, logprobs.detach().float() - mb.old_logprobs, 0.0))
-                outside = (mb.mask > 0) & ((ratio < 1 - rl.clip_low) | (ratio > 1 + rl.clip_high))
+                # tokens sampled by these very weights (partial mode: the current version's only)
+                here = mb.mask > 0 if mb.versions is None else (mb.mask > 0) & (mb.versions == self.step)
+                gap = torch.where(here, (logprobs.detach().float() - mb.old_logprobs).abs(), 0.0)
+                ratio = torch.exp(torch.where(here, logprobs.detach().float() - mb.old_logprobs, 0.0))
+                outside = here & ((ratio < 1 - rl.clip_low) | (ratio > 1 + rl.clip_high))
+                if mb.versions is not None:
+                    current = current + here.sum()
                 mismatch = torch.stack([mismatch[0] + gap.sum(), torch.maximum(mismatch[1], gap.amax()),
                                         mismatch[2] + outside.sum()])
             if not dummy:
                 zero = sums.new_zeros(())
                 sums += torch.stack([st[k].float() if st.get(k) is not None else zero for k in _STAT_KEYS]) \
                     * float(mb.num_loss_tokens)
+                if "is_trunc_frac" in st:
+                    truncated = truncated + st["is_trunc_frac"].float() * float(mb.num_loss_tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.engine.refresh_rollout_weights()  # fp32 masters under autocast: the bf16 rollout copy, in place
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         norm = grad_norm.detach().float().reshape(1).to(sums.device)
-        values = torch.cat([sums, norm, mismatch]).tolist()  # the one read
+        partial = [current.reshape(1), truncated.reshape(1)] if self.partial is not None else []
+        values = torch.cat([sums, norm, mismatch, *partial]).tolist()  # the one read
+        if partial:
+            *values, num_current, num_truncated = values
         num_stats = len(_STAT_KEYS)
         out = dict(zip(_STAT_KEYS, distributed.all_reduce_sum(values[:num_stats], self.device), strict=True))
         out["grad_norm"] = values[num_stats]
         if first:
             gap_sum, outside = distributed.all_reduce_sum([values[-3], values[-1]], self.device)
             (gap_max,) = distributed.all_reduce_max([values[-2]], self.device)
+            if partial:  # over the current version's tokens only
+                (global_tokens,) = distributed.all_reduce_sum([num_current], self.device)
+                global_tokens = max(global_tokens, 1.0)
             out.update(logprob_abs_mean=gap_sum / global_tokens, logprob_abs_max=gap_max,
                        clip_frac_first=outside / global_tokens)
+        if partial:
+            (out["is_trunc_frac"],) = distributed.all_reduce_sum([num_truncated], self.device)
         return out
 
     # 4) the loop ----------------------------------------------------------------------------------------
@@ -293,13 +326,18 @@ class Trainer:
         """One RL step: rollout, rewards, update; then metrics, checkpoint and evaluation as due."""
         cfg = self.config.train
         t0 = time.perf_counter()
-        trajs, rewards, timing = self.rollout(next(self.loader))
+        if self.partial is None:
+            trajs, rewards, timing = self.rollout(next(self.loader))
+        else:  # rollout.mode partial: groups from the stream, cir/rl/partial.py
+            trajs, rewards, timing = self.partial.rollout(self.step, self._tools())
         t1 = time.perf_counter()
         stats = self.update(trajs, rewards)
         t2 = time.perf_counter()
         self.step += 1
         metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
         metrics.update(self._signal(trajs, rewards, stats))
+        if self.partial is not None:
+            metrics.update(self.partial.metrics)
         self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer,
                         problems=self.rollout_problems, rewards=rewards)
         if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
@@ -351,6 +389,8 @@ class Trainer:
     def save(self) -> Path:
         extra = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                  "generator": self.engine.runner.generator.get_state()}
+        if self.partial is not None:  # the carried sequences and the stream's position
+            extra["partial"] = self.partial.state_dict()
         path = checkpoint.save(self.output_dir / "checkpoints", self.step, self.policy, self.model,
                                self.optimizer, extra, tokenizer=self.tokenizer, keep_last=self.config.train.keep_last)
         distributed.print0(f"saved {path}")
@@ -365,6 +405,10 @@ class Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         self.loader.load_state_dict(extra["loader"])
         self.engine.runner.generator.set_state(extra["generator"])
+        if self.partial is not None:
+            if "partial" not in extra:
+                raise ValueError(f"{path} was written by a sync-mode run: resume it with --rollout.mode sync")
+            self.partial.load_state_dict(extra["partial"])
         self.step = extra["step"]
         distributed.print0(f"resumed from {path} at step {self.step}")
 
