@@ -18,14 +18,12 @@ import random
 import sys
 
 import torch
+# tests/ is on sys.path: the folder of a script run as a script, and pytest puts it there too
+from engine_utils import ByteTokenizer, ScriptedModel, tiny_model
+from test_engine_stress import EchoExecutor, random_case
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from engine_utils import ByteTokenizer, ScriptedModel, tiny_model  # noqa: E402
-from test_engine_stress import EchoExecutor, random_case  # noqa: E402
-
-from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig  # noqa: E402
-from cir.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
+from cir.engine.cuda_graphs import DecodeGraphs
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "engine_golden.json")
 TOK = ByteTokenizer()

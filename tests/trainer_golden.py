@@ -3,9 +3,10 @@
     PYTHONPATH=$PWD python tests/trainer_golden.py          # print each case's digest
     PYTHONPATH=$PWD python tests/trainer_golden.py --write  # rewrite tests/data/trainer_golden.json
 
-Each case's digest is the sha256 of its per-step metrics (every value that does not measure time, as
-float hex) and of the final parameters' bytes. The stored digests were recorded from the trainer before
-`rollout.mode: partial` existed; tests/test_trainer_golden.py checks that sync mode still gives those bits.
+Each case's record is its per-step metrics (every value that does not measure time, exactly: JSON keeps
+a float's every bit) and the sha256 of the final parameters' bytes. The record was made from the
+trainer before `rollout.mode: partial` existed; tests/test_trainer_golden.py checks that sync mode still
+gives those bits. A metric added later is not in the record and is not compared; every recorded one is.
 """
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ import tempfile
 from unittest import mock
 
 import torch
+# tests/ is on sys.path: the folder of a script run as a script, and pytest puts it there too
+from engine_utils import ByteTokenizer, tiny_model
+from test_engine_stress import EchoExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from engine_utils import ByteTokenizer, tiny_model  # noqa: E402
-from test_engine_stress import EchoExecutor  # noqa: E402
-
-from cir.config import load_config  # noqa: E402
-from cir.rl import trainer as trainer_module  # noqa: E402
+from cir.config import load_config
+from cir.rl import trainer as trainer_module
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "trainer_golden.json")
 BASE = ["--train.steps", "2", "--train.prompts_per_step", "4", "--rollout.n", "3", "--rollout.max_response_tokens",
@@ -45,7 +44,7 @@ def fake_scores(texts: list[str], answers: list[str]) -> list[float]:
     return [1.0 if sum(t.encode()) % 2 == 0 else -1.0 for t in texts]
 
 
-def run_case(name: str) -> str:
+def run_case(name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "p.jsonl")
         with open(data, "w") as f:
@@ -64,20 +63,17 @@ def run_case(name: str) -> str:
             trainer.train()
         rows = [json.loads(line) for line in open(os.path.join(tmp, "run", "metrics.jsonl"))]
     h = hashlib.sha256()
-    for row in rows:
-        for key in sorted(k for k in row if not k.startswith(TIMING)):
-            value = row[key]
-            h.update(f"{key}={float(value).hex() if isinstance(value, (int, float)) else value};".encode())
     for key, tensor in sorted(model.state_dict().items()):
         h.update(key.encode() + tensor.numpy().tobytes())
-    return h.hexdigest()
+    metrics = [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
+    return {"metrics": metrics, "weights_sha256": h.hexdigest()}
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    digests = {name: run_case(name) for name in CASES}
-    print(json.dumps(digests, indent=1))
+    records = {name: run_case(name) for name in CASES}
+    print(json.dumps(records, indent=1))
     if "--write" in sys.argv:
         with open(PATH, "w") as f:
-            json.dump(digests, f, indent=1)
+            json.dump(records, f, indent=1)
             f.write("\n")
