@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 from cir_kernels import sample, sample_reference
-from cir_kernels import sampling
+from cir_kernels import sampling_triton
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log(0) in masked lanes
 
@@ -120,8 +120,8 @@ def test_triton_draw_does_not_depend_on_block_size(monkeypatch):
     args = dict(temperature=torch.tensor([0.0, 1.0, 0.8, 1.2, 1.0]), top_p=torch.tensor([1.0, 0.9, 1.0, 0.5, 0.95]),
                 top_k=torch.tensor([0, 0, 30, 40, 0]), min_p=torch.tensor([0.0, 0.0, 0.0, 0.05, 0.0]), generator=7)
     big = sample(logits, backend="triton", **args)
-    monkeypatch.setattr(sampling, "_BLOCK_V", 64)
-    monkeypatch.setattr(sampling, "_RADIX_BLOCK_V", 16)
+    monkeypatch.setattr(sampling_triton, "BLOCK_V", 64)
+    monkeypatch.setattr(sampling_triton, "RADIX_BLOCK_V", 16)
     small = sample(logits, backend="triton", **args)
     assert torch.equal(big[0], small[0])
     torch.testing.assert_close(big[1], small[1], atol=1e-5, rtol=1e-5)
@@ -199,7 +199,7 @@ def test_inverse_cdf_across_chunks_follows_the_weights():
 
 
 # ---------------------------------------------------------------- the split Triton path
-# A row is split over ceil(V / _MIN_CHUNK) programs; at V = 8 and _MIN_CHUNK = 4 that is 2 programs
+# A row is split over ceil(V / MIN_CHUNK) programs; at V = 8 and MIN_CHUNK = 4 that is 2 programs
 # per row (at V = 152064 it is 75). The split depends on V only, so a row's token does not depend on
 # the batch: B = 1 draws equal the same rows' draws inside a large batch (checked below), which is
 # why the chi-square runs once, on a large batch (the interpreter costs ~30 ms per program).
@@ -216,9 +216,9 @@ def _key(x: torch.Tensor) -> torch.Tensor:
                          [(*CONFIGS[2], 8192), (*COMBINED, 8192), (*COMBINED, 2)])
 def test_split_rows_follow_the_filtered_distribution(monkeypatch, temperature, top_k, top_p, min_p, cap):
     """cap 8192: the whole row goes to the buffer at once; cap 2: pivot passes, then the race pass."""
-    monkeypatch.setattr(sampling, "_MIN_CHUNK", 4)
-    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
-    assert sampling.split_plan(len(PROBS))[0] == 2
+    monkeypatch.setattr(sampling_triton, "MIN_CHUNK", 4)
+    monkeypatch.setattr(sampling_triton, "COMPACT_CAP", cap)
+    assert sampling_triton.split_plan(len(PROBS))[0] == 2
     num_rows = 48
     seeds = torch.arange(num_rows, dtype=torch.int64) * 1000003 + 17
     logits = LOGITS.expand(num_rows, -1).contiguous()
@@ -240,7 +240,7 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
     top-p back on the full row; 2: pivot passes only)."""
     from cir_kernels.sampling_reference import keep_mask
 
-    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
+    monkeypatch.setattr(sampling_triton, "COMPACT_CAP", cap)
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(7, 37, generator=gen) * 4
@@ -255,7 +255,7 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
     z = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
     expected = keep_mask(z, torch.logsumexp(z, 1), args["top_p"], args["top_k"], args["min_p"])[1:]
 
-    race, states = sampling._race_kernel, []
+    race, states = sampling_triton._race_kernel, []
 
     class Spy:  # records the row state (phase, theta, ...) that the race kernel reads
         def __getitem__(self, grid):
@@ -264,10 +264,10 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
                 return race[grid](*launch_args, **kwargs)
             return launch
 
-    monkeypatch.setattr(sampling, "_race_kernel", Spy())
+    monkeypatch.setattr(sampling_triton, "_race_kernel", Spy())
     whole = sample(logits, backend="triton", **args)
-    monkeypatch.setattr(sampling, "_MIN_CHUNK", 8)
-    assert sampling.split_plan(37)[0] == 5
+    monkeypatch.setattr(sampling_triton, "MIN_CHUNK", 8)
+    assert sampling_triton.split_plan(37)[0] == 5
     split = sample(logits, backend="triton", **args)
     for state in states:
         assert set(state[1:, 0].tolist()) <= {2, 3}  # every sampled row settled before the race (3: done)
@@ -286,28 +286,29 @@ def test_passes_a_row_does_not_need_change_nothing(monkeypatch, cap, min_chunk):
     that are greedy, temperature-only or already settled must skip those launches unchanged. With
     cap 2 and 3 chunks a row runs pivot passes split over programs, then in the solo launch: one
     more split launch (the plan when top-k may be used) must not change its token either."""
-    from cir_kernels.sampling_reference import prepare_sampling
+    from cir_kernels._checks import prepare_sampling
 
-    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
-    monkeypatch.setattr(sampling, "_MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(sampling, "_SPLIT_REFINE_PASSES", 1)
+    monkeypatch.setattr(sampling_triton, "COMPACT_CAP", cap)
+    monkeypatch.setattr(sampling_triton, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(sampling_triton, "SPLIT_REFINE_PASSES", 1)
 
     logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(8)) * 2
     logits[2] = logits[2].round()  # ties: the bracket shrinks to one key, pass after pass
     params = prepare_sampling(logits, torch.tensor([0.0, 1.0, 0.8, 1.0]), torch.tensor([1.0, 1.0, 0.9, 1.0]),
                               torch.tensor([0, 0, 0, 4]), torch.tensor([0.0, 0.0, 0.0, 0.0]))
     seeds = torch.arange(4, dtype=torch.int64) + 40
-    needed = sampling.sample_triton(logits, *params, seeds, may_filter=(True, True, False))
-    every = sampling.sample_triton(logits, *params, seeds, may_filter=(True, True, True))
+    needed = sampling_triton.sample_triton(logits, *params, seeds, may_filter=(True, True, False))
+    every = sampling_triton.sample_triton(logits, *params, seeds, may_filter=(True, True, True))
     assert torch.equal(needed[0], every[0]) and torch.equal(needed[1], every[1])
-    plain = sampling.sample_triton(logits[:2], *(p[:2] for p in params), seeds[:2], may_filter=(False, False, False))
+    plain = sampling_triton.sample_triton(logits[:2], *(p[:2] for p in params), seeds[:2],
+                                          may_filter=(False, False, False))
     assert torch.equal(plain[0], every[0][:2])
     rows = slice(1, 3)  # no top-k: 1 split refine launch then the solo one, instead of 2 then solo
-    top_p_only = sampling.sample_triton(logits[rows], *(p[rows] for p in params), seeds[rows],
+    top_p_only = sampling_triton.sample_triton(logits[rows], *(p[rows] for p in params), seeds[rows],
                                         may_filter=(False, True, False), return_passes=True)
     assert torch.equal(top_p_only[0], every[0][rows]) and torch.equal(top_p_only[1], every[1][rows])
     if cap == 2:
-        assert top_p_only[2][1] > sampling._SPLIT_REFINE_PASSES  # the top-p row reached the solo launch
+        assert top_p_only[2][1] > sampling_triton.SPLIT_REFINE_PASSES  # the top-p row reached the solo launch
 
 
 def test_kernels_compile_for_sm90(compile_sm90):
