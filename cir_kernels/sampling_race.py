@@ -18,6 +18,7 @@ def gumbel(seed, start, BLOCK: tl.constexpr):
     u = tl.where(r < 0, ~r, r) * 4.6566127342e-10  # as tl.rand: uniform in [0, 1)
     return -tl.log(-tl.log(u))
 
+
 @triton.jit
 def gumbel_at(seed, index):
     """G_i at arbitrary indices i (the same stream as gumbel)."""
@@ -27,6 +28,7 @@ def gumbel_at(seed, index):
     u = tl.where(r < 0, ~r, r) * 4.6566127342e-10
     return -tl.log(-tl.log(u))
 
+
 @triton.jit
 def race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK: tl.constexpr):
     """Fold a block x[start:start + BLOCK] into the running race: best x/T + G over x >= threshold."""
@@ -35,6 +37,7 @@ def race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK: 
     best_index = tl.where(block_best > best, start + tl.argmax(score, axis=0), best_index)
     return tl.maximum(best, block_best), best_index
 
+
 @triton.jit
 def race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
@@ -42,11 +45,13 @@ def race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BL
     x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
     return race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK)
 
+
 @triton.jit
 def race_threshold(theta, m, min_p, inv_t):
     """The race's floor: x >= it iff order_key(x) >= theta (the top-k / top-p cut) and p >= min_p * max p,
     i.e. x >= m + T log(min_p) (at most m: the max is always kept)."""
     return tl.maximum(key_to_float(theta), tl.minimum(m + tl.log(min_p) / inv_t, m))
+
 
 @triton.jit
 def store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index):
@@ -55,6 +60,7 @@ def store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_i
     base = row * num_splits + split
     tl.store(part_f_ptr + base * 4 + 3, best)
     tl.store(part_i_ptr + base * 2 + 1, best_index)
+
 
 @triton.jit
 def race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S: tl.constexpr):
@@ -67,12 +73,14 @@ def race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S: tl.constexpr):
     first = tl.min(tl.where(ok & (pbest == best), sp, BLOCK_S), axis=0)
     return best, tl.load(part_i_ptr + (row * num_splits + first) * 2 + 1, cache_modifier=".cg")
 
+
 @triton.jit
 def write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, log_s):
     """The row's token and its log-prob (x_token - m)/T - log s over the full vocabulary."""
     x_token = tl.load(row_ptr + token).to(tl.float32)
     tl.store(tokens_ptr + row, token.to(tl.int64))
     tl.store(logprobs_ptr + row, (x_token - m) * inv_t - log_s)
+
 
 @triton.jit
 def race_buffer(buf_x, buf_i, num, seed, inv_t, threshold, V, BLOCK_V: tl.constexpr):

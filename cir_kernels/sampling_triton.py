@@ -94,6 +94,7 @@ def _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_h
     tl.store(state_f_ptr + row * 5 + 3, mass_hi)
     tl.store(state_f_ptr + row * 5 + 4, target)
 
+
 @triton.jit
 def _row_params(temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V):
     temperature = tl.load(temperature_ptr + row)
@@ -107,6 +108,7 @@ def _row_params(temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V):
     is_plain = (~is_greedy) & (~need_k) & (~need_p) & (min_p <= 0.0)
     return is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p
 
+
 @triton.jit
 def _is_last(counter_ptr, num_splits):
     """True in the last program of the row to finish (it also resets the counter for the next call).
@@ -117,6 +119,7 @@ def _is_last(counter_ptr, num_splits):
     if last:
         tl.atomic_xchg(counter_ptr, 0)
     return last
+
 
 @triton.jit
 def _stats_kernel(
@@ -194,6 +197,7 @@ def _stats_kernel(
                      target)
         tl.store(state_f_ptr + row * 5 + 0, m)
         tl.store(state_f_ptr + row * 5 + 1, log_s)
+
 
 @triton.jit
 def _refine_kernel(
@@ -310,6 +314,7 @@ def _refine_kernel(
                     _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
                                  mass_hi, target)
         tl.debug_barrier()  # solo: the next pass reads the state this one wrote
+
 
 @triton.jit
 def _race_kernel(
