@@ -26,7 +26,7 @@ from cir_kernels import linear_logprobs
 from cir_kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
                                      paged_attention_invariant)
 from cir_kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
-from cir_kernels.batch_invariant_triton import BLOCK_K, BLOCK_M, BLOCK_N, bmm_triton
+from cir_kernels.batch_invariant_triton import bmm_triton
 from cir_kernels.paged_attention_reference import plan_reference
 from cir_sandbox import Result
 
@@ -72,19 +72,6 @@ def test_triton_bmm_rows_and_batches_are_invariant():
     assert torch.equal(bmm_triton(a[:, :5], b.transpose(1, 2).contiguous().transpose(1, 2))[0], full[0, :5])
     with pytest.raises(ValueError, match="do not chain"):
         bmm_triton(a, b[:, :3])
-
-
-def test_triton_bmm_compiles_for_sm90(compile_sm90):
-    """The interpreter does not type-check like the compiler: compile the kernel (fp32 with ieee
-    products, bf16 with plain tl.dot) to an sm_90 cubin, which needs no GPU."""
-    strides = {f"{t}_stride_{d}": "i64" for t, dims in (("a", "bmk"), ("b", "bkn"), ("out", "bmn")) for d in dims}
-    kernels = []
-    for dtype, ieee in (("fp32", True), ("bf16", False)):
-        signature = {"a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                     **strides}
-        constants = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "IEEE": ieee}
-        kernels.append(("_bmm_kernel", signature, constants))
-    compile_sm90("cir_kernels.batch_invariant_triton", kernels)
 
 
 def test_attention_invariant_matches_sdpa_and_ignores_key_padding():

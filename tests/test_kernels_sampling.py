@@ -439,27 +439,3 @@ def test_passes_a_row_does_not_need_change_nothing(monkeypatch, cap, min_chunk):
     assert torch.equal(top_p_only[0], every[0][rows]) and torch.equal(top_p_only[1], every[1][rows])
     if cap == 2:
         assert top_p_only[2][1] > sampling_triton.SPLIT_REFINE_PASSES  # the top-p row reached the solo launch
-
-
-def test_kernels_compile_for_sm90(compile_sm90):
-    """The interpreter does not type-check like the compiler (loop-carried types, scalar branches,
-    constexpr strings): compile the three kernels to an sm_90 cubin, which needs no GPU."""
-    F, I32, I64 = "*fp32", "*i32", "*i64"
-    row = dict(logits_ptr=F, logits_row_stride="i64", temperature_ptr=F)
-    params = dict(top_p_ptr=F, top_k_ptr=I64, min_p_ptr=F, seed_ptr=I64)
-    out = dict(tokens_ptr=I64, logprobs_ptr=F)
-    compile_sm90("cir_kernels.sampling_triton", [
-        ("_stats_kernel", {**row, **params, "part_f_ptr": F, "part_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
-                           "counter_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32"},
-         {"BLOCK_V": 1024, "BLOCK_S": 128}),
-        ("_refine_kernel", {**row, **params, "count_part_ptr": I32, "mass_part_ptr": F, "part_f_ptr": F,
-                            "part_i_ptr": I32, "buf_x_ptr": F, "buf_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
-                            "counter_ptr": I32, "cursor_ptr": I32, **out, "V": "i32", "chunk": "i32",
-                            "num_splits": "i32", "cap": "i32", "max_passes": "i32", "num_passes": "i32",
-                            "chunks_per_program": "i32", "num_programs": "i32"},
-         {"NUM_PIVOTS": 32, "BLOCK_V": 128, "BLOCK_S": 128}),
-        ("_race_kernel", {**row, "min_p_ptr": F, "seed_ptr": I64, "part_f_ptr": F, "part_i_ptr": I32,
-                          "state_f_ptr": F, "state_i_ptr": I64, "counter_ptr": I32, **out, "V": "i32", "chunk": "i32",
-                          "num_splits": "i32"},
-         {"BLOCK_V": 1024, "BLOCK_S": 128}),
-    ])
