@@ -24,7 +24,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLER_TESTS = ["tests/test_kernels_sampling.py"]
+# the Triton-path tests, cheapest catchers first (pytest runs them in this order and stops at a failure)
+SAMPLER_TESTS = [f"tests/test_kernels_sampling.py::{name}" for name in (
+    "test_temperature_rows_have_stated_power", "test_filtered_rows_have_stated_power",
+    "test_mixed_rows_have_stated_power", "test_split_rows_have_stated_power", "test_greedy_and_mixed_rows",
+    "test_same_seed_same_tokens_and_rows_independent", "test_triton_draw_does_not_depend_on_block_size",
+    "test_split_thresholds_are_exact", "test_passes_a_row_does_not_need_change_nothing")]
 LOGPROB_TESTS = ["tests/test_kernels_logprobs.py"]
 PAGED_TESTS = ["tests/test_paged_attention.py"]
 BMM_TESTS = ["tests/test_exact_mode.py::test_triton_bmm_rows_and_batches_are_invariant",
