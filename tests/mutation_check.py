@@ -6,9 +6,10 @@ the repository and confirm that the kernel tests fail on each.
 
 Each mutant is a string replacement in one file of cir_kernels/ (it must occur exactly once); the copy
 lives in a temporary directory and the tests run there (`python -m pytest -x`, its own PYTHONPATH), so
-the working tree is never touched. A mutant is caught when pytest fails; the first failing test is
-reported. Exit status 1 when a mutant survives. Not part of the normal test run (minutes: the
-interpreter runs every kernel test of a mutant until the first failure).
+the working tree is never touched. The unmutated copy runs first (each test list must pass); a mutant
+is caught when pytest fails; the first failing test is reported. Exit status 1 when a mutant survives.
+Not part of the normal test run (an hour on a loaded 2-core machine: the interpreter runs a mutant's
+kernel tests until the first failure).
 """
 from __future__ import annotations
 
@@ -141,16 +142,17 @@ def _copy_repo(dst: Path) -> None:
         shutil.copy2(ROOT / name, dst / name)
 
 
-def run_mutant(file: str, old: str, new: str, tests: list[str], timeout: float) -> tuple[bool, str, float]:
-    """(caught, first failing test or why not, seconds)."""
+def run_mutant(file: str | None, old: str, new: str, tests: list[str], timeout: float) -> tuple[bool, str, float]:
+    """(caught, first failing test or why not, seconds). file None: the unmutated copy (the baseline)."""
     with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
         dst = Path(tmp)
         _copy_repo(dst)
-        path = dst / "cir_kernels" / file
-        source = path.read_text()
-        if source.count(old) != 1:
-            raise SystemExit(f"error: mutant text occurs {source.count(old)} times in cir_kernels/{file}: {old!r}")
-        path.write_text(source.replace(old, new))
+        if file is not None:
+            path = dst / "cir_kernels" / file
+            source = path.read_text()
+            if source.count(old) != 1:
+                raise SystemExit(f"error: mutant text occurs {source.count(old)} times in cir_kernels/{file}: {old!r}")
+            path.write_text(source.replace(old, new))
         env = {**os.environ, "PYTHONPATH": str(dst), "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
         start = time.time()
         try:
@@ -169,12 +171,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the mutants whose name starts with this")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per mutant")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test list")
     args = parser.parse_args()
+    selected = [m for m in MUTANTS if m[0].startswith(args.only)]
+    if not args.no_baseline:  # a failure is a catch only if the tests pass on the code as it is
+        for tests in {tuple(m[5]) for m in selected}:
+            caught, by, _ = run_mutant(None, "", "", list(tests), args.timeout)
+            if caught:
+                raise SystemExit(f"error: the unmutated tests fail ({by}): fix them first")
     rows = []
     print("| mutant | file | bug | caught by | s |\n|---|---|---|---|---|", flush=True)
-    for name, file, old, new, what, tests in MUTANTS:
-        if not name.startswith(args.only):
-            continue
+    for name, file, old, new, what, tests in selected:
         caught, by, seconds = run_mutant(file, old, new, tests, args.timeout)
         rows.append({"mutant": name, "file": file, "caught": caught, "by": by, "seconds": round(seconds, 1)})
         print(f"| {name} | cir_kernels/{file} | {what} | {'`' + by + '`' if caught else 'NOT CAUGHT: ' + by} "
