@@ -2,7 +2,7 @@
 the repository and confirm that the kernel tests fail on each.
 
     python tests/mutation_check.py                   # every mutant; a markdown table, then one JSON line
-    python tests/mutation_check.py --only sampler    # the mutants whose name starts with "sampler"
+    python tests/mutation_check.py --only sampler,paged    # the mutants whose names start with these
 
 Each mutant is a string replacement in one file of cir_kernels/ (it must occur exactly once); the copy
 lives in a temporary directory and the tests run there (`python -m pytest -x`, its own PYTHONPATH), so
@@ -169,11 +169,11 @@ def run_mutant(file: str | None, old: str, new: str, tests: list[str], timeout: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="run the mutants whose name starts with this")
+    parser.add_argument("--only", default="", help="comma-separated name prefixes of the mutants to run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per mutant")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test list")
     args = parser.parse_args()
-    selected = [m for m in MUTANTS if m[0].startswith(args.only)]
+    selected = [m for m in MUTANTS if m[0].startswith(tuple(args.only.split(",")))]
     if not args.no_baseline:  # a failure is a catch only if the tests pass on the code as it is
         for tests in {tuple(m[5]) for m in selected}:
             caught, by, _ = run_mutant(None, "", "", list(tests), args.timeout)

@@ -228,7 +228,7 @@ MIXED = [
      {"0.97 target": dict(top_k=4, top_p=0.97 * 0.5 / 0.5425),
       "1.03 target": dict(top_k=4, top_p=1.03 * 0.5 / 0.5425)}),
     ("min-p", MIN_P, dict(min_p=0.3), 48, {"min_p / 2": dict(min_p=0.15)}),
-    ("greedy", MIN_P, dict(temperature=0.0), 8, {"sampled": dict(temperature=SMALL_T)}),
+    ("greedy", MIN_P, dict(temperature=0.0), 12, {"sampled": dict(temperature=SMALL_T)}),
 ]
 
 
