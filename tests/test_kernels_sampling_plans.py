@@ -14,7 +14,8 @@ import torch
 from cir_kernels import sampling_triton
 from cir_kernels._checks import prepare_sampling
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log(0) in masked lanes
+# interpreter: log(0) in masked lanes; slow: ~2 CPU minutes through the interpreter (3,000+ programs)
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.slow]
 
 NUM_ROWS, VOCAB = 192, 32
 PLANS = {
