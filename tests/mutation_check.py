@@ -163,7 +163,7 @@ def run_mutant(file: str | None, old: str, new: str, tests: list[str], timeout: 
         seconds = time.time() - start
         if result.returncode == 0:
             return False, "every test passed", seconds
-        failed = re.search(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M)
+        failed = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - |$)", result.stdout, re.M)
         return True, failed.group(1) if failed else f"pytest exit {result.returncode}", seconds
 
 
