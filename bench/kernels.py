@@ -203,8 +203,8 @@ def race_sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor,
 
 
 def _refine_passes(logits: torch.Tensor, top_p: float, top_k: int) -> list[int]:
-    from cir_kernels.sampling import sample_triton
-    from cir_kernels.sampling_reference import prepare_sampling
+    from cir_kernels.sampling_triton import sample_triton
+    from cir_kernels._checks import prepare_sampling
 
     params = prepare_sampling(logits, 1.0, top_p, top_k, 0.0)
     seeds = torch.arange(logits.shape[0], device=logits.device)
@@ -265,8 +265,9 @@ def _median_seconds(fn, repeat: int = 5) -> float:
 def sampler_interpret_child(quick: bool) -> dict:
     """In a TRITON_INTERPRET=1 process: the Triton sampler on full-size rows, checked against the
     reference's kept set; refine passes per row."""
-    from cir_kernels.sampling import sample_triton
-    from cir_kernels.sampling_reference import keep_mask, prepare_sampling
+    from cir_kernels.sampling_triton import sample_triton
+    from cir_kernels._checks import prepare_sampling
+    from cir_kernels.sampling_reference import keep_mask
 
     inputs = [("N(0, 3^2)", torch.randn(1, SAMPLER_VOCAB, generator=torch.Generator().manual_seed(0)) * 3)]
     model_dir = os.path.expanduser("~/.cache/cir/SmolLM2-135M-Instruct")

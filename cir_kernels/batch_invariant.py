@@ -5,17 +5,22 @@
     o = attention_invariant(q, k, v, key_lens)                   # (n, Hkv, M, D) rows over keys [0, key_lens)
     # log-probs by the same reduction in training and sampling: cir_kernels/batch_invariant_logprobs.py
 
+Every op takes `backend=None | "triton" | "torch"` (None: Triton for CUDA tensors, torch otherwise); it
+picks the matmul under the tiles: `bmm_triton` (cir_kernels/batch_invariant_triton.py) or its torch
+twin `bmm_reference` / `mm_rows_reference` (cir_kernels/batch_invariant_reference.py). The rest of
+the math here is plain torch on either path.
+
 What an exact (batch-invariant) forward needs: the value computed for one row (a token) must not
 depend on how many other rows are in the call, nor on where the row sits among them. Plain torch
 breaks that in the matmuls: MKL picks another kernel and summation order below ~7 rows (measured:
 F.linear of 1..3 rows of a 576 x 1536 SmolLM2 projection differ from the same rows inside a 200-row
 call by up to 4e-5), cuBLAS picks kernels and split-K by shape. What these ops do instead:
 
-- CPU matmuls run in fixed-shape tiles: the rows padded to a multiple of ROW_TILE and handed to one
-  `bmm` as (tiles, ROW_TILE, K) @ (K, N). For a fixed (ROW_TILE, K, N), MKL gives every row the same
-  bits whatever its place in the tile and whatever the number of tiles (tests/test_exact_mode.py
-  checks both on this machine's torch). CUDA: `batch_invariant_triton.bmm_triton` (fixed tiles, one
-  K order, no split-K) needs no padding.
+- torch path (CPU) matmuls run in fixed-shape tiles: the rows padded to a multiple of ROW_TILE and
+  handed to one `bmm` as (tiles, ROW_TILE, K) @ (K, N). For a fixed (ROW_TILE, K, N), MKL gives every
+  row the same bits whatever its place in the tile and whatever the number of tiles
+  (tests/test_exact_mode.py checks both on this machine's torch). Triton path (CUDA): `bmm_triton`
+  (fixed tiles, one K order, no split-K) needs no padding.
 - Attention is an online softmax over key tiles of KV_TILE keys at fixed positions (tile j holds
   keys [j KV_TILE, (j + 1) KV_TILE) of the sequence), taken in order from tile 0 for Q_TILE-row tiles
   of queries: scores and P [V, 1] as fixed-shape products per (row tile, key tile) (the ones column
@@ -48,11 +53,13 @@ from __future__ import annotations
 
 import torch
 
+from cir_kernels._checks import pick_backend
+from cir_kernels.batch_invariant_reference import ROW_TILE, bmm_reference, mm_rows_reference
+from cir_kernels.batch_invariant_triton import bmm_triton
 
-# Rows per CPU matmul tile. 1024 x 576 @ 576 x 1536 (2-core CPU, 1 thread): one F.linear 18.4 ms;
-# tiles of 8 / 16 / 32 / 64 rows: 35 / 24 / 21 / 20 ms. 32 keeps the update near a plain GEMM;
-# the price is paid by small decode batches (a 2-row step computes 32 rows).
-ROW_TILE = 32
+__all__ = ["ROW_TILE", "attention_invariant", "causal_attention_invariant", "linear_invariant", "mm_rows_invariant",
+           "paged_attention_invariant", "row_mean_invariant", "tile_bmm"]
+
 # Attention tiles (query rows x keys). KV_TILE, SmolLM2 heads (9 q / 3 kv, D 64), 1 thread: a decode
 # step of 8 sequences over 2048 keys 23.4 / 16.6 / 13.3 ms per layer for 32 / 64 / 128 keys; fwd + bwd
 # of one 2048-token sequence 0.88 / 0.85 / 1.04 s (the causal skip is coarser with larger tiles).
@@ -60,57 +67,41 @@ Q_TILE, KV_TILE = 16, 64
 PV_MIN_COLS = 16  # P [V, 1] widened with zero columns to at least this (tiny head_dim only, see above)
 
 
-_TRITON_ON_CPU = False  # tests: run the CUDA path (Triton, TRITON_INTERPRET=1) on CPU tensors
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or _TRITON_ON_CPU
-
-
-def _tile_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def tile_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None,
+             backend: str | None = None) -> torch.Tensor:
     """a (B, m, k) @ b (B, k, n) where every call with this (m, k, n) must give each output element
-    the same bits: torch.bmm on CPU, the fixed-tile Triton kernel on CUDA. out_dtype float32 keeps
-    the fp32 accumulator of bf16 / fp16 operands (CPU: the operands upcast, their products exact).
-    Autocast is off inside: the operands' dtypes are the caller's choice, the same in every path."""
-    if _use_triton(a):
-        from cir_kernels.batch_invariant_triton import bmm_triton
-
+    the same bits: `bmm_reference` (torch.bmm) or the fixed-tile `bmm_triton`. out_dtype float32 keeps
+    the fp32 accumulator of bf16 / fp16 operands."""
+    if pick_backend(backend, a) == "triton":
         return bmm_triton(a, b, out_dtype=out_dtype)
-    if out_dtype is not None and out_dtype != a.dtype:
-        a, b = a.to(out_dtype), b.to(out_dtype)
-    with torch.autocast(a.device.type, enabled=False):
-        return torch.bmm(a, b)
+    return bmm_reference(a, b, out_dtype)
 
 
-def _mm_rows_invariant(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def mm_rows_invariant(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
+                      backend: str | None = None) -> torch.Tensor:
     """x (M, K) @ weight.T (K, N) -> (M, N), each row's bits independent of M and of its row index."""
-    rows, num_in = x.shape
-    if _use_triton(x):  # no padding: the kernel's rows are independent by construction
-        return _tile_bmm(x[None], weight.t()[None], out_dtype)[0]
-    num_tiles = max(1, -(-rows // ROW_TILE))
-    padded = num_tiles * ROW_TILE
-    if padded != rows:
-        x = torch.cat((x, x.new_zeros(padded - rows, num_in)))
-    w_t = weight.t()[None].expand(num_tiles, num_in, weight.shape[0])  # stride-0 batch: no copy
-    return _tile_bmm(x.contiguous().view(num_tiles, ROW_TILE, num_in), w_t, out_dtype).view(padded, -1)[:rows]
+    if pick_backend(backend, x) == "triton":  # no padding: the kernel's rows are independent by construction
+        return bmm_triton(x[None], weight.t()[None], out_dtype=out_dtype)[0]
+    return mm_rows_reference(x, weight, out_dtype)
 
 
-def row_mean_invariant(x: torch.Tensor) -> torch.Tensor:
+def row_mean_invariant(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """x (..., K) -> its mean over the last dim (..., 1) in float32, each row's bits independent of the
     other rows; differentiable. CPU: torch's mean (an inner reduction done row by row, the same way
     for any row count: checked in tests/test_exact_mode.py). CUDA: x @ ones through the fixed-tile
     kernel (torch's CUDA reductions pick how to split a row from the tensor's shape)."""
-    if not _use_triton(x):
+    backend = pick_backend(backend, x)
+    if backend == "torch":
         return x.float().mean(-1, keepdim=True)
     flat = x.reshape(1, -1, x.shape[-1])
-    total = _TileBmm.apply(flat, flat.new_ones(1, x.shape[-1], 1))  # (1, rows, 1) fp32
+    total = _TileBmm.apply(flat, flat.new_ones(1, x.shape[-1], 1), backend)  # (1, rows, 1) fp32
     return (total / x.shape[-1]).view(*x.shape[:-1], 1)
 
 
 class _LinearInvariant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, out_dtype):
-        out = _mm_rows_invariant(x, weight, out_dtype)
+    def forward(ctx, x, weight, bias, out_dtype, backend):
+        out = mm_rows_invariant(x, weight, out_dtype, backend)
         if bias is not None:
             out = out + bias  # separately: a fused addmm would round differently
         ctx.save_for_backward(x, weight)
@@ -124,11 +115,11 @@ class _LinearInvariant(torch.autograd.Function):
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, *, backend: str | None = None) -> torch.Tensor:
     """F.linear (x (..., K), weight (N, K), bias (N,) or None) with batch-invariant rows; differentiable.
 
     Under autocast, x / weight / bias are cast to the autocast dtype first (as F.linear would be).
@@ -144,17 +135,17 @@ def linear_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise ValueError(f"linear_invariant: x is {x.dtype}, weight {weight.dtype}")
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False):
-        out = _LinearInvariant.apply(x.reshape(-1, x.shape[-1]), weight, bias, out_dtype)
+        out = _LinearInvariant.apply(x.reshape(-1, x.shape[-1]), weight, bias, out_dtype, backend)
     return out.view(*lead, weight.shape[0])
 
 
 class _TileBmm(torch.autograd.Function):
-    """_tile_bmm with an fp32 result (whatever the operands' dtype), differentiable."""
+    """tile_bmm with an fp32 result (whatever the operands' dtype), differentiable."""
 
     @staticmethod
-    def forward(ctx, a, b):
+    def forward(ctx, a, b, backend):
         ctx.save_for_backward(a, b)
-        return _tile_bmm(a, b, torch.float32)
+        return tile_bmm(a, b, torch.float32, backend)
 
     @staticmethod
     def backward(ctx, grad):
@@ -162,7 +153,7 @@ class _TileBmm(torch.autograd.Function):
         grad = grad.to(a.dtype)
         grad_a = torch.bmm(grad, b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         grad_b = torch.bmm(a.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
+        return grad_a, grad_b, None
 
 
 def _key_tile_t(k: torch.Tensor, j: int) -> torch.Tensor:
@@ -200,7 +191,7 @@ def _batched(x: torch.Tensor, num_row_tiles: int) -> torch.Tensor:
 
 
 def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens: torch.Tensor, scale: float,
-                       first_row_tile: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                       first_row_tile: list[int], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The online softmax over key tiles (math in `_AttentionInvariant`). q (mt, B, Q_TILE, D),
     k / v (..., L, D) with B the leading dims' product, key_lens (mt, B, Q_TILE) -> (out (mt, B, Q_TILE, D)
     in q's dtype, lse (mt, B, Q_TILE) fp32). Every row takes the same ops for a given tile index
@@ -215,7 +206,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_le
         keys = slice(j * KV_TILE, (j + 1) * KV_TILE)
         # 1) scores of the row tiles i0.. that may see this key tile: one (Q_TILE, D) @ (D, KV_TILE) per row tile
         rows = num_row_tiles - i0
-        s = _tile_bmm(q[i0:].reshape(-1, Q_TILE, head_dim), _batched(_key_tile_t(k, j), rows), torch.float32)
+        s = tile_bmm(q[i0:].reshape(-1, Q_TILE, head_dim), _batched(_key_tile_t(k, j), rows), torch.float32, backend)
         s = s.view(rows, batch, Q_TILE, KV_TILE) * scale
         lens = key_lens[i0:]  # (rows, B, Q_TILE)
         s = s.masked_fill(key_pos[keys] >= lens[..., None], float("-inf"))
@@ -224,7 +215,7 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_le
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)
         p = torch.exp(s - m_safe[..., None])
         v1 = _batched(_value_tile(v, j, extra_cols), rows)
-        pv = _tile_bmm(p.to(v1.dtype).view(-1, Q_TILE, KV_TILE), v1, torch.float32)
+        pv = tile_bmm(p.to(v1.dtype).view(-1, Q_TILE, KV_TILE), v1, torch.float32, backend)
         pv = pv.view(rows, batch, Q_TILE, v1.shape[-1])
         if j == 0:  # every path starts each row here (tile 0 holds key 0)
             m, total, acc = m_new, pv[..., head_dim], pv[..., :head_dim]
@@ -258,9 +249,9 @@ class _AttentionInvariant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_lens, scale: float, first_row_tile: tuple[int, ...]):
+    def forward(ctx, q, k, v, key_lens, scale: float, first_row_tile: tuple[int, ...], backend: str):
         with torch.autocast(q.device.type, enabled=False):
-            out, lse = _attention_forward(q, k, v, key_lens, scale, list(first_row_tile))
+            out, lse = _attention_forward(q, k, v, key_lens, scale, list(first_row_tile), backend)
         ctx.save_for_backward(q, k, v, key_lens, out, lse)
         ctx.scale, ctx.first_row_tile = scale, first_row_tile
         return out
@@ -288,11 +279,11 @@ class _AttentionInvariant(torch.autograd.Function):
                 dk[:, keys] += torch.einsum("mbqk,mbqd->bkd", ds, q32[i0:]) * scale
                 dq[i0:] += torch.matmul(ds, k_t.transpose(1, 2)) * scale
         dk, dv = (g[:, :num_keys].reshape(t.shape).to(t.dtype) for g, t in ((dk, k), (dv, v)))
-        return dq.to(q.dtype), dk, dv, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None
 
 
 def _attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens: torch.Tensor, scale: float,
-                    first_row: list[int] | None = None) -> torch.Tensor:
+                    first_row: list[int] | None, backend: str | None) -> torch.Tensor:
     """q (B, M, D) over k, v (..., L, D) (any layout; B the product of the leading dims); row r sees
     keys [0, key_lens[b, r]) (key_lens (B, M) int, <= L). first_row[j]: no row before it sees a key of
     tile j (None: 0). -> (B, M, D), differentiable."""
@@ -307,12 +298,12 @@ def _attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens:
     num_key_tiles = -(-k.shape[-2] // KV_TILE)
     first_row_tile = tuple(0 if first_row is None or j == 0 else min(first_row[j], num_rows - 1) // Q_TILE
                            for j in range(num_key_tiles))  # every row starts at tile 0
-    out = _AttentionInvariant.apply(q_t, k, v, lens_t, scale, first_row_tile)
+    out = _AttentionInvariant.apply(q_t, k, v, lens_t, scale, first_row_tile, pick_backend(backend, q))
     return out.transpose(0, 1).reshape(batch, num_tiles * Q_TILE, head_dim)[:, :num_rows]
 
 
 def attention_invariant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lens: torch.Tensor,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, *, backend: str | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v with a fixed reduction order over the keys; differentiable.
 
     q (n, Hkv, M, D): M query rows per kv head (GQA: the G heads of a group as G x more rows);
@@ -330,12 +321,13 @@ def attention_invariant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_l
                          f"got {key_lens.dtype} {tuple(key_lens.shape)}")
     scale = head_dim ** -0.5 if scale is None else scale
     lens = key_lens.to(torch.int64)[:, None].expand(n, num_heads, num_rows).reshape(n * num_heads, num_rows)
-    out = _attention_rows(q.reshape(n * num_heads, num_rows, head_dim), k, v, lens, scale)  # k, v as they lie
+    out = _attention_rows(q.reshape(n * num_heads, num_rows, head_dim), k, v, lens, scale, None,
+                          backend)  # k, v as they lie
     return out.view(n, num_heads, num_rows, head_dim)
 
 
 def causal_attention_invariant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               scale: float | None = None) -> torch.Tensor:
+                               scale: float | None = None, *, backend: str | None = None) -> torch.Tensor:
     """One sequence: q (n, Hq, D) are the last n of the L positions whose keys / values k, v (L, Hkv, D)
     are given; each query sees the keys up to its own position. -> (n, Hq, D); differentiable.
     Rows are ordered by position (query, then head of the group), so the rows that see key tile j are
@@ -349,12 +341,12 @@ def causal_attention_invariant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     lens = torch.arange(start + 1, num_keys + 1, device=q.device).repeat_interleave(group)  # (n G,)
     first_row = [max(0, j * KV_TILE - start) * group for j in range(-(-num_keys // KV_TILE))]
     out = _attention_rows(q_rows, k.transpose(0, 1), v.transpose(0, 1), lens[None].expand(num_kv_heads, -1), scale,
-                          first_row)  # (Hkv, n G, D)
+                          first_row, backend)  # (Hkv, n G, D)
     return out.view(num_kv_heads, num_q, group, head_dim).permute(1, 0, 2, 3).reshape(num_q, num_q_heads, head_dim)
 
 
 def paged_attention_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan,
-                              scale: float | None = None) -> torch.Tensor:
+                              scale: float | None = None, *, backend: str | None = None) -> torch.Tensor:
     """`cir_kernels.paged_attention_reference`'s job (same cache layout; `plan` from `plan_reference` on
     the step's metadata) through `attention_invariant`: decode rows batched, prefill chunks one by
     one, each query over its own keys 0..position. q (T, Hq, D) -> (T, Hq, D). Forward only."""
@@ -370,10 +362,10 @@ def paged_attention_invariant(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         lens = (torch.full((n,), length, device=q.device) if plan.decode_mask is None
                 else plan.decode_mask.view(n, length).sum(-1))  # the mask is keys [0, seq_len)
         q_g = q[plan.decode_rows].reshape(n, num_kv_heads, group, head_dim)  # rows: the group's heads
-        o = attention_invariant(q_g, k, v, lens[:, None].expand(n, group), scale)
+        o = attention_invariant(q_g, k, v, lens[:, None].expand(n, group), scale, backend=backend)
         out[plan.decode_rows] = o.reshape(n, num_q_heads, head_dim)
     for start, end, slots, _ in plan.prefill:
         k = plan.gather(k_cache, slots, 1, "k1")[0].transpose(0, 1)  # (L, Hkv, D)
         v = plan.gather(v_cache, slots, 1, "v1")[0].transpose(0, 1)
-        out[start:end] = causal_attention_invariant(q[start:end], k, v, scale)
+        out[start:end] = causal_attention_invariant(q[start:end], k, v, scale, backend=backend)
     return out

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from cir_kernels._checks import check_temperature
-from cir_kernels.batch_invariant import ROW_TILE, _mm_rows_invariant, _use_triton
-from cir_kernels.linear_logprobs import chunked_backward
-from cir_kernels.logprobs import finish_state, lse_update, new_state
+from cir_kernels._checks import check_temperature, pick_backend
+from cir_kernels.batch_invariant import ROW_TILE, mm_rows_invariant
+from cir_kernels.linear_logprobs import TRITON_ROW_OPS
+from cir_kernels.linear_logprobs_reference import TORCH_OPS, chunked_backward
+from cir_kernels.logprobs import lse_update
+from cir_kernels.logprobs_reference import finish_state, new_state
 
 VOCAB_CHUNK = 4096  # logit columns per step of the row kernel (and of the backward's recompute)
 
@@ -29,10 +31,9 @@ def _logit_rows(vocab_size: int, device: torch.device) -> int:
     return max(1, budget // (4 * vocab_size) // ROW_TILE) * ROW_TILE
 
 
-def _rows_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, ...]:
+def _rows_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float, backend: str) -> tuple[torch.Tensor, ...]:
     """`cir_kernels.logprobs`' row kernel over logits z (R, V) in fixed VOCAB_CHUNK column chunks:
     (logp, entropy, lse, E_p[z]) per row, each row's bits independent of R."""
-    backend = "triton" if _use_triton(z) else "torch"
     z = z.float()
     state = new_state(z.shape[0], z.device)  # (4, R)
     for col in range(0, z.shape[1], VOCAB_CHUNK):
@@ -46,13 +47,13 @@ class _LinearLogprobsInvariant(torch.autograd.Function):
     with fp32 accumulation: gradients need not be bitwise)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_t: float):
+    def forward(ctx, hidden, weight, targets, inv_t: float, backend: str):
         step = _logit_rows(weight.shape[0], hidden.device)
-        outs = [_rows_logprobs(_mm_rows_invariant(hidden[r0:r0 + step], weight, torch.float32), targets[r0:r0 + step],
-                               inv_t) for r0 in range(0, hidden.shape[0], step)]
+        outs = [_rows_logprobs(mm_rows_invariant(hidden[r0:r0 + step], weight, torch.float32, backend),
+                               targets[r0:r0 + step], inv_t, backend) for r0 in range(0, hidden.shape[0], step)]
         logp, entropy, lse, mean_z = (torch.cat(parts) for parts in zip(*outs, strict=True))
         ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.inv_t = inv_t
+        ctx.inv_t, ctx.backend = inv_t, backend
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -61,15 +62,16 @@ class _LinearLogprobsInvariant(torch.autograd.Function):
         hidden, weight, targets, lse, mean_z = ctx.saved_tensors
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
-            return None, None, None, None
-        backend = "triton" if _use_triton(hidden) else "torch"
+            return None, None, None, None, None
+        ops = TRITON_ROW_OPS if ctx.backend == "triton" else TORCH_OPS
         grad_h, grad_w = chunked_backward(hidden, weight, targets, lse, mean_z, grad_logp, grad_entropy, ctx.inv_t,
-                                          VOCAB_CHUNK, backend, False, needs_hidden, needs_weight)
-        return grad_h, grad_w, None, None
+                                          VOCAB_CHUNK, ops, needs_hidden, needs_weight)
+        return grad_h, grad_w, None, None, None
 
 
 def logprobs_from_logits_invariant(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                                   return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                                   return_entropy: bool = False, *,
+                                   backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The engine's side of `linear_logprobs_invariant`: logits (R, V) = `linear_invariant(hidden,
     weight, out_dtype=torch.float32)` (what exact-mode sampling reads) -> log_softmax(logits /
     temperature)[targets] (R,) fp32, the same bits `linear_logprobs_invariant(hidden, weight, targets,
@@ -77,20 +79,23 @@ def logprobs_from_logits_invariant(logits: torch.Tensor, targets: torch.Tensor, 
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logprobs_from_logits_invariant: logits {tuple(logits.shape)}, "
                          f"targets {tuple(targets.shape)}")
-    logp, entropy, _, _ = _rows_logprobs(logits, targets.to(torch.int64), 1.0 / check_temperature(temperature))
+    logp, entropy, _, _ = _rows_logprobs(logits, targets.to(torch.int64), 1.0 / check_temperature(temperature),
+                                         pick_backend(backend, logits))
     return (logp, entropy) if return_entropy else logp
 
 
 def linear_logprobs_invariant(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
     mask: torch.Tensor | None = None, return_entropy: bool = False, *, check_targets: bool = True,
+    backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`cir_kernels.linear_logprobs` (same arguments, same values within float tolerance) whose value for
     a row does not depend on the other rows: masked rows are computed too (then zeroed), the logits of
     ROW_TILE rows at a time are `linear_invariant`'s (so the engine can sample from the very logits
     it records the log-prob of, `logprobs_from_logits_invariant`), reduced by `cir_kernels.logprobs`' row
     kernel in fixed VOCAB_CHUNK column chunks. check_targets: as linear_logprobs
-    (a target outside [0, V) is a ValueError on CPU; False skips the host read)."""
+    (a target outside [0, V) is a ValueError on CPU; False skips the host read). backend: None (Triton
+    for CUDA tensors, torch otherwise), "triton" or "torch": the matmul and the row kernel's path."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_logprobs_invariant: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}")
     if check_targets and not targets.is_cuda:
@@ -103,7 +108,8 @@ def linear_logprobs_invariant(
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return (empty, empty) if return_entropy else empty
     inv_t = 1.0 / check_temperature(temperature)
-    logp, entropy = _LinearLogprobsInvariant.apply(hidden, weight, targets.to(torch.int64), inv_t)
+    logp, entropy = _LinearLogprobsInvariant.apply(hidden, weight, targets.to(torch.int64), inv_t,
+                                                   pick_backend(backend, hidden))
     if mask is not None:
         if mask.shape != targets.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, targets {tuple(targets.shape)}")

@@ -8,12 +8,13 @@ in BLOCK_K steps, `acc += tl.dot(a_tile, b_tile)`, in fp32, with no split-K and 
 tile sizes, warps and stages are constants. An output element's sum therefore depends on its row of
 `a`, its column of `b` and K only, never on M, N, B or the element's place in its tile (rows past M
 load as zeros and are not stored). cuBLAS, by contrast, picks kernels and split-K from the shape,
-so one token's bits change with the batch (the ~1e-2 log-prob gap measured in issue 14).
+so one token's bits change with the batch (a ~1e-2 log-prob gap, measured).
 
 The price: a fixed 64 x 64 x 32 tile is not the fastest kernel for every shape (decode's skinny
 M and the update's large GEMMs alike); bench/exact.py measures what the whole exact mode costs.
 Memory traffic: reads M K + K N (times ceil(N / 64) and ceil(M / 64) re-reads through L2), writes
 M N elements. Forward only; `cir_kernels.batch_invariant` wraps it in autograd (backward: plain torch).
+The torch twin is `bmm_reference` (cir_kernels/batch_invariant_reference.py).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Fixed, on purpose: any change changes the bits (but never the batch invariance). Untuned: no GPU
-# was lent while this was written (bench/exact.py is the tool).
+# Fixed, on purpose: any change changes the bits (but never the batch invariance). Not yet tuned on a
+# GPU (bench/exact.py is the tool).
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 _NUM_WARPS, _NUM_STAGES = 4, 3
 

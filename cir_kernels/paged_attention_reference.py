@@ -4,6 +4,8 @@ Triton kernel.
     plan = plan_reference(cu_seqlens_q, block_tables, seq_lens, block_size)   # once per step
     out = paged_attention_reference(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, plan=plan)
 
+    store_kv_reference(k, v, k_cache, v_cache, slot_mapping)                  # the twin of `store_kv`
+
 Same arguments and semantics as `cir_kernels.paged_attention` (see its docstring): gather each
 sequence's K/V through its block table, then SDPA, causal with the cached-prefix offset. The gather
 indices depend only on the block tables and lengths, so a model's layers share one plan per step.
@@ -15,48 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cir_kernels._checks import FLOAT_DTYPES
-
-
-def validate_paged_args(q, cu_seqlens_q, k_cache, v_cache, block_tables, seq_lens, max_seqlen_q) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be (T, Hq, D), got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be (num_blocks, block_size, Hkv, D), got {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {cache.dtype} != q dtype {q.dtype}")
-        if not cache.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got strides {cache.stride()}")
-        if cache.device != q.device:
-            raise ValueError(f"{name} is on {cache.device}, q on {q.device}")
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"q heads {num_q_heads} not a multiple of kv heads {num_kv_heads} (k_cache)")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
-    for name, t, ndim in (("cu_seqlens_q", cu_seqlens_q, 1), ("block_tables", block_tables, 2),
-                          ("seq_lens", seq_lens, 1)):
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
-        if t.dim() != ndim or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous {ndim}-d tensor, got shape {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    num_seqs = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, want B + 1 = {num_seqs + 1}")
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows, want B = {num_seqs}")
-    if max_seqlen_q is not None and max_seqlen_q < 0:
-        raise ValueError(f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
+from cir_kernels._checks import validate_paged_args
 
 
 @dataclass
@@ -196,3 +157,14 @@ def paged_attention_reference(
         o = _sdpa_grouped(q_b, k, v, causal[None, None], scale)
         out[start:end] = o[0].transpose(0, 1)
     return out
+
+
+def store_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Torch twin of `cir_kernels.store_kv` (arguments checked there): slot -1 skips the token."""
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
+    # index_copy_, not `cache[slots] = k`: 2.7 us vs 177 us for 16 tokens (2-core CPU, 4000 blocks)
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)

@@ -15,33 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cir_kernels._checks import FLOAT_DTYPES, check_tensor, per_row
+from cir_kernels._checks import Generator, check_row_seeds, prepare_sampling
 
 # Rows per chunk = _CHUNK_ELEMENTS // V: ~16 MiB per fp32 temporary (V = 152064 -> 27 rows).
 _CHUNK_ELEMENTS = 1 << 22
-_FLOAT_MAX = float(torch.finfo(torch.float32).max)
-
-Generator = torch.Generator | int | torch.Tensor | None
-
-
-def prepare_sampling(
-    logits: torch.Tensor,
-    temperature: float | torch.Tensor,
-    top_p: float | torch.Tensor,
-    top_k: int | torch.Tensor,
-    min_p: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check the arguments; return per-row (temperature, top_p, min_p) float32 and top_k int64, [B] each."""
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
-    num_rows, vocab_size = logits.shape
-    if vocab_size == 0:
-        raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
-    device = logits.device
-    temperature = per_row("temperature", temperature, num_rows, device, integer=False, low=0.0, high=_FLOAT_MAX)
-    top_p = per_row("top_p", top_p, num_rows, device, integer=False, low=0.0, high=1.0, low_open=True)
-    top_k = per_row("top_k", top_k, num_rows, device, integer=True, low=0, high=2**62)
-    min_p = per_row("min_p", min_p, num_rows, device, integer=False, low=0.0, high=1.0)
-    return temperature, top_p, top_k, min_p
 
 
 def keep_mask(
@@ -138,9 +115,7 @@ def sample_reference(
     if isinstance(generator, int) and not isinstance(generator, bool):
         generator = torch.Generator(device=device).manual_seed(generator)
     elif isinstance(generator, torch.Tensor):
-        check_tensor("generator", generator, ndim=1, integer=True, device=device)
-        if generator.shape[0] != num_rows:
-            raise ValueError(f"generator (per-row seeds) must have shape [{num_rows}], got {tuple(generator.shape)}")
+        check_row_seeds(generator, num_rows, device)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, an int seed or a tensor of seeds, got {generator!r}")
 

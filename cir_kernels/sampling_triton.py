@@ -1,10 +1,14 @@
-"""The Triton kernels of `cir_kernels.sample` (the launcher, its constants and the semantics are in
-cir_kernels/sampling.py; the torch twin is cir_kernels/sampling_reference.py).
+"""The Triton kernels of `cir_kernels.sample` and their launcher `sample_triton` (the semantics and the
+public API are in cir_kernels/sampling.py; the torch twin is cir_kernels/sampling_reference.py; device
+functions: the thresholds in cir_kernels/sampling_select.py, the race in cir_kernels/sampling_race.py).
+
+    tokens, logprobs = sample_triton(logits, *prepare_sampling(logits, t, top_p, top_k, min_p), row_seeds(g, B, dev))
+
 Row state between passes (strides 6 and 5 below): int64 (phase, lo, hi, count at lo, count at hi,
 refine passes run), float32 (m, log s, mass at lo, mass at hi, target); phase 0 top-k, 1 top-p,
 2 race, 3 token written.
 
-Kernels. Every row is split into S = ceil(V / _MIN_CHUNK) chunks (at most _MAX_SPLITS), one program
+Kernels. Every row is split into S = ceil(V / MIN_CHUNK) chunks (at most MAX_SPLITS), one program
 per (row, chunk); S depends on V only, so a row's arithmetic, and hence its token, is the same
 whatever the batch. A pass ends with the last program of a row (an atomic counter per row, reset by
 that program) merging the row's S partial results; the next pass is the next launch.
@@ -17,17 +21,17 @@ that program) merging the row's S partial results; the next pass is the next lau
      preserving 32-bit key of x, theta the largest key with W(theta) >= target, W(K) =
      sum_{key_i >= K} w_i (w_i = 1 and target k for top-k; w_i = exp((x_i - m)/T) and target
      top_p * W_mass(theta_k) for top-p). A bracket [lo, hi) holds theta: W(lo) >= target > W(hi),
-     starting at [key(min x), key(m) + 1). Each refine launch does one of:
-     a) pivot pass, while the bracket holds > _COMPACT_CAP tokens: W at 32 pivots in the bracket
+     starting at [order_key(min x), order_key(m) + 1). Each refine launch does one of:
+     a) pivot pass, while the bracket holds > COMPACT_CAP tokens: W at 32 pivots in the bracket
         (a [block, 32] compare tile), half evenly spaced keys (the bracket shrinks >= 17x a pass, so
-        8 passes reach one key), half evenly spaced values from a lower bound (see _pivots);
+        8 passes reach one key), half evenly spaced values from a lower bound (see pivots);
      b) compaction pass: the tokens of the bracket (all tokens >= lo when they fit, so that top-p
         after top-k settles too) go to a per-row buffer; the row's last program finishes the
         bisection on the buffer alone, with exact int64 mass sums (the buffer's order, set by
         atomics, does not change them). The same pass races over the tokens surely kept
         (key >= the buffered range) and the last program over the buffered ones with key >= theta:
         the token is written here. A filter settles when [lo, hi) holds one token or one key.
-     The launcher runs _SPLIT_REFINE_PASSES such launches split over programs (what usual rows need),
+     The launcher runs SPLIT_REFINE_PASSES such launches split over programs (what usual rows need),
      then one "solo" launch, one program per row, in which a row still open (ties, near-flat rows)
      loops over all the passes it may still need: 5 launches in all (6 when a batch may use both
      top-k and top-p), not 2 + 8 per filter.
@@ -43,48 +47,39 @@ beyond the split passes read by one program), plus
 Compute per pivot pass: 32 compares and ~3 adds per token, the same at every batch size (the pivots
 fix the summation order and so the token).
 """
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
 
-from cir_kernels.sampling_select import (_count_mass_ge, _key, _key_to_float, _narrow, _pivots, _search_buffer, _settle,
-                                     _start_top_p)
+from cir_kernels._checks import Generator, check_row_seeds
+from cir_kernels.sampling_race import (race_block, race_buffer, race_fold, race_threshold, race_winner, store_race_part,
+                                       write_token)
+from cir_kernels.sampling_select import (count_mass_ge, narrow, order_key, pivots, search_buffer, settle,
+                                         start_top_p)
 
+# Not yet tuned on a GPU (owed, see bench/kernels.py). Streaming passes (stats, race) read blocks of
+# BLOCK_V logits; the refine pass a [RADIX_BLOCK_V, NUM_PIVOTS] compare tile (4096 = 32 per thread
+# at 4 warps); a program owns >= MIN_CHUNK logits (V = 152064 -> 75 programs per row, so B = 1
+# already spreads over half the SMs of an H100).
+BLOCK_V = 1024
+RADIX_BLOCK_V = 128
+NUM_PIVOTS = 32
+MIN_CHUNK = 2048
+MAX_SPLITS = 128
+REFINE_PASSES = 8  # per filter at most: (NUM_PIVOTS / 2 + 1)^8 = 17^8 > 2^32 keys
+# Split refine launches; rows still open after them finish in one solo launch (one program a row).
+# 2 = one pivot pass + the buffer, what top-p 0.95 and top-k 50 + top-p 0.95 take at V = 152064 on
+# N(0, 3^2) logits (measured in the interpreter, bench/kernels.py --sampler-only).
+SPLIT_REFINE_PASSES = 2
+# A bracket holding <= COMPACT_CAP tokens is settled by one program from a buffer of 8 B a token
+# (64 KiB a row: 16 MiB at B = 256); with 8192, one pivot pass then the buffer settle the cases above.
+COMPACT_CAP = 8192
+NUM_WARPS = 4
 
-@triton.jit
-def _gumbel(seed, start, BLOCK: tl.constexpr):
-    """G_i = -log(-log U_i) for i in [start, start + BLOCK), start a multiple of 4: one Philox call
-    gives four uniforms (counter i // 4, output i % 4)."""
-    r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK]).to(tl.int32, bitcast=True)
-    u = tl.where(r < 0, ~r, r) * 4.6566127342e-10  # as tl.rand: uniform in [0, 1)
-    return -tl.log(-tl.log(u))
-
-
-@triton.jit
-def _gumbel_at(seed, index):
-    """G_i at arbitrary indices i (the same stream as _gumbel)."""
-    r0, r1, r2, r3 = tl.randint4x(seed, index // 4)
-    lane = index % 4
-    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3))).to(tl.int32, bitcast=True)
-    u = tl.where(r < 0, ~r, r) * 4.6566127342e-10
-    return -tl.log(-tl.log(u))
-
-
-@triton.jit
-def _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK: tl.constexpr):
-    """Fold a block x[start:start + BLOCK] into the running race: best x/T + G over x >= threshold."""
-    score = tl.where(valid & (x >= threshold), x * inv_t + _gumbel(seed, start, BLOCK), float("-inf"))
-    block_best = tl.max(score, axis=0)
-    best_index = tl.where(block_best > best, start + tl.argmax(score, axis=0), best_index)
-    return tl.maximum(best, block_best), best_index
-
-
-@triton.jit
-def _race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK: tl.constexpr):
-    offs = start + tl.arange(0, BLOCK)
-    valid = offs < end
-    x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-    return _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index, BLOCK)
+# Row state between passes (layout in cir_kernels/sampling_triton.py)
+STATE_F, STATE_I = 5, 6
 
 
 @triton.jit
@@ -127,63 +122,6 @@ def _is_last(counter_ptr, num_splits):
 
 
 @triton.jit
-def _race_threshold(theta, m, min_p, inv_t):
-    """The race's floor: x >= it iff key(x) >= theta (the top-k / top-p cut) and p >= min_p * max p,
-    i.e. x >= m + T log(min_p) (at most m: the max is always kept)."""
-    return tl.maximum(_key_to_float(theta), tl.minimum(m + tl.log(min_p) / inv_t, m))
-
-
-@triton.jit
-def _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index):
-    """A chunk's race result: best score in part_f slot 3, its index in part_i slot 1 (slots 0-2 of
-    part_f: m, s, min x; slot 0 of part_i: argmax, written by the stats pass)."""
-    base = row * num_splits + split
-    tl.store(part_f_ptr + base * 4 + 3, best)
-    tl.store(part_i_ptr + base * 2 + 1, best_index)
-
-
-@triton.jit
-def _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S: tl.constexpr):
-    """The row's race merged over its chunks in chunk order: (best score, its index; the lowest
-    chunk on ties)."""
-    sp = tl.arange(0, BLOCK_S)
-    ok = sp < num_splits
-    pbest = tl.load(part_f_ptr + (row * num_splits + sp) * 4 + 3, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    best = tl.max(pbest, axis=0)
-    first = tl.min(tl.where(ok & (pbest == best), sp, BLOCK_S), axis=0)
-    return best, tl.load(part_i_ptr + (row * num_splits + first) * 2 + 1, cache_modifier=".cg")
-
-
-@triton.jit
-def _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, log_s):
-    """The row's token and its log-prob (x_token - m)/T - log s over the full vocabulary."""
-    x_token = tl.load(row_ptr + token).to(tl.float32)
-    tl.store(tokens_ptr + row, token.to(tl.int64))
-    tl.store(logprobs_ptr + row, (x_token - m) * inv_t - log_s)
-
-
-@triton.jit
-def _race_buffer(buf_x, buf_i, num, seed, inv_t, threshold, V, BLOCK_V: tl.constexpr):
-    """The exponential race over buffered tokens with x >= threshold: (best score, its index; the
-    lowest index on ties, whatever the buffer's order)."""
-    best = float("-inf")
-    best_index = V
-    for start in range(0, num, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        valid = offs < num
-        x = tl.load(buf_x + offs, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        index = tl.load(buf_i + offs, mask=valid, other=0, cache_modifier=".cg")
-        score = tl.where(valid & (x >= threshold), x * inv_t + _gumbel_at(seed, index), float("-inf"))
-        block_best = tl.max(score, axis=0)
-        block_index = tl.min(tl.where(valid & (score == block_best), index, V), axis=0)
-        tie = (block_best == best) & (block_best > float("-inf"))
-        best_index = tl.where(block_best > best, block_index, tl.where(tie, tl.minimum(best_index, block_index),
-                                                                        best_index))
-        best = tl.maximum(best, block_best)
-    return best, best_index
-
-
-@triton.jit
 def _stats_kernel(
     logits_ptr, logits_row_stride,
     temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, seed_ptr,
@@ -220,13 +158,13 @@ def _stats_kernel(
         m = m_new
         x_min = tl.minimum(x_min, tl.min(tl.where(valid, x, float("inf")), axis=0))
         if is_plain:
-            best, best_index = _race_block(row_ptr, start, end, seed, inv_t, float("-inf"), best, best_index, BLOCK_V)
+            best, best_index = race_block(row_ptr, start, end, seed, inv_t, float("-inf"), best, best_index, BLOCK_V)
     base = row * num_splits + split
     tl.store(part_f_ptr + base * 4 + 0, m)
     tl.store(part_f_ptr + base * 4 + 1, s)
     tl.store(part_f_ptr + base * 4 + 2, x_min)
     tl.store(part_i_ptr + base * 2 + 0, argmax)
-    _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
+    store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
 
     # 2) the row's last program merges the chunks (in chunk order: ties go to the lowest index)
     if _is_last(counter_ptr + row, num_splits):
@@ -244,15 +182,15 @@ def _stats_kernel(
         argmax = tl.load(part_i_ptr + (row * num_splits + first_max) * 2, cache_modifier=".cg")
         token = tl.where(is_greedy, argmax, 0)
         if is_plain:
-            _, token = _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
+            _, token = race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
         if is_greedy | is_plain:
-            _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, log_s)
-        # search state of a filtered row: bracket [key(min x), key(m) + 1), W(lo) = all, W(hi) = 0
-        lo = _key(tl.min(pmin, axis=0))
-        hi_start = _key(m) + 1
+            write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, log_s)
+        # search state of a filtered row: bracket [order_key(min x), order_key(m) + 1), W(lo) = all, W(hi) = 0
+        lo = order_key(tl.min(pmin, axis=0))
+        hi_start = order_key(m) + 1
         phase = tl.where(need_k, 0, tl.where(need_p, 1, 2))
         count_lo = lo * 0 + V
-        phase, hi, count_hi, mass_hi, target = _settle(phase, lo, hi_start, count_lo, count_lo * 0, s, 0.0,
+        phase, hi, count_hi, mass_hi, target = settle(phase, lo, hi_start, count_lo, count_lo * 0, s, 0.0,
                                                        top_p * s, hi_start, top_p, need_p)
         phase = tl.where(is_greedy | is_plain, 3, phase)
         _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, count_hi * 0, s, mass_hi,
@@ -290,14 +228,14 @@ def _refine_kernel(
             mass_lo = tl.load(state_f_ptr + row * 5 + 2)
             mass_hi = tl.load(state_f_ptr + row * 5 + 3)
             target = tl.load(state_f_ptr + row * 5 + 4)
-            hi_start = _key(m) + 1
+            hi_start = order_key(m) + 1
             whole = count_lo <= cap  # every token >= lo fits the buffer: both filters can settle there
             if count_lo - count_hi <= cap:
                 # A) compaction: tokens in [lo, region_hi) go to the row's buffer; the race runs over the
                 # tokens surely kept (key >= region_hi > theta) when this filter is the last one
                 region_hi = tl.where(whole, hi_start, hi)
                 may_finish = (phase == 1) | (~need_p) | whole
-                threshold = _race_threshold(region_hi, m, min_p, inv_t)
+                threshold = race_threshold(region_hi, m, min_p, inv_t)
                 seed = tl.load(seed_ptr + row)
                 for split in range(first_split, stop_split):
                     begin = split * chunk
@@ -308,8 +246,8 @@ def _refine_kernel(
                         offs = start + tl.arange(0, BLOCK_V)
                         valid = offs < end
                         x = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-                        key = _key(x)
-                        inside = valid & (key >= lo) & (key < region_hi)
+                        x_key = order_key(x)
+                        inside = valid & (x_key >= lo) & (x_key < region_hi)
                         num_inside = tl.sum(inside.to(tl.int32), axis=0)
                         if num_inside > 0:
                             slot = tl.atomic_add(cursor_ptr + row, num_inside, sem="relaxed") - 1  # _is_last orders
@@ -317,9 +255,9 @@ def _refine_kernel(
                             tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
                             tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
                         if may_finish:
-                            best, best_index = _race_fold(x, valid, start, seed, inv_t, threshold, best, best_index,
+                            best, best_index = race_fold(x, valid, start, seed, inv_t, threshold, best, best_index,
                                                           BLOCK_V)
-                    _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
+                    store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
                 if _is_last(counter_ptr + row, num_programs):
                     # the exact search over <= cap buffered tokens, in this one program (exact integer
                     # sums: the buffer's order, set by atomics, does not matter)
@@ -328,37 +266,37 @@ def _refine_kernel(
                     base_count = tl.where(whole, 0, count_hi)
                     base_mass = tl.where(whole, 0.0, mass_hi)
                     entry = phase
-                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target = _search_buffer(
+                    phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target = search_buffer(
                         buf, num, base_count, base_mass, phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target,
                         m, inv_t, top_k, top_p, need_p & whole, hi_start, max_passes, NUM_PIVOTS, BLOCK_V)
                     # top-k settled but top-p needs tokens not buffered: back to full-row passes
                     escaped = (entry == 0) & need_p & (~whole)
-                    hi, count_hi, mass_hi, target = _start_top_p(escaped, hi, count_hi, mass_hi, target, mass_lo,
+                    hi, count_hi, mass_hi, target = start_top_p(escaped, hi, count_hi, mass_hi, target, mass_lo,
                                                                  hi_start, top_p)
                     phase = tl.where(escaped, 1, phase)
-                    phase, hi, count_hi, mass_hi, target = _settle(
+                    phase, hi, count_hi, mass_hi, target = settle(
                         phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, False)
                     if (phase == 2) & (~escaped):
                         # the race: buffered tokens with key >= theta, against the chunks' surely kept ones
-                        threshold = _race_threshold(lo, m, min_p, inv_t)
-                        best_b, index_b = _race_buffer(buf, buf_i_ptr + row * cap, num, seed, inv_t, threshold, V,
+                        threshold = race_threshold(lo, m, min_p, inv_t)
+                        best_b, index_b = race_buffer(buf, buf_i_ptr + row * cap, num, seed, inv_t, threshold, V,
                                                        BLOCK_V)
-                        best_a, index_a = _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
+                        best_a, index_a = race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
                         best = tl.maximum(best_a, best_b)
                         token = tl.minimum(tl.where(best_a == best, index_a, V), tl.where(best_b == best, index_b, V))
-                        _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t,
+                        write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t,
                                      tl.load(state_f_ptr + row * 5 + 1))
                         phase = phase * 0 + 3
                     _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
                                  mass_hi, target)
             else:
                 # B) pivot pass: this chunk's count and mass at NUM_PIVOTS pivots in (lo, hi)
-                pivot, pivot_x = _pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
+                pivot, pivot_x = pivots(phase, lo, hi, count_lo, mass_lo, target, m, inv_t, NUM_PIVOTS)
                 j = tl.arange(0, NUM_PIVOTS)
                 for split in range(first_split, stop_split):
                     begin = split * chunk
                     end = tl.minimum(begin + chunk, V)
-                    count, mass = _count_mass_ge(row_ptr, begin, end, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, False, "")
+                    count, mass = count_mass_ge(row_ptr, begin, end, pivot_x, m, inv_t, NUM_PIVOTS, BLOCK_V, False, "")
                     base = (row * num_splits + split) * NUM_PIVOTS + j
                     tl.store(count_part_ptr + base, count)
                     tl.store(mass_part_ptr + base, mass)
@@ -368,10 +306,10 @@ def _refine_kernel(
                     ok = (sp < num_splits)[:, None]
                     count = tl.sum(tl.load(count_part_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=0)
                     mass = tl.sum(tl.load(mass_part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                    lo, hi, count_lo, count_hi, mass_lo, mass_hi = _narrow(phase, lo, hi, count_lo, count_hi, mass_lo,
+                    lo, hi, count_lo, count_hi, mass_lo, mass_hi = narrow(phase, lo, hi, count_lo, count_hi, mass_lo,
                                                                            mass_hi, pivot, count.to(tl.int64), mass,
                                                                            top_k, target)
-                    phase, hi, count_hi, mass_hi, target = _settle(
+                    phase, hi, count_hi, mass_hi, target = settle(
                         phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p)
                     _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
                                  mass_hi, target)
@@ -395,15 +333,132 @@ def _race_kernel(
         temperature = tl.load(temperature_ptr + row)
         inv_t = 1.0 / temperature
         m = tl.load(state_f_ptr + row * 5 + 0)
-        threshold = _race_threshold(tl.load(state_i_ptr + row * 6 + 1), m, tl.load(min_p_ptr + row), inv_t)
+        threshold = race_threshold(tl.load(state_i_ptr + row * 6 + 1), m, tl.load(min_p_ptr + row), inv_t)
         seed = tl.load(seed_ptr + row)
         begin = split * chunk
         end = tl.minimum(begin + chunk, V)
         best = float("-inf")
         best_index = begin
         for start in range(begin, end, BLOCK_V):
-            best, best_index = _race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK_V)
-        _store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
+            best, best_index = race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK_V)
+        store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
         if _is_last(counter_ptr + row, num_splits):
-            _, token = _race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
-            _write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, tl.load(state_f_ptr + row * 5 + 1))
+            _, token = race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
+            write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, tl.load(state_f_ptr + row * 5 + 1))
+
+
+def row_seeds(generator: Generator, num_rows: int, device: torch.device) -> torch.Tensor:
+    """Per-row Philox keys [num_rows] int64 on `device`, without a host sync.
+
+    None: drawn from torch's default generator of `device`. torch.Generator: drawn from it (it must
+    live on `device`). int seed: row r gets key (r << 32) + (seed mod 2^32), so a seed fixes every
+    row's stream. Tensor: used as given, one key per row (e.g. a sequence id mixed with its step).
+    """
+    if isinstance(generator, torch.Tensor):
+        check_row_seeds(generator, num_rows, device)
+        return generator.to(torch.int64).contiguous()
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        rows = torch.arange(num_rows, dtype=torch.int64, device=device)
+        return (rows << 32) + (generator % 2**32)
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None and generator.device != device:
+            raise ValueError(f"generator lives on {generator.device}, logits on {device}")
+        return torch.randint(0, 2**62, (num_rows,), dtype=torch.int64, device=device, generator=generator)
+    raise ValueError(f"generator must be a torch.Generator, an int seed or a tensor of seeds, got {generator!r}")
+
+
+def split_plan(vocab_size: int) -> tuple[int, int, int, int]:
+    """(programs per row, logits per program, streaming block, refine block): a function of V alone,
+    so that a row's arithmetic, and its token, do not depend on the batch."""
+    splits = max(1, min(triton.cdiv(vocab_size, MIN_CHUNK), MAX_SPLITS))
+    per_split = triton.cdiv(vocab_size, splits)
+    block_v = max(4, min(BLOCK_V, triton.next_power_of_2(per_split)))  # 4 | block: Philox gives 4 at a time
+    refine_block = min(RADIX_BLOCK_V, block_v)
+    chunk = triton.cdiv(per_split, block_v) * block_v
+    return triton.cdiv(vocab_size, chunk), chunk, block_v, refine_block
+
+
+# Per-row pass counters, zero between calls (each pass's last program resets its row's counter), kept
+# per (device, stream) on CUDA so that a call costs no memset launch; fresh on CPU (the interpreter),
+# where an interrupted call could leave them dirty.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(num_rows: int, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return torch.zeros(num_rows, dtype=torch.int32, device=device)
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < num_rows:
+        counters = torch.zeros(max(num_rows, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
+
+
+def sample_triton(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    min_p: torch.Tensor,
+    seeds: torch.Tensor,
+    *,
+    may_filter: tuple[bool, bool, bool] = (True, True, True),
+    return_passes: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Launcher of `cir_kernels.sample`: per-row parameters already checked and shaped [B] by
+    `prepare_sampling`, seeds from `row_seeds`.
+
+    may_filter = (top-k, top-p, min-p): whether some row may use that filter. A False skips its
+    launches (refine passes, race); True is always correct (rows that do not filter exit at once).
+    return_passes: also return each row's number of refine passes (B,) int64 (what bench reports).
+    """
+    num_rows, vocab_size = logits.shape
+    assert logits.stride(1) == 1 and seeds.shape == (num_rows,)
+    device = logits.device
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
+    if num_rows == 0:
+        return (tokens, logprobs, tokens.clone()) if return_passes else (tokens, logprobs)
+    splits, chunk, block_v, refine_block = split_plan(vocab_size)
+    block_s = triton.next_power_of_2(splits)
+    part_f = torch.empty(num_rows, splits, 4, dtype=torch.float32, device=device)
+    part_i = torch.empty(num_rows, splits, 2, dtype=torch.int32, device=device)
+    state_f = torch.empty(num_rows, STATE_F, dtype=torch.float32, device=device)
+    state_i = torch.empty(num_rows, STATE_I, dtype=torch.int64, device=device)
+    counters = _counters(2 * num_rows, device)  # pass counters, then buffer cursors
+    grid = (num_rows, splits)
+    _stats_kernel[grid](
+        logits, logits.stride(0), temperature, top_p, top_k, min_p, seeds,
+        part_f, part_i, state_f, state_i, counters, tokens, logprobs,
+        vocab_size, chunk, splits,
+        BLOCK_V=block_v, BLOCK_S=block_s, num_warps=NUM_WARPS,
+    )
+    may_k, may_p, may_min_p = may_filter
+    if may_k or may_p:
+        cap = min(COMPACT_CAP, triton.cdiv(vocab_size, 16) * 16)
+        count_part = torch.empty(num_rows, splits, NUM_PIVOTS, dtype=torch.int32, device=device)
+        mass_part = torch.empty(num_rows, splits, NUM_PIVOTS, dtype=torch.float32, device=device)
+        buf_x = torch.empty(num_rows, cap, dtype=torch.float32, device=device)
+        buf_i = torch.empty(num_rows, cap, dtype=torch.int32, device=device)
+        # the split passes that usually settle a row (a pivot pass, then the buffer; one more for
+        # top-k then top-p), then one launch in which each row still open runs all it may need alone
+        # (grid, passes per launch, chunks per program)
+        plan = [(grid, 1, 1)] * (SPLIT_REFINE_PASSES + int(may_k and may_p))
+        plan.append(((num_rows, 1), 2 * REFINE_PASSES, splits))
+        for launch_grid, num_passes, chunks_per_program in plan:
+            _refine_kernel[launch_grid](
+                logits, logits.stride(0), temperature, top_p, top_k, min_p, seeds,
+                count_part, mass_part, part_f, part_i, buf_x, buf_i,
+                state_f, state_i, counters, counters[num_rows:], tokens, logprobs,
+                vocab_size, chunk, splits, cap, 2 * REFINE_PASSES, num_passes, chunks_per_program,
+                launch_grid[1], NUM_PIVOTS=NUM_PIVOTS, BLOCK_V=refine_block, BLOCK_S=block_s, num_warps=NUM_WARPS,
+            )
+    if may_k or may_p or may_min_p:
+        _race_kernel[grid](
+            logits, logits.stride(0), temperature, min_p, seeds,
+            part_f, part_i, state_f, state_i, counters, tokens, logprobs,
+            vocab_size, chunk, splits,
+            BLOCK_V=block_v, BLOCK_S=block_s, num_warps=NUM_WARPS,
+        )
+    return (tokens, logprobs, state_i[:, 5]) if return_passes else (tokens, logprobs)

@@ -36,34 +36,54 @@ def smollm2_dir(smollm2_gguf) -> str:
     return _fetch(default_model_path)
 
 
-_COMPILE_SM90 = """
-import importlib, json, sys
+_COMPILE = """
+import contextlib, importlib, io, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spills of each kernel
+triton.knobs.compilation.always_compile = True  # no cache hit: ptxas runs, so its log is there
 module = importlib.import_module(sys.argv[1])
-for name, signature, constants in json.loads(sys.argv[2]):
-    names = list(signature) + list(constants)
-    src = ASTSource(fn=getattr(module, name), signature={**signature, **{k: "constexpr" for k in constants}},
-                    constexprs={(names.index(k),): v for k, v in constants.items()})
-    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm, name
-print("compiled")
+target = GPUTarget("cuda", int(sys.argv[2]), 32)
+report = []
+for name, signature, constants, options in json.loads(sys.argv[3]):
+    fn = getattr(module, name)
+    # pointers (torch allocations) and strides are 16-divisible at real launches: Triton specialises on it
+    aligned = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
+               if v.startswith("*") or "stride" in k}
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constants}}, constexprs=constants,
+                    attrs=aligned)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        kernel = triton.compile(src, target=target, options=options)
+    assert "cubin" in kernel.asm, name
+    text = log.getvalue()
+    spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", text)]
+    report.append({"kernel": name, "constants": constants, "options": options,
+                   "registers": max(int(n) for n in re.findall(r"Used (\\d+) registers", text)),
+                   "spill_bytes": max(spills, default=0)})
+print("REPORT " + json.dumps(report))
 """
 
 
+def compile_kernels(module: str, kernels: list[tuple[str, dict, dict, dict]], arch: int) -> list[dict]:
+    """Compile each (kernel name, signature, constexpr values, options such as num_warps / num_stages)
+    of `module` to a cubin for sm_<arch>, in a fresh interpreter without TRITON_INTERPRET; returns per
+    kernel its registers per thread and spill bytes (ptxas -v)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _COMPILE, module, str(arch), json.dumps(kernels)], env=env,
+                            cwd=root, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0 and "REPORT " in result.stdout, result.stderr[-3000:]
+    return json.loads(result.stdout.split("REPORT ", 1)[1])
+
+
 @pytest.fixture
-def compile_sm90():
-    """compile_sm90(module, kernels): compile each (kernel name, signature, constexpr values) of the
-    module to an sm_90 cubin, in a fresh interpreter without TRITON_INTERPRET. The interpreter does
-    not type-check like the compiler; compiling needs no GPU, only Triton's NVIDIA backend (skip)."""
+def compile_cuda():
+    """compile_cuda(module, kernels, arch) -> [{kernel, constants, options, registers, spill_bytes}]:
+    compile each (kernel name, signature, constexpr values, options) of the module to a cubin for
+    sm_<arch> (80: A100, 90: H100 / H200). The interpreter does not type-check like the compiler;
+    compiling needs no GPU, only Triton's NVIDIA backend with its ptxas (skip without it)."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend (with ptxas) is not installed")
-
-    def compile_kernels(module: str, kernels: list[tuple[str, dict, dict]]) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        result = subprocess.run([sys.executable, "-c", _COMPILE_SM90, module, json.dumps(kernels)], env=env, cwd=root,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
-
     return compile_kernels

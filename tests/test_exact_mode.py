@@ -26,7 +26,7 @@ from cir_kernels import linear_logprobs
 from cir_kernels.batch_invariant import (ROW_TILE, attention_invariant, causal_attention_invariant, linear_invariant,
                                      paged_attention_invariant)
 from cir_kernels.batch_invariant_logprobs import linear_logprobs_invariant, logprobs_from_logits_invariant
-from cir_kernels.batch_invariant_triton import BLOCK_K, BLOCK_M, BLOCK_N, bmm_triton
+from cir_kernels.batch_invariant_triton import bmm_triton
 from cir_kernels.paged_attention_reference import plan_reference
 from cir_sandbox import Result
 
@@ -72,19 +72,6 @@ def test_triton_bmm_rows_and_batches_are_invariant():
     assert torch.equal(bmm_triton(a[:, :5], b.transpose(1, 2).contiguous().transpose(1, 2))[0], full[0, :5])
     with pytest.raises(ValueError, match="do not chain"):
         bmm_triton(a, b[:, :3])
-
-
-def test_triton_bmm_compiles_for_sm90(compile_sm90):
-    """The interpreter does not type-check like the compiler: compile the kernel (fp32 with ieee
-    products, bf16 with plain tl.dot) to an sm_90 cubin, which needs no GPU."""
-    strides = {f"{t}_stride_{d}": "i64" for t, dims in (("a", "bmk"), ("b", "bkn"), ("out", "bmn")) for d in dims}
-    kernels = []
-    for dtype, ieee in (("fp32", True), ("bf16", False)):
-        signature = {"a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                     **strides}
-        constants = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "IEEE": ieee}
-        kernels.append(("_bmm_kernel", signature, constants))
-    compile_sm90("cir_kernels.batch_invariant_triton", kernels)
 
 
 def test_attention_invariant_matches_sdpa_and_ignores_key_padding():
@@ -142,7 +129,7 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-def _paged_rows(q, k, v, steps, block_size=4):
+def _paged_rows(q, k, v, steps, block_size=4, backend=None):
     """The engine's path: the sequence's keys in a paged cache (shuffled blocks, another sequence of
     26 tokens beside it), attended in `steps` of (first, last) query positions, each step batched
     with a decode row of the other sequence; -> the sequence's rows of every step, concatenated."""
@@ -166,7 +153,7 @@ def _paged_rows(q, k, v, steps, block_size=4):
         q_step = torch.cat((q[first:last], other_q))
         cu = torch.tensor([0, last - first, last - first + 1], dtype=torch.int32)
         plan = plan_reference(cu, block_tables, torch.tensor([last, other_len], dtype=torch.int32), block_size)
-        outs.append(paged_attention_invariant(q_step, k_cache, v_cache, plan)[:last - first])
+        outs.append(paged_attention_invariant(q_step, k_cache, v_cache, plan, backend=backend)[:last - first])
     return torch.cat(outs)
 
 
@@ -175,10 +162,16 @@ def test_attention_over_many_key_tiles_same_bits_in_every_path(monkeypatch, trit
     """300 tokens over key tiles of 8 (38 tiles, the last one partial): the packed training forward
     (beside other sequences), chunked prefill of odd sizes after a cached prefix and decode steps
     give the same bits. triton: the CUDA branch (fixed-tile Triton bmm) under the interpreter."""
+    import functools
+
+    from cir.model import attention
     from cir_kernels import batch_invariant
 
     monkeypatch.setattr(batch_invariant, "KV_TILE", 8)
-    monkeypatch.setattr(batch_invariant, "_TRITON_ON_CPU", triton)
+    backend = "triton" if triton else "torch"
+    # the model's context calls the op without a backend (None: torch for CPU tensors): pin it
+    monkeypatch.setattr(attention, "causal_attention_invariant",
+                        functools.partial(causal_attention_invariant, backend=backend))
     torch.manual_seed(11)
     L, Hq, Hkv, D = (300, 4, 2, 16) if not triton else (75, 2, 1, 16)
     q, k, v = torch.randn(L, Hq, D), torch.randn(L, Hkv, D), torch.randn(L, Hkv, D)
@@ -193,7 +186,7 @@ def test_attention_over_many_key_tiles_same_bits_in_every_path(monkeypatch, trit
     # (ii) chunked prefill of odd sizes, (iii) decode: one query per step (the last 9 tokens)
     cuts = [0, 7, 60, 61, 124, 203, L - 9] if not triton else [0, 13, 14, 45, L - 9]
     steps = list(zip(cuts[:-1], cuts[1:], strict=True)) + [(p, p + 1) for p in range(L - 9, L)]
-    assert torch.equal(_paged_rows(q, k, v, steps), full)
+    assert torch.equal(_paged_rows(q, k, v, steps, backend=backend), full)
 
 
 def test_attention_memory_grows_linearly_in_the_sequence(monkeypatch):
@@ -241,10 +234,10 @@ def test_linear_logprobs_invariant_values_rows_and_gradients():
         linear_logprobs_invariant(h, w, targets + 300)
 
 
-def test_cuda_path_under_the_interpreter(monkeypatch):
+def test_cuda_path_under_the_interpreter():
     """The CUDA branches (fixed-tile Triton bmm everywhere, fixed-order row means, Triton row kernel)
     run on CPU tensors through TRITON_INTERPRET=1: the same invariances, the same values."""
-    from cir_kernels import batch_invariant
+    from cir_kernels.batch_invariant import row_mean_invariant
 
     torch.manual_seed(7)
     x, w = torch.randn(40, 24), torch.randn(36, 24) * 0.3
@@ -252,20 +245,20 @@ def test_cuda_path_under_the_interpreter(monkeypatch):
     h, targets = torch.randn(9, 24), torch.randint(0, 36, (9,))
     ref = (F.linear(x, w), x.pow(2).mean(-1, keepdim=True), linear_logprobs(h, w, targets, 0.9),
            causal_attention_invariant(q, k, v))
-    monkeypatch.setattr(batch_invariant, "_TRITON_ON_CPU", True)
-    full = linear_invariant(x, w)
+    tri = {"backend": "triton"}
+    full = linear_invariant(x, w, **tri)
     assert_close(full, ref[0], atol=1e-5)
-    assert torch.equal(linear_invariant(x[17:19], w), full[17:19])
-    mean = batch_invariant.row_mean_invariant(x.pow(2))
+    assert torch.equal(linear_invariant(x[17:19], w, **tri), full[17:19])
+    mean = row_mean_invariant(x.pow(2), **tri)
     assert_close(mean, ref[1], atol=1e-5)
-    assert torch.equal(batch_invariant.row_mean_invariant(x[3:4].pow(2)), mean[3:4])
-    logp = linear_logprobs_invariant(h, w, targets, 0.9)
+    assert torch.equal(row_mean_invariant(x[3:4].pow(2), **tri), mean[3:4])
+    logp = linear_logprobs_invariant(h, w, targets, 0.9, **tri)
     assert_close(logp, ref[2], atol=1e-5)
-    assert torch.equal(logprobs_from_logits_invariant(linear_invariant(h[4:6], w, out_dtype=torch.float32),
-                                                      targets[4:6], 0.9), logp[4:6])
-    attn = causal_attention_invariant(q, k, v)
+    assert torch.equal(logprobs_from_logits_invariant(linear_invariant(h[4:6], w, out_dtype=torch.float32, **tri),
+                                                      targets[4:6], 0.9, **tri), logp[4:6])
+    attn = causal_attention_invariant(q, k, v, **tri)
     assert_close(attn, ref[3], atol=1e-5)
-    assert torch.equal(causal_attention_invariant(q[12:13], k[:13], v[:13]), attn[12:13])
+    assert torch.equal(causal_attention_invariant(q[12:13], k[:13], v[:13], **tri), attn[12:13])
 
 
 def test_model_exact_mode_keeps_the_math_and_switches_off():

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
+from sampling_power import CountTest, exact_distribution
 
 from cir_kernels import sample, sample_reference
-from cir_kernels import sampling
+from cir_kernels import sampling_triton
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log(0) in masked lanes
 
@@ -21,7 +21,6 @@ PROBS = [0.07, 0.30, 0.02, 0.15, 0.10, 0.20, 0.04, 0.12]
 LOGITS = torch.log(torch.tensor(PROBS))
 # (temperature, top_k, top_p, min_p): each filter alone, then all together
 CONFIGS = [(0.7, 0, 1.0, 0.0), (1.0, 3, 1.0, 0.0), (1.0, 0, 0.6, 0.0), (1.0, 0, 1.0, 0.3), (1.3, 5, 0.8, 0.2)]
-NUM_DRAWS = {"torch": 20000, "triton": 60}  # the interpreter runs ~20-130 ms per row
 
 
 def filtered_distribution(temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -44,28 +43,15 @@ def filtered_distribution(temperature: float, top_k: int, top_p: float, min_p: f
 
 
 def assert_matches_distribution(tokens: torch.Tensor, expected: np.ndarray) -> None:
-    counts = np.bincount(tokens.numpy(), minlength=len(expected)).astype(np.float64)
-    assert counts[expected == 0].sum() == 0, f"drew filtered-out tokens: counts {counts}, expected {expected}"
-    exp_counts = expected * counts.sum()
-    likely = exp_counts >= 10  # missed with probability < e^-10 each
-    assert bool((counts[likely] > 0).all()), f"a kept token never drawn: counts {counts}, expected {exp_counts}"
-    support = expected > 0
-    obs, exp = counts[support], exp_counts[support]
-    small = exp < 5  # pool sparse bins so the chi-square approximation holds
-    if small.any():
-        obs = np.append(obs[~small], obs[small].sum())
-        exp = np.append(exp[~small], exp[small].sum())
-    if len(obs) > 1:
-        p_value = chisquare(obs, exp).pvalue
-        assert p_value > 1e-3, f"chi-square p = {p_value:.2g}: counts {counts}, expected {exp_counts}"
+    """The rule of tests/sampling_power.py (false-alarm rate <= 1e-4) on the draws of one distribution."""
+    why = CountTest(np.asarray(expected, dtype=np.float64), len(tokens)).rejection(tokens.numpy())
+    assert why is None, why
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", CONFIGS)
-def test_frequencies_match_filtered_distribution(backend, temperature, top_k, top_p, min_p):
-    num_draws = NUM_DRAWS[backend]
-    if backend == "triton" and (temperature, top_k, top_p, min_p) == CONFIGS[-1]:
-        num_draws = 40  # the combined case costs two radix selects per row
+def test_reference_frequencies_match_filtered_distribution(temperature, top_k, top_p, min_p):
+    """The torch twin, 20000 draws (the Triton path: the powered tests below)."""
+    num_draws, backend = 20000, "torch"
     logits = LOGITS.expand(num_draws, -1).contiguous()
     tokens, logprobs = sample(logits, temperature, top_p, top_k, min_p, generator=12345, backend=backend)
     assert_matches_distribution(tokens, filtered_distribution(temperature, top_k, top_p, min_p))
@@ -120,8 +106,8 @@ def test_triton_draw_does_not_depend_on_block_size(monkeypatch):
     args = dict(temperature=torch.tensor([0.0, 1.0, 0.8, 1.2, 1.0]), top_p=torch.tensor([1.0, 0.9, 1.0, 0.5, 0.95]),
                 top_k=torch.tensor([0, 0, 30, 40, 0]), min_p=torch.tensor([0.0, 0.0, 0.0, 0.05, 0.0]), generator=7)
     big = sample(logits, backend="triton", **args)
-    monkeypatch.setattr(sampling, "_BLOCK_V", 64)
-    monkeypatch.setattr(sampling, "_RADIX_BLOCK_V", 16)
+    monkeypatch.setattr(sampling_triton, "BLOCK_V", 64)
+    monkeypatch.setattr(sampling_triton, "RADIX_BLOCK_V", 16)
     small = sample(logits, backend="triton", **args)
     assert torch.equal(big[0], small[0])
     torch.testing.assert_close(big[1], small[1], atol=1e-5, rtol=1e-5)
@@ -198,37 +184,186 @@ def test_inverse_cdf_across_chunks_follows_the_weights():
     assert edges.tolist() == [0, 772]  # the first and the last kept token, never a zero weight
 
 
-# ---------------------------------------------------------------- the split Triton path
-# A row is split over ceil(V / _MIN_CHUNK) programs; at V = 8 and _MIN_CHUNK = 4 that is 2 programs
-# per row (at V = 152064 it is 75). The split depends on V only, so a row's token does not depend on
-# the batch: B = 1 draws equal the same rows' draws inside a large batch (checked below), which is
-# why the chi-square runs once, on a large batch (the interpreter costs ~30 ms per program).
-COMBINED = CONFIGS[-1]
+# ---------------------------------------------------------------- the Triton path, with stated power
+# Every test below runs the kernels through the interpreter (~30 ms per program and launch, so rows
+# are the cost) and decides with the rule of tests/sampling_power.py. Each states, and asserts, its
+# false-alarm rate (<= 1e-4) and its power (>= 0.999) against the bugs it names; the distributions
+# are built so that those bugs change what is drawn as much as a few hundred rows can see:
+# - temperature off by 10%: one token 7.2 / T above 1023 equal ones (V = 1024): p(top) = 0.567, and
+#   0.464 / 0.669 at 1.1 T / 0.9 T; 480 rows (one temperature-only launch, one program a row)
+# - top-k off by one: the k-th token is drawn 25% of the time (k - 1 drops it), the (k + 1)-th holds
+#   18% of the (k + 1)-set
+# - top-p mass off by 3%: cumulative masses 0.4855 | 0.5145 | 0.5425 around top_p = 0.5, so 0.97 top_p
+#   drops the third token (5.6% of the draws) and 1.03 top_p adds the fourth
+# - min-p halved (0.3 -> 0.15): four tokens at 0.22 p_max (24% of the mass) come in
+# - the race without temperature (`x + gumbel` for `x * inv_t + gumbel`): T = 0.3 flattens a lot
+# - log-prob without temperature: every test compares the log-probs with log_softmax(x / T) (1e-5,
+#   fp32 over V <= 1024 terms): T != 1 everywhere, so false alarm 0 and power 1
+# Rows carry their own seeds: their draws are independent. The filter tests share one launch whose
+# rows mix the settings (per-row tensors), which is the mixed-settings test too.
+SMALL_T = 0.3
+
+
+def _design(probs: list[float], temperature: float, seed: int) -> np.ndarray:
+    """Logits (float64) whose softmax at `temperature` is `probs`, in a shuffled vocabulary order."""
+    perm = np.random.default_rng(seed).permutation(len(probs))
+    return (temperature * np.log(np.asarray(probs, dtype=np.float64)))[perm]
+
+
+def _spread(mass: float, num: int) -> list[float]:
+    return [mass / num] * num
+
+
+TEMP_T, TEMP_ROWS = 0.7, 480
+TEMP_LOGITS = np.zeros(1024)
+TEMP_LOGITS[517] = 7.2 * TEMP_T
+# (name, logits, settings, rows, bugs: name -> the distribution the bug samples)
+TOP_K = _design([0.32, 0.24, 0.18, 0.16] + _spread(0.10, 28), SMALL_T, 1)
+TOP_P = _design([0.30, 0.1855, 0.029, 0.028] + _spread(1 - 0.5425, 28), SMALL_T, 2)
+MIN_P = _design([0.25, 0.20, 0.14, 0.11] + [0.055] * 4 + _spread(0.08, 24), SMALL_T, 3)
+MIXED = [
+    ("top-k", TOP_K, dict(top_k=3), 48, {"top_k - 1": dict(top_k=2), "top_k + 1": dict(top_k=4)}),
+    ("top-p", TOP_P, dict(top_p=0.5), 192, {"0.97 top_p": dict(top_p=0.485), "1.03 top_p": dict(top_p=0.515)}),
+    ("top-k + top-p", TOP_P, dict(top_k=4, top_p=0.5 / 0.5425), 192,  # top-p's target 0.5 of the top-4 mass
+     {"0.97 target": dict(top_k=4, top_p=0.97 * 0.5 / 0.5425),
+      "1.03 target": dict(top_k=4, top_p=1.03 * 0.5 / 0.5425)}),
+    ("min-p", MIN_P, dict(min_p=0.3), 48, {"min_p / 2": dict(min_p=0.15)}),
+    ("greedy", MIN_P, dict(temperature=0.0), 12, {"sampled": dict(temperature=SMALL_T)}),
+]
+
+
+def _without_temperature_in_race(logits: np.ndarray, temperature: float, **filters) -> np.ndarray:
+    """The kept set of (T, filters), drawn with weights e^x instead of e^(x / T)."""
+    keep = exact_distribution(logits, temperature, **filters) > 0
+    w = np.where(keep, np.exp(logits - logits.max()), 0.0)
+    return w / w.sum()
+
+
+def _assert_stated(test: CountTest, bugs: dict[str, np.ndarray]) -> dict[str, float]:
+    """The false-alarm rate <= 1e-4 and power >= 0.999 against each named bug; returns the powers."""
+    assert test.false_alarm <= 1e-4 + 1e-12, test.false_alarm
+    powers = {name: test.power(p1) for name, p1 in bugs.items()}
+    assert min(powers.values()) >= 0.999, powers
+    return powers
+
+
+def _check_logprobs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor):
+    t_eff = torch.where(temperature > 0, temperature, 1.0).double()
+    expected = torch.log_softmax(logits.double() / t_eff[:, None], dim=1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_temperature_rows_have_stated_power():
+    """False alarm 1.0e-4; power 0.9995 (1.1 T), 0.99996 (0.9 T), 1.0 (T ignored: `x + gumbel`)."""
+    test = CountTest(exact_distribution(TEMP_LOGITS, TEMP_T), TEMP_ROWS)
+    bugs = {f"{f} T": exact_distribution(TEMP_LOGITS, f * TEMP_T) for f in (1.1, 0.9)}
+    bugs["T ignored"] = exact_distribution(TEMP_LOGITS, 1.0)
+    _assert_stated(test, bugs)
+    logits = torch.tensor(TEMP_LOGITS, dtype=torch.float32).expand(TEMP_ROWS, -1).contiguous()
+    seeds = torch.arange(TEMP_ROWS, dtype=torch.int64) * 1000003 + 7
+    tokens, logprobs = sample(logits, TEMP_T, generator=seeds, backend="triton")
+    why = test.rejection(tokens.numpy())
+    assert why is None, why
+    _check_logprobs(logits, torch.full((TEMP_ROWS,), TEMP_T), tokens, logprobs)
+
+
+@pytest.fixture(scope="module")
+def mixed_launch():
+    """One launch: the rows of every MIXED design, interleaved, each with its own settings and seed."""
+    groups = np.concatenate([np.full(rows, g) for g, (_, _, _, rows, _) in enumerate(MIXED)])
+    groups = groups[np.random.default_rng(5).permutation(len(groups))]
+    settings = [{**dict(temperature=SMALL_T, top_k=0, top_p=1.0, min_p=0.0), **s} for _, _, s, _, _ in MIXED]
+    per_row = {key: torch.tensor([settings[g][key] for g in groups]) for key in settings[0]}
+    logits = torch.tensor(np.stack([MIXED[g][1] for g in groups]), dtype=torch.float32)
+    seeds = torch.arange(len(groups), dtype=torch.int64) * 7919 + 3
+    tokens, logprobs = sample(logits, generator=seeds, backend="triton", **per_row)
+    _check_logprobs(logits, per_row["temperature"], tokens, logprobs)
+    return groups, settings, tokens
+
+
+@pytest.mark.parametrize("group", range(len(MIXED)), ids=[m[0] for m in MIXED])
+def test_filtered_rows_have_stated_power(mixed_launch, group):
+    """False alarm <= 1e-4 each. Power: top-k: 1.0 (k - 1), 0.99992 (k + 1), top-p (alone, and after
+    top-k 4 on the same design): 1.0 (0.97 target), 0.99996 (1.03 target), 1.0 (race without T);
+    min-p: 0.999998 (halved); greedy: 0.99999994 (sampled instead)."""
+    groups, settings, tokens = mixed_launch
+    _, logits, _, rows, bug_settings = MIXED[group]
+    s = settings[group]
+    test = CountTest(exact_distribution(logits, **s), rows)
+    bugs = {name: exact_distribution(logits, **{**s, **b}) for name, b in bug_settings.items()}
+    if "top-p" in MIXED[group][0]:
+        bugs["race without T"] = _without_temperature_in_race(logits, **s)
+    _assert_stated(test, bugs)
+    why = test.rejection(tokens[torch.tensor(groups == group)].numpy())
+    assert why is None, why
+
+
+def test_mixed_rows_have_stated_power(mixed_launch):
+    """Each design's rows against the bug "rows read other rows' settings", in the form that changes
+    every design: sampled rows with the greedy rows' settings, greedy rows with a sampled design's.
+    False alarm 5 x 1e-4 / 5; power >= 0.99997 against each (greedy rows with sampled settings: 0.99997)."""
+    groups, settings, tokens = mixed_launch
+    greedy = [m[0] for m in MIXED].index("greedy")
+    for g, (name, logits, _, rows, _) in enumerate(MIXED):
+        test = CountTest(exact_distribution(logits, **settings[g]), rows, alpha=1e-4 / len(MIXED))
+        swaps = {f"{name} with {MIXED[o][0]}'s settings": exact_distribution(logits, **settings[o])
+                 for o in range(len(MIXED)) if o != g and greedy in (g, o)}
+        powers = {k: test.power(p1) for k, p1 in swaps.items()}
+        assert min(powers.values()) >= 0.999, powers
+        why = test.rejection(tokens[torch.tensor(groups == g)].numpy())
+        assert why is None, why
+
+
+SPLIT_CASES = [(MIN_P, dict(temperature=SMALL_T, min_p=0.3), 8192, dict(min_p=0.15)),
+               (TOP_K, dict(temperature=SMALL_T, top_k=3, top_p=0.9), 2, dict(top_k=2))]
+
+
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)), ids=["min-p", "top-k+top-p"])
+def test_split_rows_have_stated_power(monkeypatch, case):
+    """48 rows split over 2 programs (MIN_CHUNK 16, V = 32): min-p rows with the whole row in the
+    buffer (cap 8192), top-k + top-p rows through pivot passes and the race kernel (cap 2). False
+    alarm <= 1e-4 each; power >= 0.999 against a chunk lost in a merge (either chunk) and min-p halved
+    / top-k - 1. B = 1 draws equal the same rows' draws inside the batch."""
+    logits_np, s, cap, bug = SPLIT_CASES[case]
+    rows = 48
+    monkeypatch.setattr(sampling_triton, "MIN_CHUNK", 16)
+    monkeypatch.setattr(sampling_triton, "COMPACT_CAP", cap)
+    assert sampling_triton.split_plan(32)[0] == 2
+    for i in (case,):
+        p0 = exact_distribution(logits_np, **s)
+        test = CountTest(p0, rows)
+        bugs = {"filter bug": exact_distribution(logits_np, **{**s, **bug})}
+        for chunk in (0, 1):
+            lost = p0.copy()
+            lost[chunk * 16:(chunk + 1) * 16] = 0
+            bugs[f"chunk {chunk} lost"] = lost / lost.sum()
+        _assert_stated(test, bugs)
+        logits = torch.tensor(logits_np, dtype=torch.float32).expand(rows, -1).contiguous()
+        seeds = torch.arange(rows, dtype=torch.int64) * 1000003 + 17 + i
+        tokens, logprobs = sample(logits, generator=seeds, backend="triton", **s)
+        why = test.rejection(tokens.numpy())
+        assert why is None, why
+        _check_logprobs(logits, torch.full((rows,), s["temperature"]), tokens, logprobs)
+        row = 29
+        alone, _ = sample(logits[row:row + 1], generator=seeds[row:row + 1], backend="triton", **s)
+        assert alone.item() == tokens[row].item()
+
+
+def test_false_alarm_rates_hold():
+    """The chi-square limit behind each stated false-alarm rate, checked by simulating the rule on
+    200,000 multinomial samples of each design (numpy): at most 2.5e-4 observed (1e-4 stated; the
+    mean of 20 rejections has a standard deviation of ~4.5)."""
+    designs = [CountTest(exact_distribution(TEMP_LOGITS, TEMP_T), TEMP_ROWS)]
+    designs += [CountTest(exact_distribution(lg, **dict(temperature=SMALL_T, **s)), rows)
+                for _, lg, s, rows, _ in MIXED if "temperature" not in s]
+    for seed, test in enumerate(designs):
+        assert test.simulated_false_alarm(200_000, seed) <= 2.5e-4
 
 
 def _key(x: torch.Tensor) -> torch.Tensor:
     """The kernel's order-preserving int key of float32 logits (-0.0 counted as +0.0)."""
     bits = torch.where(x == 0, 0.0, x).float().view(torch.int32).to(torch.int64)
     return torch.where(bits < 0, -1 - bits, bits + 2**31)
-
-
-@pytest.mark.parametrize("temperature,top_k,top_p,min_p,cap",
-                         [(*CONFIGS[2], 8192), (*COMBINED, 8192), (*COMBINED, 2)])
-def test_split_rows_follow_the_filtered_distribution(monkeypatch, temperature, top_k, top_p, min_p, cap):
-    """cap 8192: the whole row goes to the buffer at once; cap 2: pivot passes, then the race pass."""
-    monkeypatch.setattr(sampling, "_MIN_CHUNK", 4)
-    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
-    assert sampling.split_plan(len(PROBS))[0] == 2
-    num_rows = 48
-    seeds = torch.arange(num_rows, dtype=torch.int64) * 1000003 + 17
-    logits = LOGITS.expand(num_rows, -1).contiguous()
-    tokens, logprobs = sample(logits, temperature, top_p, top_k, min_p, generator=seeds, backend="triton")
-    assert_matches_distribution(tokens, filtered_distribution(temperature, top_k, top_p, min_p))
-    torch.testing.assert_close(logprobs, torch.log_softmax(LOGITS / temperature, dim=0)[tokens], atol=1e-6, rtol=1e-6)
-    for row in (0, 29):  # B = 1, same seed: the token it got inside the batch
-        alone, _ = sample(logits[row:row + 1], temperature, top_p, top_k, min_p, generator=seeds[row:row + 1],
-                          backend="triton")
-        assert alone.item() == tokens[row].item()
 
 
 @pytest.mark.parametrize("cap", [8192, 12, 2])
@@ -240,7 +375,7 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
     top-p back on the full row; 2: pivot passes only)."""
     from cir_kernels.sampling_reference import keep_mask
 
-    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
+    monkeypatch.setattr(sampling_triton, "COMPACT_CAP", cap)
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(7, 37, generator=gen) * 4
@@ -255,7 +390,7 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
     z = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
     expected = keep_mask(z, torch.logsumexp(z, 1), args["top_p"], args["top_k"], args["min_p"])[1:]
 
-    race, states = sampling._race_kernel, []
+    race, states = sampling_triton._race_kernel, []
 
     class Spy:  # records the row state (phase, theta, ...) that the race kernel reads
         def __getitem__(self, grid):
@@ -264,10 +399,10 @@ def test_split_thresholds_are_exact(monkeypatch, cap):
                 return race[grid](*launch_args, **kwargs)
             return launch
 
-    monkeypatch.setattr(sampling, "_race_kernel", Spy())
+    monkeypatch.setattr(sampling_triton, "_race_kernel", Spy())
     whole = sample(logits, backend="triton", **args)
-    monkeypatch.setattr(sampling, "_MIN_CHUNK", 8)
-    assert sampling.split_plan(37)[0] == 5
+    monkeypatch.setattr(sampling_triton, "MIN_CHUNK", 8)
+    assert sampling_triton.split_plan(37)[0] == 5
     split = sample(logits, backend="triton", **args)
     for state in states:
         assert set(state[1:, 0].tolist()) <= {2, 3}  # every sampled row settled before the race (3: done)
@@ -286,49 +421,26 @@ def test_passes_a_row_does_not_need_change_nothing(monkeypatch, cap, min_chunk):
     that are greedy, temperature-only or already settled must skip those launches unchanged. With
     cap 2 and 3 chunks a row runs pivot passes split over programs, then in the solo launch: one
     more split launch (the plan when top-k may be used) must not change its token either."""
-    from cir_kernels.sampling_reference import prepare_sampling
+    from cir_kernels._checks import prepare_sampling
 
-    monkeypatch.setattr(sampling, "_COMPACT_CAP", cap)
-    monkeypatch.setattr(sampling, "_MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(sampling, "_SPLIT_REFINE_PASSES", 1)
+    monkeypatch.setattr(sampling_triton, "COMPACT_CAP", cap)
+    monkeypatch.setattr(sampling_triton, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(sampling_triton, "SPLIT_REFINE_PASSES", 1)
 
     logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(8)) * 2
     logits[2] = logits[2].round()  # ties: the bracket shrinks to one key, pass after pass
     params = prepare_sampling(logits, torch.tensor([0.0, 1.0, 0.8, 1.0]), torch.tensor([1.0, 1.0, 0.9, 1.0]),
                               torch.tensor([0, 0, 0, 4]), torch.tensor([0.0, 0.0, 0.0, 0.0]))
     seeds = torch.arange(4, dtype=torch.int64) + 40
-    needed = sampling.sample_triton(logits, *params, seeds, may_filter=(True, True, False))
-    every = sampling.sample_triton(logits, *params, seeds, may_filter=(True, True, True))
+    needed = sampling_triton.sample_triton(logits, *params, seeds, may_filter=(True, True, False))
+    every = sampling_triton.sample_triton(logits, *params, seeds, may_filter=(True, True, True))
     assert torch.equal(needed[0], every[0]) and torch.equal(needed[1], every[1])
-    plain = sampling.sample_triton(logits[:2], *(p[:2] for p in params), seeds[:2], may_filter=(False, False, False))
+    plain = sampling_triton.sample_triton(logits[:2], *(p[:2] for p in params), seeds[:2],
+                                          may_filter=(False, False, False))
     assert torch.equal(plain[0], every[0][:2])
     rows = slice(1, 3)  # no top-k: 1 split refine launch then the solo one, instead of 2 then solo
-    top_p_only = sampling.sample_triton(logits[rows], *(p[rows] for p in params), seeds[rows],
+    top_p_only = sampling_triton.sample_triton(logits[rows], *(p[rows] for p in params), seeds[rows],
                                         may_filter=(False, True, False), return_passes=True)
     assert torch.equal(top_p_only[0], every[0][rows]) and torch.equal(top_p_only[1], every[1][rows])
     if cap == 2:
-        assert top_p_only[2][1] > sampling._SPLIT_REFINE_PASSES  # the top-p row reached the solo launch
-
-
-def test_kernels_compile_for_sm90(compile_sm90):
-    """The interpreter does not type-check like the compiler (loop-carried types, scalar branches,
-    constexpr strings): compile the three kernels to an sm_90 cubin, which needs no GPU."""
-    F, I32, I64 = "*fp32", "*i32", "*i64"
-    row = dict(logits_ptr=F, logits_row_stride="i64", temperature_ptr=F)
-    params = dict(top_p_ptr=F, top_k_ptr=I64, min_p_ptr=F, seed_ptr=I64)
-    out = dict(tokens_ptr=I64, logprobs_ptr=F)
-    compile_sm90("cir_kernels.sampling_triton", [
-        ("_stats_kernel", {**row, **params, "part_f_ptr": F, "part_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
-                           "counter_ptr": I32, **out, "V": "i32", "chunk": "i32", "num_splits": "i32"},
-         {"BLOCK_V": 1024, "BLOCK_S": 128}),
-        ("_refine_kernel", {**row, **params, "count_part_ptr": I32, "mass_part_ptr": F, "part_f_ptr": F,
-                            "part_i_ptr": I32, "buf_x_ptr": F, "buf_i_ptr": I32, "state_f_ptr": F, "state_i_ptr": I64,
-                            "counter_ptr": I32, "cursor_ptr": I32, **out, "V": "i32", "chunk": "i32",
-                            "num_splits": "i32", "cap": "i32", "max_passes": "i32", "num_passes": "i32",
-                            "chunks_per_program": "i32", "num_programs": "i32"},
-         {"NUM_PIVOTS": 32, "BLOCK_V": 128, "BLOCK_S": 128}),
-        ("_race_kernel", {**row, "min_p_ptr": F, "seed_ptr": I64, "part_f_ptr": F, "part_i_ptr": I32,
-                          "state_f_ptr": F, "state_i_ptr": I64, "counter_ptr": I32, **out, "V": "i32", "chunk": "i32",
-                          "num_splits": "i32"},
-         {"BLOCK_V": 1024, "BLOCK_S": 128}),
-    ])
+        assert top_p_only[2][1] > sampling_triton.SPLIT_REFINE_PASSES  # the top-p row reached the solo launch

@@ -83,11 +83,14 @@ def test_matches_dense(case, heads, head_dim, dtype, backend):
     assert_close(out, dense_attention(args[0], args[1].tolist(), ks, vs), dtype)
 
 
+@pytest.mark.parametrize("num_splits", [2, 3])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_long_context_kv_splits_odd_block_size(backend):
-    """Several BLOCK_N steps per split, forced flash-decoding splits, block size 5, GQA 4, scale."""
-    args, ks, vs = make_case([1, 2, 1], [150, 140, 9], 4, 1, 16, block_size=5, dtype=torch.float32)
-    out = paged_attention(*args, scale=0.3, max_seqlen_q=2, backend=backend, num_splits=3)
+def test_long_context_kv_splits_odd_block_size(backend, num_splits):
+    """Several BLOCK_N steps per split, forced flash-decoding splits, block size 5, GQA 4, scale. 129
+    keys over 2 splits: ceil(129 / 2) = 65 rounds up to 128 keys a split (BLOCK_N 64); a split length
+    rounded down (64) would drop the last key."""
+    args, ks, vs = make_case([1, 2, 1, 1], [150, 140, 9, 129], 4, 1, 16, block_size=5, dtype=torch.float32)
+    out = paged_attention(*args, scale=0.3, max_seqlen_q=2, backend=backend, num_splits=num_splits)
     assert_close(out, dense_attention(args[0], args[1].tolist(), ks, vs, scale=0.3), torch.float32)
 
 
@@ -135,11 +138,12 @@ def test_reference_matches_triton_bf16_mixed():
 def test_store_kv(backend):
     k_cache = torch.zeros(3, 4, 2, 8)
     v_cache = torch.zeros(3, 4, 2, 8)
-    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
-    store_kv(k, v, k_cache, v_cache, torch.tensor([9, -1, 2]), backend=backend)
+    k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    store_kv(k, v, k_cache, v_cache, torch.tensor([9, -1, 2, 0]), backend=backend)
     assert torch.equal(k_cache[2, 1], k[0]) and torch.equal(v_cache[2, 1], v[0])
     assert torch.equal(k_cache[0, 2], k[2]) and torch.equal(v_cache[0, 2], v[2])
-    assert k_cache.count_nonzero() == 2 * 2 * 8  # the -1 slot wrote nothing
+    assert torch.equal(k_cache[0, 0], k[3]) and torch.equal(v_cache[0, 0], v[3])  # slot 0 is a slot
+    assert k_cache.count_nonzero() == 3 * 2 * 8  # the -1 slot wrote nothing
 
 
 def _good_args():
