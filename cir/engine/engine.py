@@ -30,7 +30,6 @@ from operator import attrgetter
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
@@ -38,6 +37,7 @@ from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
 from cir.engine.launched_step import LaunchedStep
 from cir.engine.model_runner import ModelRunner, seed_bases
+from cir.engine.progress import GenerationProgress
 from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import Scheduler
 from cir.engine.sequence import Sequence, SequenceStatus
@@ -136,13 +136,16 @@ class Engine:
 
     # 2) generation ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-                 tools: ToolConfig | None = None, prompt_keys: list[int] | None = None) -> list[Trajectory]:
+                 tools: ToolConfig | None = None, prompt_keys: list[int] | None = None,
+                 progress: GenerationProgress | None = None) -> list[Trajectory]:
         """Trajectories in prompt-major order: prompt 0's n samples, then prompt 1's, ...
 
         Each draw is seeded by (this call's seed, prompt key, sample index, position), so the tokens
         do not depend on batching, preemption or sandbox timing. `prompt_keys` (default: the
         prompts' positions) lets ranks that split one global batch use global indices, so every
         prompt gets its own random stream and the samples do not depend on the number of ranks.
+        `progress` (default: a "rollout" line when `config.show_progress`) is told the sampled tokens
+        and the finished sequences (progress.py).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -163,13 +166,13 @@ class Engine:
             self.kv_cache.allocate(self._num_blocks())
         self.runner.new_call()
         with self._rollout_weights():
-            trajs = self._generate(prompts, params, n, tools, prompt_keys)
+            trajs = self._generate(prompts, params, n, tools, prompt_keys, progress)
         if self.config.release_after_generate:
             self.release()
         return trajs
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, tools: ToolConfig | None,
-                  prompt_keys: list[int] | None) -> list[Trajectory]:
+                  prompt_keys: list[int] | None, progress: GenerationProgress | None = None) -> list[Trajectory]:
         if self.runner.graphs is not None:
             self.runner.graphs.check()  # a new pool or new parameter storage: capture again
         block_manager = BlockManager(self.kv_cache.num_blocks, self.config.block_size,
@@ -194,9 +197,8 @@ class Engine:
                                             [s.sample_idx for s in seqs])
         self.runner.shared_params = params
         self.runner.begin_call(seqs, -(-self.max_model_len // self.config.block_size))
-        num_seqs = len(prompts) * n
-        bar = tqdm(total=num_seqs, desc="rollout", unit="seq", leave=False,
-                   disable=not self.config.show_progress or num_seqs < 8)
+        bar = progress if progress is not None else GenerationProgress("rollout", enabled=self.config.show_progress)
+        bar.start(len(seqs), sum(s.max_response_tokens for s in seqs))
         self._seconds_waiting = 0.0
         self._stop_ids = [] if params.ignore_eos else sorted(self.eos_token_ids | set(params.stop_token_ids))
         if tools is not None and self._fence_table is None:
@@ -291,6 +293,7 @@ class Engine:
                 scheduler.retire(ended)
             self._pending = LaunchedStep.launch(owners, slots, tokens, logprobs, ended, state)
             num_generated += len(owners)
+            bar.add_tokens(len(owners))
         return num_steps, num_generated
 
     def _read_pending(self, scheduler: Scheduler, tools: ToolConfig | None, bar) -> None:
@@ -377,7 +380,7 @@ class Engine:
         if seq in scheduler.waiting:
             scheduler.waiting.remove(seq)
         scheduler.finish(seq, reason)
-        bar.update(1)
+        bar.update(1, seq.num_response_tokens)
 
     def _trajectory(self, seq: Sequence) -> Trajectory:
         return Trajectory(

@@ -34,7 +34,9 @@ from cir.rl.logger import MetricsLogger
 from cir.rl.loss import policy_loss
 from cir.rl.policy import PolicyForward
 from cir.rl.signal import COUNT_KEYS, no_signal_cause, rollout_counts
+from cir.threads import configure_threads
 from cir.tokenizer import load_tokenizer
+from cir.trained_settings import trained_settings
 
 
 class Trainer:
@@ -53,6 +55,8 @@ class Trainer:
 
             self.sandbox = Sandbox(workers=cfg.rollout.sandbox_workers, timeout=cfg.rollout.sandbox_timeout,
                                    memory_mb=cfg.rollout.sandbox_memory_mb)
+        configure_threads(cfg.train.threads, reserved=cfg.rollout.sandbox_workers if self.sandbox is not None else 0,
+                          log=distributed.print0)
         # 2) model and tokenizer
         path = cfg.model.path or (default_model_path() if model is None else None)
         self.tokenizer = tokenizer or load_tokenizer(path)
@@ -345,7 +349,8 @@ class Trainer:
         extra = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                  "generator": self.engine.runner.generator.get_state()}
         path = checkpoint.save(self.output_dir / "checkpoints", self.step, self.policy, self.model,
-                               self.optimizer, extra, tokenizer=self.tokenizer, keep_last=self.config.train.keep_last)
+                               self.optimizer, extra, tokenizer=self.tokenizer, keep_last=self.config.train.keep_last,
+                               model_meta=trained_settings(self.config, self.step))
         distributed.print0(f"saved {path}")
         return path
 
