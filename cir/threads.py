@@ -10,11 +10,13 @@ cgroup and its ancestors; a fractional quota rounds down), shared by the ranks o
 (torchrun's LOCAL_WORLD_SIZE). From that, `reserved` CPUs are left to the processes that work at the
 same time as torch: the sandbox workers run model-written code while the engine keeps decoding. The
 reward workers are not counted: they score between the rollout and the update, while torch waits.
-At least one thread.
+And the CPUs other programs keep busy are left to them: the 1-minute load average, rounded (taken
+once, at start). At least one thread.
 
 Why it matters: OpenMP threads spin while they wait for each other, so more threads than free CPUs
-makes every parallel region wait on a descheduled thread (bench/RESULTS.md, "Threads": the default
-run took 21:50 at load 3-4 with torch's default threads and 3:07 quiet).
+makes every parallel region wait on a descheduled thread: `cir.generate` on this project's 2-core
+machine at load 5-7 made 1.0 tokens/s with torch's default (2 threads) and 13.0 with one thread
+(bench/RESULTS.md, "Threads").
 
 An explicit choice wins: a `--threads` / `train.threads` value, else OMP_NUM_THREADS or
 MKL_NUM_THREADS in the environment (torch already read it), and the library then leaves torch alone.
@@ -106,20 +108,32 @@ def usable_cpus(affinity: int | None = None, quota: float | None = None, ranks_h
     return max(cpus // max(ranks_here, 1), 1)
 
 
-def choose_threads(cpus: int, reserved: int = 0) -> int:
-    """Torch threads for `cpus` usable CPUs with `reserved` of them busy beside torch (at least 1)."""
-    return max(cpus - max(reserved, 0), 1)
+def busy_elsewhere(cpus: int, load: float | None = None) -> int:
+    """CPUs other programs keep busy: the 1-minute load average, rounded, at most `cpus`."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return 0
+    return min(max(round(load), 0), cpus)
+
+
+def choose_threads(cpus: int, reserved: int = 0, busy: int = 0) -> int:
+    """Torch threads for `cpus` usable CPUs with `reserved` of them working beside torch and `busy`
+    kept busy by other programs (at least 1)."""
+    return max(cpus - max(reserved, 0) - max(busy, 0), 1)
 
 
 def configure_threads(requested: int | None = None, reserved: int = 0, env: dict | None = None,
                       log: Callable[[str], None] | None = None, cgroup_root: str | Path = "/sys/fs/cgroup",
-                      proc_cgroup: str | Path = "/proc/self/cgroup") -> int:
+                      proc_cgroup: str | Path = "/proc/self/cgroup", load: float | None = None) -> int:
     """Set torch's intra-op thread count and say so once through `log` (default: a line on stderr);
     returns the count.
 
     `requested`: an explicit count (--threads), set as is. Else an OMP_NUM_THREADS / MKL_NUM_THREADS
     in `env` (default os.environ) is respected: torch is left as that made it. Else the count from
-    the usable CPUs less `reserved` (see the module docstring).
+    the usable CPUs less `reserved` and less the load of other programs (`load`: the 1-minute load
+    average, default read from the system; see the module docstring).
     """
     env = os.environ if env is None else env
     if requested is not None:
@@ -132,12 +146,15 @@ def configure_threads(requested: int | None = None, reserved: int = 0, env: dict
         quota = cgroup_cpu_limit(cgroup_root, proc_cgroup)
         ranks_here = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
         cpus = usable_cpus(quota=quota, ranks_here=ranks_here)
-        threads = choose_threads(cpus, reserved)
+        busy = busy_elsewhere(cpus, load)
+        threads = choose_threads(cpus, reserved, busy)
         parts = [f"{cpus} CPU{'s' if cpus != 1 else ''} usable" + (f" (cgroup quota {quota:g})" if quota else "")]
         if ranks_here > 1:
             parts.append(f"{ranks_here} ranks on this machine")
         if reserved:
             parts.append(f"{reserved} left to the sandbox")
+        if busy:
+            parts.append(f"{busy} busy with other programs (load average)")
         why = ", ".join(parts) + "; --threads to change"
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)

@@ -3,7 +3,7 @@ the sandbox, and who wins (--threads, then OMP_NUM_THREADS, then the automatic c
 import pytest
 import torch
 
-from cir.threads import cgroup_cpu_limit, choose_threads, configure_threads, usable_cpus
+from cir.threads import busy_elsewhere, cgroup_cpu_limit, choose_threads, configure_threads, usable_cpus
 
 
 def fake_v2(tmp_path, cpu_max: dict[str, str], path: str = "/a/b"):
@@ -54,6 +54,8 @@ def test_usable_cpus_and_choice():
     assert usable_cpus(affinity=2, quota=0.5) == 1  # never below one
     assert usable_cpus(affinity=16, ranks_here=4) == 4  # torchrun: the ranks on one machine share it
     assert choose_threads(2, reserved=2) == 1 and choose_threads(2) == 2 and choose_threads(16, reserved=4) == 12
+    assert choose_threads(8, reserved=2, busy=3) == 3 and choose_threads(2, busy=busy_elsewhere(2, load=6.3)) == 1
+    assert busy_elsewhere(4, load=1.4) == 1 and busy_elsewhere(4, load=0.2) == 0 and busy_elsewhere(4, load=9) == 4
 
 
 def test_configure_auto_override_and_env(tmp_path, monkeypatch):
@@ -62,7 +64,7 @@ def test_configure_auto_override_and_env(tmp_path, monkeypatch):
     try:
         root, proc = fake_v2(tmp_path, {"/a/b": "100000 100000"})  # one CPU's quota
         assert configure_threads(None, reserved=0, env={}, log=lines.append, cgroup_root=root,
-                                 proc_cgroup=proc) == 1
+                                 proc_cgroup=proc, load=0.0) == 1
         assert torch.get_num_threads() == 1 and "cgroup quota 1" in lines[-1]
         assert configure_threads(3, env={"OMP_NUM_THREADS": "1"}, log=lines.append) == 3  # --threads wins
         assert torch.get_num_threads() == 3 and "as requested" in lines[-1]
@@ -71,8 +73,11 @@ def test_configure_auto_override_and_env(tmp_path, monkeypatch):
         assert "OMP_NUM_THREADS=2" in lines[-1]
         monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
         assert configure_threads(None, reserved=1, env={}, log=lines.append, cgroup_root=tmp_path / "no",
-                                 proc_cgroup=tmp_path / "no") == 3
+                                 proc_cgroup=tmp_path / "no", load=0.1) == 3
         assert "4 CPUs usable" in lines[-1] and "1 left to the sandbox" in lines[-1]
+        assert configure_threads(None, reserved=1, env={}, log=lines.append, cgroup_root=tmp_path / "no",
+                                 proc_cgroup=tmp_path / "no", load=1.8) == 1  # a busy machine: fewer threads
+        assert "2 busy with other programs" in lines[-1]
         with pytest.raises(ValueError, match="threads must be >= 1"):
             configure_threads(0, log=lines.append)
     finally:

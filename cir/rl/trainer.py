@@ -11,6 +11,7 @@ loss tokens so any split over ranks and micro-batches gives the same gradient.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -103,6 +104,9 @@ class Trainer:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
+            if self.held_out:  # for `python -m cir.evaluate --model <checkpoint>/model --data <this file>`
+                (self.output_dir / "held_out.jsonl").write_text("".join(json.dumps(
+                    {"id": p.id, "problem": p.problem, "answer": p.answer}) + "\n" for p in self.held_out))
 
     @torch.no_grad()
     def _forward_through_root(self) -> None:
