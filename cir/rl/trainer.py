@@ -31,7 +31,7 @@ from cir.rl.advantages import groups_with_signal
 from cir.rl.batching import pack
 from cir.rl.budget import ToolBudget
 from cir.rl.evaluation import evaluate_problems
-from cir.rl.logger import MetricsLogger
+from cir.rl.logger import MetricsLogger, pick_samples
 from cir.rl.loss import policy_loss
 from cir.rl.policy import PolicyForward
 from cir.rl.signal import COUNT_KEYS, no_signal_cause, rollout_counts
@@ -306,7 +306,7 @@ class Trainer:
         self.step += 1
         metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
         metrics.update(self._signal(trajs, rewards, stats))
-        self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer,
+        self.logger.log(self.step, metrics, pick_samples(trajs, cfg.log_samples), self.tokenizer,
                         problems=self.rollout_problems, rewards=rewards)
         if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
             self.save()
