@@ -8,11 +8,11 @@ The engine calls `start(num_seqs, max_tokens)` (max_tokens: the sum of the seque
 limits), `add_tokens(k)` for each step's k sampled tokens, `update(1)` for each finished sequence
 and `close()` at the end; the bar appears at `start`, whatever the batch size.
 
-The estimate of the time left: the tokens still to come over the recent token rate. A finished
-sequence's length says how long the others may get: the tokens to come are, per unfinished
-sequence, max(mean length of the finished ones, the mean length the unfinished ones have reached)
-less what it already has, capped by the limits; before any sequence finishes, the limits
-themselves (an upper bound, so the estimate starts long and falls). The rate is tqdm's smoothed one.
+The estimate of the time left: the tokens still to come over the recent token rate (tqdm's
+smoothed one). Before any sequence finishes, the tokens to come are the limits' remainder (an upper
+bound: the estimate starts long and falls). After that, each open sequence is taken to end at the
+finished ones' mean length or at twice its own length, whichever is longer (open sequences are the
+long ones: the finished mean alone would say they are done), the whole capped by the limits.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class GenerationProgress:
         if not self.num_finished or not self._finished_tokens:
             return cap
         open_tokens = max(self.num_tokens - self._finished_tokens, 0)
-        expected = max(self._finished_tokens / self.num_finished, open_tokens / num_open)
+        expected = max(self._finished_tokens / self.num_finished, 2 * open_tokens / num_open)
         return int(min(max(expected * num_open - open_tokens, 0), cap))
 
     def seconds_left(self) -> float | None:
