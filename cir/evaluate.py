@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
 
             sandbox = stack.enter_context(Sandbox(workers=args.sandbox_workers, timeout=args.sandbox_timeout))
             tools = ToolConfig(sandbox, max_calls=args.max_tool_calls, on_budget_spent=args.on_budget_spent)
-        configure_threads(args.threads, reserved=args.sandbox_workers if tools is not None else 0)
+        configure_threads(args.threads, reserved=args.sandbox_workers if tools is not None else 0, log=print)
         # 2) model, tokenizer, engine
         from cir.model import default_model_path, from_pretrained
         from cir.tokenizer import load_tokenizer
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model_path = args.model or default_model_path()
-        print(f"loading {model_path}", file=sys.stderr, flush=True)
+        print(f"loading {model_path}", flush=True)
         tokenizer = load_tokenizer(model_path)
         model = from_pretrained(model_path, dtype=dtype, device=device).eval()
         engine = Engine(model, tokenizer,

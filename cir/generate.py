@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> None:
         from cir_sandbox import Sandbox
 
         sandbox = Sandbox(workers=SANDBOX_WORKERS, timeout=10.0)
-    configure_threads(args.threads, reserved=SANDBOX_WORKERS if sandbox is not None else 0)
     try:
         path = args.model or default_model_path()
         tokenizer = load_tokenizer(path)
@@ -111,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(model, tokenizer, EngineConfig(kv_cache_memory_gb=0.5, seed=args.seed,
                                                        max_num_seqs=max(args.n, EngineConfig().max_num_seqs)))
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
+        configure_threads(args.threads, reserved=SANDBOX_WORKERS if sandbox is not None else 0)  # after every check
         tools = ToolConfig(sandbox, max_calls=args.max_tool_calls) if sandbox is not None else None
         start = time.perf_counter()
         trajs = engine.generate([prompt_ids], params, n=args.n, tools=tools,

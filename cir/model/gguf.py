@@ -319,8 +319,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> str:
 
     # 1) read + dequantize, 2) model files, 3) tokenizer files; all in a temp dir beside `out`
     start = time.perf_counter()
-    _say(f"converting {gguf_path} to a Hugging Face model in {out} (dequantize to float32, rebuild the "
-         "tokenizer; once, then cached)")
+    if Path(gguf_path).is_file():  # (a missing file is read_gguf's error)
+            _say(f"converting {gguf_path} to a Hugging Face model in {out} (dequantize to float32, rebuild the "
+             "tokenizer; once, then cached)")
     metadata, tensors = read_gguf(gguf_path)
     config = hf_config(metadata, has_output="output.weight" in tensors)
     state = hf_state_dict(config, tensors)
