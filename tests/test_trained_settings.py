@@ -60,21 +60,34 @@ def test_flags_override_trained_settings(tmp_path):
         assert _parse_args(["--data", "x.jsonl", "--prompt-mode", mode]).prompt_mode == mode
 
 
-def test_trainer_figure_and_cir_evaluate_agree(tmp_path, smollm2_dir):
+def test_trainer_figure_and_cir_evaluate_agree(tmp_path, smollm2_dir, monkeypatch):
     """The tiny model trained one step with the real tokenizer (so the checkpoint loads on its own);
     the held-out problems evaluated by the trainer's `evaluate_problems` with its engine reseeded to
     0, and by `python -m cir.evaluate --model <checkpoint>/model --data <run>/held_out.jsonl` (engine
     seed 0, every setting from cir.json). Each draw is seeded by (call seed, prompt index, sample,
     position), so with the same weights, prompts and call seed the two draw the same tokens: the
-    metrics are equal, not just close. (A batch-shape dependent rounding of a near-tie logit could
-    in principle flip a draw; the engine tests pin that batching does not change tokens.)"""
+    metrics and every response are equal, not just close. (A batch-shape dependent rounding of a
+    near-tie logit could in principle flip a draw; the engine tests pin that batching does not change
+    tokens.) Another engine seed gives other responses: the comparison can fail."""
+    from cir.rl import evaluation
     from cir.tokenizer import load_tokenizer
+
+    trainer_records = []
+
+    def spy(*args, **kwargs):  # the records behind the trainer's figure
+        records, timing = real(*args, **kwargs)
+        trainer_records.extend(records)
+        return records, timing
+
+    real = evaluation.rollout_records
+    monkeypatch.setattr(evaluation, "rollout_records", spy)
 
     tokenizer = load_tokenizer(smollm2_dir)
     model = tiny_model(seed=0, vocab_size=tokenizer.vocab_size, eos_token_id=[tokenizer.eos_token_id])
     trainer = Trainer(run_config(tmp_path), model=model, tokenizer=tokenizer)
     try:
         trainer.train()
+        trainer_records.clear()  # (train() evaluated the held-out problems before and after its step)
         trainer.engine.runner.generator.manual_seed(0)
         expected = evaluate_problems(trainer, trainer.held_out)
     finally:
@@ -89,3 +102,6 @@ def test_trainer_figure_and_cir_evaluate_agree(tmp_path, smollm2_dir):
     assert got["num_problems"] == expected["num_problems"] == 3
     for key in ("avg@3", "response/length_mean", "answer/boxed_rate", "finish/eos", "finish/length"):
         assert got.get(key, 0.0) == pytest.approx(expected.get(key, 0.0), abs=1e-12), key
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "held_out.jsonl")]
+    assert [r["responses"] for r in rows] == [r["responses"] for r in trainer_records]
+    assert len({text for r in rows for text in r["responses"]}) > 1  # sampled, not one constant answer
