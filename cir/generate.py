@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="show generation progress on stderr")
     args = parser.parse_args(argv)
     for name, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--max-tool-calls", args.max_tool_calls, 0), ("--threads", 1 if args.threads is None else args.threads, 1)):
+                             ("--max-tool-calls", args.max_tool_calls, 0),
+                             ("--threads", 1 if args.threads is None else args.threads, 1)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
     try:
