@@ -16,7 +16,7 @@ once, at start). At least one thread.
 Why it matters: OpenMP threads spin while they wait for each other, so more threads than free CPUs
 makes every parallel region wait on a descheduled thread: `cir.generate` on this project's 2-core
 machine at load 5-7 made 1.0 tokens/s with torch's default (2 threads) and 13.0 with one thread
-(bench/RESULTS.md, "Threads").
+(bench/RESULTS.md, "threads").
 
 An explicit choice wins: a `--threads` / `train.threads` value, else OMP_NUM_THREADS or
 MKL_NUM_THREADS in the environment (torch already read it), and the library then leaves torch alone.
