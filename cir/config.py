@@ -165,6 +165,9 @@ class TrainSection:
     warm_start_epochs: int = 1
     warm_start_batch: int = 32
     """Warm-start traces per optimizer step."""
+    threads: int | None = None
+    """Torch intra-op threads; None: the usable CPUs (affinity, cgroup quota) less the sandbox workers,
+    unless OMP_NUM_THREADS is set (cir/threads.py). Printed once at start."""
     held_out: int = 0
     """The last K problems of train.data are never trained on; they are evaluated (at the rollout's
     settings) before the first RL step and after the last, and both results printed."""
@@ -183,6 +186,8 @@ class TrainSection:
             raise ValueError(f"train.warm_start_tool_fraction must be in [0, 1], got {self.warm_start_tool_fraction}")
         if self.warm_start_lr <= 0 or self.warm_start_epochs < 1 or self.warm_start_batch < 1:
             raise ValueError("train.warm_start_lr must be > 0 and warm_start_epochs, warm_start_batch >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"train.threads must be >= 1 (or null: automatic), got {self.threads}")
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1, got {self.keep_last}")
 

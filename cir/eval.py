@@ -18,6 +18,7 @@ from collections import Counter
 from cir.data.problems import Problem
 from cir.data.prompts import build_prompt
 from cir.engine import Engine, SamplingParams, ToolConfig
+from cir.engine.progress import GenerationProgress
 from cir.errors import UserError
 from cir.eval_metrics import avg_at_n, pass_at_k_curve
 from cir.rewards import extract_boxed, score_many
@@ -46,11 +47,13 @@ def _encode_prompts(engine: Engine, tokenizer, problems: list[Problem], prompt_m
 
 def rollout_records(engine: Engine, tokenizer, problems: list[Problem], n: int, params: SamplingParams,
                     tools: ToolConfig | None = None, prompt_mode: str = "raw",
-                    max_prompt_tokens: int | None = None) -> tuple[list[dict], dict]:
-    """Generate n responses per problem, score them; (one record per problem, timing metrics)."""
+                    max_prompt_tokens: int | None = None, progress: GenerationProgress | None = None
+                    ) -> tuple[list[dict], dict]:
+    """Generate n responses per problem, score them; (one record per problem, timing metrics).
+    `progress`: the generation's progress line (default: the engine's own, see Engine.generate)."""
     prompts, kept = _encode_prompts(engine, tokenizer, problems, prompt_mode, max_prompt_tokens)
     t0 = time.perf_counter()
-    trajs = engine.generate(prompts, params, n=n, tools=tools) if prompts else []
+    trajs = engine.generate(prompts, params, n=n, tools=tools, progress=progress) if prompts else []
     t1 = time.perf_counter()
     rewards = score_many([t.text for t in trajs], [p.answer for p in kept for _ in range(n)])
     t2 = time.perf_counter()
@@ -105,9 +108,11 @@ def summarize(records: list[dict], n: int) -> dict:
 
 
 def evaluate(engine: Engine, tokenizer, problems: list[Problem], n: int, params: SamplingParams,
-             tools: ToolConfig | None = None, prompt_mode: str = "raw") -> dict:
+             tools: ToolConfig | None = None, prompt_mode: str = "raw",
+             progress: GenerationProgress | None = None) -> dict:
     """n responses per problem on `engine`: {"metrics", "pass_at_k", "records"} (see `summarize`)."""
-    records, timing = rollout_records(engine, tokenizer, problems, n, params, tools, prompt_mode)
+    records, timing = rollout_records(engine, tokenizer, problems, n, params, tools, prompt_mode,
+                                      progress=progress)
     summary = summarize(records, n)
     summary["metrics"].update(timing)
     summary["records"] = records

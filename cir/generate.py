@@ -8,7 +8,9 @@
 The default model is the embedded SmolLM2-135M-Instruct (`cir.model.default_model_path()`, built from
 its GGUF file on first use). The prompt goes through the checkpoint's chat template unless --no-chat
 (or the checkpoint has none). With --tools, closed ```python blocks run in the sandbox and their
-output is fed back; feedback is shown between <<<feedback and >>>.
+output is fed back; feedback is shown between <<<feedback and >>>. While it generates, stderr shows
+the progress (sequences, tokens, tokens/s, time left); the torch thread count is printed once
+(--threads to choose it, cir/threads.py).
 
 A mistake (a bad value, a missing model, a prompt longer than the model's context, --device cuda
 without CUDA) is one `error:` line and exit status 2; --debug (or CIR_DEBUG=1) shows the traceback.
@@ -22,10 +24,15 @@ import time
 import torch
 
 from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
+from cir.engine.progress import GenerationProgress
 from cir.engine.tools import marked_text
 from cir.errors import ArgumentParser, UserError, run_main
 from cir.model import default_model_path, from_pretrained
+from cir.threads import configure_threads
 from cir.tokenizer import Tokenizer, load_tokenizer
+
+
+SANDBOX_WORKERS = 2
 
 
 def build_prompt(tokenizer: Tokenizer, prompt: str, chat: bool | None) -> str:
@@ -75,9 +82,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="apply the chat template (default: when the checkpoint has one)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the usable CPUs less the sandbox workers)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show generation progress on stderr")
     args = parser.parse_args(argv)
     for name, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--max-tool-calls", args.max_tool_calls, 0)):
+                             ("--max-tool-calls", args.max_tool_calls, 0),
+                             ("--threads", 1 if args.threads is None else args.threads, 1)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
     try:
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tools:  # the fork-server starts before the model is loaded
         from cir_sandbox import Sandbox
 
-        sandbox = Sandbox(workers=2, timeout=10.0)
+        sandbox = Sandbox(workers=SANDBOX_WORKERS, timeout=10.0)
     try:
         path = args.model or default_model_path()
         tokenizer = load_tokenizer(path)
@@ -99,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(model, tokenizer, EngineConfig(kv_cache_memory_gb=0.5, seed=args.seed,
                                                        max_num_seqs=max(args.n, EngineConfig().max_num_seqs)))
         check_prompt_fits(len(prompt_ids), engine.max_model_len)
+        configure_threads(args.threads, reserved=SANDBOX_WORKERS if sandbox is not None else 0)  # after every check
         tools = ToolConfig(sandbox, max_calls=args.max_tool_calls) if sandbox is not None else None
         start = time.perf_counter()
-        trajs = engine.generate([prompt_ids], params, n=args.n, tools=tools)
+        trajs = engine.generate([prompt_ids], params, n=args.n, tools=tools,
+                                progress=GenerationProgress("generate", enabled=args.progress))
         seconds = time.perf_counter() - start
     finally:
         if sandbox is not None:

@@ -5,7 +5,9 @@
 
 Six panels: reward and accuracy (with held-out evaluation points), tool use, response length,
 clip fraction and entropy, grad norm and learning rate, and where the seconds of a step went.
-A metric the run did not log leaves its panel with a "not logged" note. A step logged twice
+A metric the run did not log leaves its panel with a "not logged" note; a step whose update was
+skipped (no learning signal) leaves a gap in the grad norm, not a 0; an axis whose values are all
+>= 0 starts at 0 (an always-0 clip fraction gets 0..1, not a band around 0). A step logged twice
 (a resumed run re-logs the steps after its checkpoint) keeps its last record. A line that is not
 a JSON object with a numeric "step" is a UserError (a ValueError) naming the file and the line;
 the command prints it as one `error:` line (--debug: with its traceback).
@@ -21,6 +23,7 @@ from cir.errors import ArgumentParser, MissingPathError, UserError, location, ru
 
 SMOOTH_MIN_POINTS = 20  # fewer points: the raw curve alone; more: a moving average drawn over it
 SCHEDULES = ("tools/budget", "train/lr")  # set, not measured: drawn as they are, never smoothed
+GAP_WHEN_SKIPPED = ("train/grad_norm",)  # logged as 0 at a skipped update, where nothing was measured
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -38,14 +41,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of one numeric metric over the records that have it."""
+    """(steps, values) of one numeric metric over the records that have it; NaN (a gap in the curve)
+    where the step's update was skipped and the metric measures the update."""
     steps, values = [], []
     for r in records:
         v = r.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             steps.append(r["step"])
-            values.append(float(v))
+            values.append(math.nan if key in GAP_WHEN_SKIPPED and r.get("train/skipped") else float(v))
     return steps, values
+
+
+def _floor_at_zero(ax) -> None:
+    """An axis whose curves are all >= 0 starts at 0 (and spans 0..1 when they are all 0)."""
+    values = [float(y) for line in ax.get_lines() for y in line.get_ydata() if not math.isnan(float(y))]
+    if values and min(values) >= 0:
+        top = max(values)
+        ax.set_ylim(0, ax.get_ylim()[1] if top > 0 else 1)
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -81,10 +93,12 @@ def _panel(ax, records: list[dict], title: str, curves: list[tuple[str, str]], y
     if twin:
         ax2 = ax.twinx()
         drawn += [_draw(ax2, records, key, label, next(colors), "--") for key, label in twin]
+        _floor_at_zero(ax2)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
         ax2.set_ylabel(twin_label)
         ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    _floor_at_zero(ax)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -100,7 +114,7 @@ def _eval_points(ax, evals: list[dict]) -> None:
     names = sorted({k for r in evals for k, v in r.items() if isinstance(v, dict)})
     styles = itertools.cycle(zip("s^Dvp*", ["tab:red", "tab:cyan", "tab:olive", "tab:pink", "black", "tab:brown"],
                                  strict=True))
-    for name, (marker, color) in zip(names, styles, strict=False):
+    for name, (marker, color) in zip(names, itertools.islice(styles, len(names)), strict=True):
         steps, values, metric = [], [], "avg@n"
         for r in evals:
             m = r.get(name)
@@ -145,7 +159,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
@@ -158,6 +171,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise UserError("no metrics records", where=str(metrics_path))
     eval_path = run_dir / "eval.jsonl"
     evals = read_jsonl(eval_path) if eval_path.is_file() else []
+    fig = draw_run(records, evals, f"{run_dir.resolve().name}: {len(records)} steps (last {records[-1]['step']})")
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def draw_run(records: list[dict], evals: list[dict], title: str):
+    """The six panels as a matplotlib Figure (the caller saves and closes it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     ax = axes[0, 0]
@@ -177,13 +205,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _time_split(axes[1, 2], records)
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"{run_dir.resolve().name}: {len(records)} steps (last {records[-1]['step']})")
+    fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out) if out is not None else run_dir / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

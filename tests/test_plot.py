@@ -59,3 +59,25 @@ def test_repeated_steps_keep_the_last_record(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "a": 1}, {"step": 2, "a": 2}, {"step": 2, "a": 3}]))
     assert [r["a"] for r in read_jsonl(path)] == [1, 3]
+
+
+def test_skipped_update_is_a_gap_and_nonnegative_axes_start_at_zero():
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from cir.plot import draw_run
+
+    records = [{"step": s, "train/grad_norm": 0.0 if s == 2 else 0.5, "train/skipped": float(s == 2),
+                "train/clip_frac": 0.0, "train/entropy": 0.7, "reward/mean": -0.5} for s in range(1, 5)]
+    fig = draw_run(records, [], "t")
+    try:
+        axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+        (grad,) = [line for line in axes["optimizer"].get_lines() if line.get_label() == "grad norm"]
+        ys = list(grad.get_ydata())
+        assert math.isnan(ys[1]) and ys[0] == ys[2] == ys[3] == 0.5  # step 2: a gap, not a 0
+        assert axes["policy"].get_ylim() == (0.0, 1.0)  # clip fraction always 0: no negative axis
+        assert axes["optimizer"].get_ylim()[0] == 0.0
+        assert axes["reward and accuracy"].get_ylim()[0] < 0  # negative values keep their range
+    finally:
+        plt.close(fig)

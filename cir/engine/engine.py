@@ -32,13 +32,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, SamplingParams, ToolConfig
 from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.kv_cache import KVCache
 from cir.engine.model_runner import CallContext, ModelRunner, seed_bases
+from cir.engine.progress import GenerationProgress
 from cir.engine.rollout_weights import RolloutWeights
 from cir.engine.scheduler import ScheduledBatch, Scheduler, ToolCall
 from cir.engine.sequence import Sequence
@@ -131,13 +131,16 @@ class Engine:
 
     # 2) generation ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-                 tools: ToolConfig | None = None, prompt_keys: list[int] | None = None) -> list[Trajectory]:
+                 tools: ToolConfig | None = None, prompt_keys: list[int] | None = None,
+                 progress: GenerationProgress | None = None) -> list[Trajectory]:
         """Trajectories in prompt-major order: prompt 0's n samples, then prompt 1's, ...
 
         Each draw is seeded by (this call's seed, prompt key, sample index, position), so the tokens
         do not depend on batching, preemption or sandbox timing. `prompt_keys` (default: the
         prompts' positions) lets ranks that split one global batch use global indices, so every
         prompt gets its own random stream and the samples do not depend on the number of ranks.
+        `progress` (default: a "rollout" line when `config.show_progress`) is told the sampled tokens
+        and the finished sequences (progress.py).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -153,7 +156,7 @@ class Engine:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; max_model_len is {self.max_model_len}")
         self._ensure_pool()
         with self._rollout_weights():
-            trajs = self._generate(prompts, params, n, tools, prompt_keys)
+            trajs = self._generate(prompts, params, n, tools, prompt_keys, progress)
         if self.config.release_after_generate:
             self.release()
         return trajs
@@ -177,7 +180,7 @@ class Engine:
                          tools, lambda: SegmentDecoder(self.tokenizer), version)
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, n: int, tools: ToolConfig | None,
-                  prompt_keys: list[int] | None) -> list[Trajectory]:
+                  prompt_keys: list[int] | None, progress: GenerationProgress | None = None) -> list[Trajectory]:
         scheduler = self._scheduler(params, tools)
         groups = []
         for i, prompt in enumerate(prompts):
@@ -187,8 +190,8 @@ class Engine:
             scheduler.add_group(groups[-1])
         seqs = [s for group in groups for s in group]
         ctx = self.runner.begin_call(seqs, -(-self.max_model_len // self.config.block_size), params)
-        bar = tqdm(total=len(seqs), desc="rollout", unit="seq", leave=False,
-                   disable=not self.config.show_progress or len(seqs) < 8)
+        bar = progress if progress is not None else GenerationProgress("rollout", enabled=self.config.show_progress)
+        bar.start(len(seqs), sum(s.max_response_tokens for s in seqs))
         self._seconds_waiting = 0.0
         self.infra_failures.num = 0
         try:
@@ -310,8 +313,8 @@ class Engine:
             calls = scheduler.postprocess(batch, launched)
             if calls:
                 self._submit(calls, tools, futures)
-            if bar is not None and scheduler.num_finished != bar.n:
-                bar.update(scheduler.num_finished - bar.n)
+            if bar is not None:
+                bar.set_counts(scheduler.num_generated_tokens, scheduler.num_finished, scheduler.num_finished_tokens)
         return num_steps
 
     @staticmethod

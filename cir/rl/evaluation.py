@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cir.data.problems import Problem
 from cir.engine import SamplingParams, ToolConfig
+from cir.engine.progress import GenerationProgress
 from cir.eval import rollout_records, summarize
 from cir.rl import distributed
 
@@ -25,13 +26,15 @@ def evaluate_problems(trainer, problems: list[Problem]) -> dict:
     tools = ToolConfig(trainer.sandbox, max_calls=max_calls, on_budget_spent=cfg.on_budget_spent) \
         if max_calls > 0 and trainer.sandbox is not None else None
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_tokens)
+    progress = GenerationProgress("held-out", enabled=trainer.engine.config.show_progress)
     generator = trainer.engine.runner.generator
     rng_state, was_training = generator.get_state(), trainer.model.training
     trainer.model.eval()
     try:
         with distributed.unsharded(trainer.policy), trainer._autocast():  # every rank: unshard is collective
             records, timing = rollout_records(trainer.engine, trainer.tokenizer, mine, cfg.n, params, tools,
-                                              cfg.prompt_mode, max_prompt_tokens=cfg.max_prompt_tokens)
+                                              cfg.prompt_mode, max_prompt_tokens=cfg.max_prompt_tokens,
+                                              progress=progress)
     finally:
         trainer.model.train(was_training)
         generator.set_state(rng_state)

@@ -1,7 +1,8 @@
 """Rank-0 observability: per-step JSONL metrics, TensorBoard when installed, rollout samples.
 
     <output_dir>/metrics.jsonl   one JSON object per step ({"step": k, ...metrics})
-    <output_dir>/samples.jsonl   a few rollouts per step: step, problem_id, problem, reference answer,
+    <output_dir>/samples.jsonl   `train.log_samples` rollouts per step, of distinct problems while the
+                                 step has enough (`pick_samples`): step, problem_id, problem, reference answer,
                                  extracted answer (last \\boxed{}), reward, tool calls (made / ran
                                  cleanly), finish reason, response tokens, and the text with the
                                  interpreter feedback wrapped in <<<feedback ... >>>
@@ -81,6 +82,12 @@ class MetricsLogger:
             self.samples.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def pick_samples(trajs: list, k: int) -> list:
+    """`k` of a step's trajectories, one per problem first: sample 0 of problems 0, 1, ..., then
+    sample 1 of each, and so on (a group's samples share their problem and are often alike)."""
+    return sorted(trajs, key=lambda t: (t.sample_index, t.prompt_index))[:max(k, 0)]
 
 
 def sample_record(step: int, traj, tokenizer, problems: list | None = None, rewards=None) -> dict:

@@ -11,6 +11,7 @@ loss tokens so any split over ranks and micro-batches gives the same gradient.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -30,12 +31,14 @@ from cir.rl.advantages import groups_with_signal
 from cir.rl.batching import pack
 from cir.rl.budget import ToolBudget
 from cir.rl.evaluation import evaluate_problems
-from cir.rl.logger import MetricsLogger
+from cir.rl.logger import MetricsLogger, pick_samples
 from cir.rl.loss import policy_loss
 from cir.rl.partial import PartialRollout
 from cir.rl.policy import PolicyForward
 from cir.rl.signal import COUNT_KEYS, no_signal_cause, rollout_counts
+from cir.threads import configure_threads
 from cir.tokenizer import load_tokenizer
+from cir.trained_settings import trained_settings
 
 
 class Trainer:
@@ -54,6 +57,8 @@ class Trainer:
 
             self.sandbox = Sandbox(workers=cfg.rollout.sandbox_workers, timeout=cfg.rollout.sandbox_timeout,
                                    memory_mb=cfg.rollout.sandbox_memory_mb)
+        configure_threads(cfg.train.threads, reserved=cfg.rollout.sandbox_workers if self.sandbox is not None else 0,
+                          log=distributed.print0)
         # 2) model and tokenizer
         path = cfg.model.path or (default_model_path() if model is None else None)
         self.tokenizer = tokenizer or load_tokenizer(path)
@@ -101,6 +106,9 @@ class Trainer:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
+            if self.held_out:  # for `python -m cir.evaluate --model <checkpoint>/model --data <this file>`
+                (self.output_dir / "held_out.jsonl").write_text("".join(json.dumps(
+                    {"id": p.id, "problem": p.problem, "answer": p.answer}) + "\n" for p in self.held_out))
 
     @torch.no_grad()
     def _forward_through_root(self) -> None:
@@ -338,7 +346,7 @@ class Trainer:
         metrics.update(self._signal(trajs, rewards, stats))
         if self.partial is not None:
             metrics.update(self.partial.metrics)
-        self.logger.log(self.step, metrics, trajs[: cfg.log_samples], self.tokenizer,
+        self.logger.log(self.step, metrics, pick_samples(trajs, cfg.log_samples), self.tokenizer,
                         problems=self.rollout_problems, rewards=rewards)
         if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
             self.save()
@@ -392,7 +400,8 @@ class Trainer:
         if self.partial is not None:  # the carried sequences and the stream's position
             extra["partial"] = self.partial.state_dict()
         path = checkpoint.save(self.output_dir / "checkpoints", self.step, self.policy, self.model,
-                               self.optimizer, extra, tokenizer=self.tokenizer, keep_last=self.config.train.keep_last)
+                               self.optimizer, extra, tokenizer=self.tokenizer, keep_last=self.config.train.keep_last,
+                               model_meta=trained_settings(self.config, self.step))
         distributed.print0(f"saved {path}")
         return path
 

@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from cir.data import arithmetic
 from cir.data.prompts import build_prompt
@@ -95,14 +96,17 @@ def build_traces(exercises: list[arithmetic.Exercise], tokenizer, executor, prom
 
 def supervised_steps(policy, traces: list[Trace], lr: float, epochs: int = 1, batch_size: int = 32,
                      micro_batch_tokens: int = 16384, grad_clip: float = 1.0, seed: int = 0,
-                     device: torch.device | None = None, autocast=None) -> list[float]:
+                     device: torch.device | None = None, autocast=None, show_progress: bool = False) -> list[float]:
     """AdamW on the traces' masked mean NLL through `policy` (a PolicyForward, maybe DDP / FSDP
-    wrapped); one optimizer step per `batch_size` traces. Returns the loss of every step."""
+    wrapped); one optimizer step per `batch_size` traces. Returns the loss of every step.
+    `show_progress`: a "warm start" bar on stderr (steps, loss, time left)."""
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     device = device or next(policy.parameters()).device
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     order, rng, losses = list(range(len(traces))), random.Random(seed), []
+    bar = tqdm(total=epochs * -(-len(traces) // batch_size), desc="warm start", unit="step", leave=False,
+               disable=not show_progress)
     for _ in range(epochs):
         rng.shuffle(order)
         for start in range(0, len(order), batch_size):
@@ -121,6 +125,9 @@ def supervised_steps(policy, traces: list[Trace], lr: float, epochs: int = 1, ba
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(total)
+            bar.set_postfix_str(f"loss {total:.3f}", refresh=False)
+            bar.update(1)
+    bar.close()
     return losses
 
 
@@ -139,7 +146,7 @@ def warm_start(trainer, exercises: list[arithmetic.Exercise] | None = None) -> d
     losses = supervised_steps(trainer.policy, traces, cfg.train.warm_start_lr, epochs=cfg.train.warm_start_epochs,
                               batch_size=cfg.train.warm_start_batch, micro_batch_tokens=cfg.train.micro_batch_tokens,
                               grad_clip=cfg.optim.grad_clip, seed=cfg.train.seed, device=trainer.device,
-                              autocast=trainer._autocast)
+                              autocast=trainer._autocast, show_progress=trainer.engine.config.show_progress)
     return {"warm_start/traces": len(traces),
             "warm_start/tool_fraction": sum(t.uses_tool for t in traces) / max(len(traces), 1),
             "warm_start/steps": len(losses), "warm_start/loss_first": losses[0] if losses else 0.0,
