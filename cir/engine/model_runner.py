@@ -38,7 +38,7 @@ from cir.engine.cuda_graphs import DecodeGraphs
 from cir.engine.decode_state import DecodeState
 from cir.engine.kv_cache import KVCache
 from cir.engine.launched_step import StepOutput
-from cir.engine.scheduler import ScheduledBatch
+from cir.engine.scheduled_batch import ScheduledBatch
 from cir.engine.sequence import Sequence
 from cir_kernels import sample
 

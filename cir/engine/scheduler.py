@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, setitem
 
@@ -37,32 +37,13 @@ from cir.engine.block_manager import BlockManager
 from cir.engine.config import EngineConfig, ToolConfig
 from cir.engine.decode_state import DecodeState
 from cir.engine.launched_step import LaunchedStep, StepOutput
+from cir.engine.scheduled_batch import ScheduledBatch
 from cir.engine.scheduler_stream import StreamScheduling
 from cir.engine.sequence import Sequence, SequenceStatus, consume
 from cir.engine.tools import find_closed_code, scan_start_hint
 
 _seed_slot, _token_ids = attrgetter("seed_slot"), attrgetter("token_ids")
 _loss_mask, _logprobs = attrgetter("loss_mask"), attrgetter("logprobs")
-
-
-@dataclass
-class ScheduledBatch:
-    seqs: list[Sequence] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies (src, dst)
-    is_plain_decode: bool = True  # one token per sequence, each its last: every sequence samples once
-    leaders: list[Sequence] = field(default_factory=list)  # sequences with followers (sample for them)
-    decode: DecodeState | None = None  # a plain decode step of exactly the running batch: its arrays
-    prev_tokens: torch.Tensor | None = None  # (R,) the unread step's tokens, on the device (placeholders' values)
-    prev_slots: np.ndarray | None = None  # (R,) the seed slots of prev_tokens' rows
-
-    def __len__(self) -> int:
-        return len(self.seqs)
-
-    def samples(self, i: int) -> bool:
-        """Whether sequence i reaches its last token this step, so its logits are sampled."""
-        seq = self.seqs[i]
-        return seq.num_cached_tokens + self.num_tokens[i] == len(seq)
 
 
 @dataclass
