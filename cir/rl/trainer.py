@@ -35,7 +35,7 @@ from cir.rl.logger import MetricsLogger, pick_samples
 from cir.rl.loss import policy_loss
 from cir.rl.partial import PartialRollout
 from cir.rl.policy import PolicyForward
-from cir.rl.signal import COUNT_KEYS, no_signal_cause, rollout_counts
+from cir.rl.step_metrics import held_out_change, signal_metrics, step_metrics
 from cir.threads import configure_threads
 from cir.tokenizer import load_tokenizer
 from cir.trained_settings import trained_settings
@@ -327,7 +327,7 @@ class Trainer:
             self.train_step()
         if self.held_out:
             after = self.evaluate_held_out("after RL")
-            distributed.print0(_held_out_change(before, after, len(self.held_out), self.config.rollout.n))
+            distributed.print0(held_out_change(before, after, len(self.held_out), self.config.rollout.n))
         self.logger.close()
 
     def train_step(self) -> dict:
@@ -342,8 +342,12 @@ class Trainer:
         stats = self.update(trajs, rewards)
         t2 = time.perf_counter()
         self.step += 1
-        metrics = self._metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1)
-        metrics.update(self._signal(trajs, rewards, stats))
+        budget = self.budget.at(self.step - 1)
+        metrics = step_metrics(trajs, rewards, stats, timing, t1 - t0, t2 - t1, tool_budget=budget,
+                               infra_failures=getattr(self, "num_tool_infra_failures", 0), device=self.device)
+        metrics.update(signal_metrics(trajs, rewards, stats, self.step, self.config.rollout,
+                                      num_skipped=getattr(self, "num_skipped_prompts", 0), tools_on=budget > 0,
+                                      device=self.device))
         if self.partial is not None:
             metrics.update(self.partial.metrics)
         self.logger.log(self.step, metrics, pick_samples(trajs, cfg.log_samples), self.tokenizer,
@@ -353,45 +357,6 @@ class Trainer:
         if cfg.eval_every and cfg.eval_data and self.step % cfg.eval_every == 0:
             self.evaluate()
         return metrics
-
-    def _metrics(self, trajs, rewards, stats, timing, rollout_s, train_s) -> dict:
-        n_resp = len(trajs)
-        local = [
-            n_resp, float(rewards.sum()), float((rewards > 0).sum()),
-            sum(t.num_tool_calls for t in trajs), sum(t.num_tool_successes for t in trajs),
-            sum(len(t.response_ids) for t in trajs), sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs),
-            sum(t.num_tool_calls > 0 for t in trajs),
-            getattr(self, "num_tool_infra_failures", 0),  # calls the sandbox failed (0 when healthy)
-        ]
-        (n, r_sum, correct, calls, ok, resp_len, all_tokens, using, infra) = distributed.all_reduce_sum(local,
-                                                                                                       self.device)
-        n = max(n, 1.0)
-        return {
-            "reward/mean": r_sum / n, "accuracy": correct / n,
-            "tools/calls_per_response": calls / n, "tools/success_rate": ok / max(calls, 1.0),
-            "tools/infra_failures": infra,
-            "tools/responses_using_tool": using / n, "tools/budget": self.budget.at(self.step - 1),
-            "response/length_mean": resp_len / n,
-            **{f"train/{k}": v for k, v in stats.items()},
-            "time/rollout": rollout_s, "time/train": train_s, **timing,
-            "throughput/rollout_tokens_per_s": resp_len / max(timing["time/generate"], 1e-9),
-            "throughput/train_tokens_per_s": all_tokens / max(train_s, 1e-9),
-        }
-
-    def _signal(self, trajs, rewards, stats) -> dict:
-        """`signal/*` metrics; a warning with the likely cause when no group's rewards differ."""
-        local = rollout_counts(trajs, rewards, getattr(self, "num_skipped_prompts", 0))
-        counts = dict(zip(COUNT_KEYS, distributed.all_reduce_sum([local[k] for k in COUNT_KEYS], self.device),
-                          strict=True))
-        if counts["groups_with_signal"] == 0:
-            cfg = self.config.rollout
-            cause = no_signal_cause(counts, cfg.max_response_tokens, tools_on=self.budget.at(self.step - 1) > 0,
-                                    max_prompt_tokens=cfg.max_prompt_tokens)
-            action = "update skipped" if stats.get("skipped") else "zero-advantage update (rl.filter_groups off)"
-            which = f"all {int(counts['groups'])} groups have equal rewards" if counts["groups"] else "no groups"
-            distributed.print0(f"warning: step {self.step}: no learning signal, {which}: {cause}; {action}")
-        return {"signal/groups_with_signal": counts["groups_with_signal"], "signal/groups": counts["groups"],
-                "signal/prompts_skipped": counts["prompts_skipped"]}
 
     # 5) checkpoints and evaluation --------------------------------------------------------------------
     def save(self) -> Path:
@@ -458,12 +423,6 @@ class Trainer:
         if self.sandbox is not None and hasattr(self.sandbox, "close"):
             self.sandbox.close()
         distributed.finish()
-
-
-def _held_out_change(before: dict, after: dict, num_problems: int, n: int) -> str:
-    acc, tool = f"avg@{n}", "tools/responses_using_tool"
-    return (f"held-out ({num_problems} problems x {n}): accuracy {before[acc]:.3f} -> {after[acc]:.3f}, "
-            f"responses using the interpreter {before[tool]:.3f} -> {after[tool]:.3f}")
 
 
 _STAT_KEYS = ("clip_frac", "entropy", "approx_kl", "pg_loss", "kl")
