@@ -8,7 +8,8 @@ kernels through Triton's interpreter (TRITON_INTERPRET=1), which is how the test
 One layout for every kernel X: X.py the public API (argument checks from _checks.py, then
 `_checks.pick_backend`, the one backend picker), X_triton.py the Triton kernels and their launchers,
 X_reference.py the plain-torch twin (it never imports the Triton file).
-- sampling.py / sampling_triton.py (+ device functions sampling_select.py, sampling_race.py) /
+- sampling.py / sampling_triton.py (+ device functions sampling_select.py, sampling_race.py,
+  sampling_state.py) /
   sampling_reference.py: per-row temperature / top-k / top-p / min-p sampling
 - logprobs.py / logprobs_triton.py / logprobs_reference.py: online log-sum-exp row operations,
   `logprobs_from_logits`

@@ -1,6 +1,7 @@
 """The Triton kernels of `cir_kernels.sample` and their launcher `sample_triton` (the semantics and the
 public API are in cir_kernels/sampling.py; the torch twin is cir_kernels/sampling_reference.py; device
-functions: the thresholds in cir_kernels/sampling_select.py, the race in cir_kernels/sampling_race.py).
+functions: the thresholds in cir_kernels/sampling_select.py, the race in cir_kernels/sampling_race.py,
+a row's parameters, state and pass counter in cir_kernels/sampling_state.py).
 
     tokens, logprobs = sample_triton(logits, *prepare_sampling(logits, t, top_p, top_k, min_p), row_seeds(g, B, dev))
 
@@ -58,6 +59,7 @@ from cir_kernels.sampling_race import (race_block, race_buffer, race_fold, race_
                                        write_token)
 from cir_kernels.sampling_select import (count_mass_ge, narrow, order_key, pivots, search_buffer, settle,
                                          start_top_p)
+from cir_kernels.sampling_state import STATE_F, STATE_I, is_last, row_params, store_state
 
 # Not yet tuned on a GPU (owed, see bench/kernels.py). Streaming passes (stats, race) read blocks of
 # BLOCK_V logits; the refine pass a [RADIX_BLOCK_V, NUM_PIVOTS] compare tile (4096 = 32 per thread
@@ -78,49 +80,6 @@ SPLIT_REFINE_PASSES = 2
 COMPACT_CAP = 8192
 NUM_WARPS = 4
 
-# Row state between passes (layout in cir_kernels/sampling_triton.py)
-STATE_F, STATE_I = 5, 6
-
-
-@triton.jit
-def _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo, mass_hi, target):
-    tl.store(state_i_ptr + row * 6 + 0, phase.to(tl.int64))
-    tl.store(state_i_ptr + row * 6 + 1, lo)
-    tl.store(state_i_ptr + row * 6 + 2, hi)
-    tl.store(state_i_ptr + row * 6 + 3, count_lo)
-    tl.store(state_i_ptr + row * 6 + 4, count_hi)
-    tl.store(state_i_ptr + row * 6 + 5, passes)
-    tl.store(state_f_ptr + row * 5 + 2, mass_lo)
-    tl.store(state_f_ptr + row * 5 + 3, mass_hi)
-    tl.store(state_f_ptr + row * 5 + 4, target)
-
-
-@triton.jit
-def _row_params(temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V):
-    temperature = tl.load(temperature_ptr + row)
-    is_greedy = temperature <= 0.0
-    inv_t = 1.0 / tl.where(is_greedy, 1.0, temperature)
-    top_k = tl.load(top_k_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
-    min_p = tl.load(min_p_ptr + row)
-    need_k = (top_k > 0) & (top_k < V)
-    need_p = top_p < 1.0
-    is_plain = (~is_greedy) & (~need_k) & (~need_p) & (min_p <= 0.0)
-    return is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p
-
-
-@triton.jit
-def _is_last(counter_ptr, num_splits):
-    """True in the last program of the row to finish (it also resets the counter for the next call).
-    The barrier orders every thread's stores before the release of the atomic."""
-    tl.debug_barrier()
-    done = tl.atomic_add(counter_ptr, 1)
-    last = done == num_splits - 1
-    if last:
-        tl.atomic_xchg(counter_ptr, 0)
-    return last
-
-
 @triton.jit
 def _stats_kernel(
     logits_ptr, logits_row_stride,
@@ -133,7 +92,7 @@ def _stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     row_ptr = logits_ptr + row * logits_row_stride
-    is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p = _row_params(
+    is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p = row_params(
         temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V)
     seed = tl.load(seed_ptr + row)
 
@@ -167,7 +126,7 @@ def _stats_kernel(
     store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
 
     # 2) the row's last program merges the chunks (in chunk order: ties go to the lowest index)
-    if _is_last(counter_ptr + row, num_splits):
+    if is_last(counter_ptr + row, num_splits):
         sp = tl.arange(0, BLOCK_S)
         ok = sp < num_splits
         pbase = (row * num_splits + sp) * 4
@@ -193,7 +152,7 @@ def _stats_kernel(
         phase, hi, count_hi, mass_hi, target = settle(phase, lo, hi_start, count_lo, count_lo * 0, s, 0.0,
                                                        top_p * s, hi_start, top_p, need_p)
         phase = tl.where(is_greedy | is_plain, 3, phase)
-        _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, count_hi * 0, s, mass_hi,
+        store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, count_hi * 0, s, mass_hi,
                      target)
         tl.store(state_f_ptr + row * 5 + 0, m)
         tl.store(state_f_ptr + row * 5 + 1, log_s)
@@ -217,7 +176,7 @@ def _refine_kernel(
         phase = tl.load(state_i_ptr + row * 6)
         if phase < 2:
             row_ptr = logits_ptr + row * logits_row_stride
-            is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p = _row_params(
+            is_greedy, is_plain, inv_t, top_k, top_p, min_p, need_k, need_p = row_params(
                 temperature_ptr, top_p_ptr, top_k_ptr, min_p_ptr, row, V)
             lo = tl.load(state_i_ptr + row * 6 + 1)
             hi = tl.load(state_i_ptr + row * 6 + 2)
@@ -250,7 +209,7 @@ def _refine_kernel(
                         inside = valid & (x_key >= lo) & (x_key < region_hi)
                         num_inside = tl.sum(inside.to(tl.int32), axis=0)
                         if num_inside > 0:
-                            slot = tl.atomic_add(cursor_ptr + row, num_inside, sem="relaxed") - 1  # _is_last orders
+                            slot = tl.atomic_add(cursor_ptr + row, num_inside, sem="relaxed") - 1  # is_last orders
                             slot += tl.cumsum(inside.to(tl.int32), axis=0)
                             tl.store(buf_x_ptr + row * cap + slot, x, mask=inside)
                             tl.store(buf_i_ptr + row * cap + slot, offs, mask=inside)
@@ -258,7 +217,7 @@ def _refine_kernel(
                             best, best_index = race_fold(x, valid, start, seed, inv_t, threshold, best, best_index,
                                                           BLOCK_V)
                     store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
-                if _is_last(counter_ptr + row, num_programs):
+                if is_last(counter_ptr + row, num_programs):
                     # the exact search over <= cap buffered tokens, in this one program (exact integer
                     # sums: the buffer's order, set by atomics, does not matter)
                     num = tl.atomic_xchg(cursor_ptr + row, 0)
@@ -287,7 +246,7 @@ def _refine_kernel(
                         write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t,
                                      tl.load(state_f_ptr + row * 5 + 1))
                         phase = phase * 0 + 3
-                    _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
+                    store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
                                  mass_hi, target)
             else:
                 # B) pivot pass: this chunk's count and mass at NUM_PIVOTS pivots in (lo, hi)
@@ -300,7 +259,7 @@ def _refine_kernel(
                     base = (row * num_splits + split) * NUM_PIVOTS + j
                     tl.store(count_part_ptr + base, count)
                     tl.store(mass_part_ptr + base, mass)
-                if _is_last(counter_ptr + row, num_programs):
+                if is_last(counter_ptr + row, num_programs):
                     sp = tl.arange(0, BLOCK_S)
                     at = (row * num_splits + sp[:, None]) * NUM_PIVOTS + j[None, :]
                     ok = (sp < num_splits)[:, None]
@@ -311,7 +270,7 @@ def _refine_kernel(
                                                                            top_k, target)
                     phase, hi, count_hi, mass_hi, target = settle(
                         phase, lo, hi, count_lo, count_hi, mass_lo, mass_hi, target, hi_start, top_p, need_p)
-                    _store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
+                    store_state(state_i_ptr, state_f_ptr, row, phase, lo, hi, count_lo, count_hi, passes, mass_lo,
                                  mass_hi, target)
         tl.debug_barrier()  # solo: the next pass reads the state this one wrote
 
@@ -342,7 +301,7 @@ def _race_kernel(
         for start in range(begin, end, BLOCK_V):
             best, best_index = race_block(row_ptr, start, end, seed, inv_t, threshold, best, best_index, BLOCK_V)
         store_race_part(part_f_ptr, part_i_ptr, row, num_splits, split, best, best_index)
-        if _is_last(counter_ptr + row, num_splits):
+        if is_last(counter_ptr + row, num_splits):
             _, token = race_winner(part_f_ptr, part_i_ptr, row, num_splits, BLOCK_S)
             write_token(row_ptr, tokens_ptr, logprobs_ptr, row, token, m, inv_t, tl.load(state_f_ptr + row * 5 + 1))
 
