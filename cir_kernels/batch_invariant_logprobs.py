@@ -16,7 +16,7 @@ import torch
 from cir_kernels._checks import check_temperature, pick_backend
 from cir_kernels.batch_invariant import ROW_TILE, mm_rows_invariant
 from cir_kernels.linear_logprobs import TRITON_ROW_OPS
-from cir_kernels.linear_logprobs_reference import TORCH_OPS, chunked_backward
+from cir_kernels.linear_logprobs_reference import TORCH_OPS, chunked_backward_saved, save_for_chunked_backward
 from cir_kernels.logprobs import lse_update
 from cir_kernels.logprobs_reference import finish_state, new_state
 
@@ -52,21 +52,13 @@ class _LinearLogprobsInvariant(torch.autograd.Function):
         outs = [_rows_logprobs(mm_rows_invariant(hidden[r0:r0 + step], weight, torch.float32, backend),
                                targets[r0:r0 + step], inv_t, backend) for r0 in range(0, hidden.shape[0], step)]
         logp, entropy, lse, mean_z = (torch.cat(parts) for parts in zip(*outs, strict=True))
-        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.inv_t, ctx.backend = inv_t, backend
-        ctx.set_materialize_grads(False)
+        ops = TRITON_ROW_OPS if backend == "triton" else TORCH_OPS
+        save_for_chunked_backward(ctx, hidden, weight, targets, lse, mean_z, inv_t, VOCAB_CHUNK, ops)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
-        if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
-            return None, None, None, None, None
-        ops = TRITON_ROW_OPS if ctx.backend == "triton" else TORCH_OPS
-        grad_h, grad_w = chunked_backward(hidden, weight, targets, lse, mean_z, grad_logp, grad_entropy, ctx.inv_t,
-                                          VOCAB_CHUNK, ops, needs_hidden, needs_weight)
-        return grad_h, grad_w, None, None, None
+        return *chunked_backward_saved(ctx, grad_logp, grad_entropy), None, None, None
 
 
 def logprobs_from_logits_invariant(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -145,26 +145,38 @@ def chunked_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     return grad_h, grad_w
 
 
+def save_for_chunked_backward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              lse: torch.Tensor, mean_z: torch.Tensor, inv_t: float, chunk: int, ops: ChunkOps) -> None:
+    """In the forward of an autograd Function over (hidden, weight, ...): what `chunked_backward_saved` needs."""
+    ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
+    ctx.inv_t, ctx.chunk, ctx.ops = inv_t, chunk, ops
+    ctx.set_materialize_grads(False)
+
+
+def chunked_backward_saved(ctx, grad_logp: torch.Tensor | None,
+                           grad_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad hidden, grad weight) by `chunked_backward` from what `save_for_chunked_backward` kept;
+    None for each when no gradient flows or neither input needs one."""
+    hidden, weight, targets, lse, mean_z = ctx.saved_tensors
+    needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+    if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
+        return None, None
+    return chunked_backward(hidden, weight, targets, lse, mean_z, grad_logp, grad_entropy, ctx.inv_t, ctx.chunk,
+                            ctx.ops, needs_hidden, needs_weight)
+
+
 class ChunkedLinearLogprobs(torch.autograd.Function):
     """Every row is computed (a mask is applied outside, without a host sync); `ops` picks the path."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_t: float, chunk: int, ops: ChunkOps):
         logp, entropy, lse, mean_z = finish_state(chunked_forward(hidden, weight, targets, inv_t, chunk, ops))
-        ctx.save_for_backward(hidden, weight, targets, lse, mean_z)
-        ctx.inv_t, ctx.chunk, ctx.ops = inv_t, chunk, ops
-        ctx.set_materialize_grads(False)
+        save_for_chunked_backward(ctx, hidden, weight, targets, lse, mean_z, inv_t, chunk, ops)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, mean_z = ctx.saved_tensors
-        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
-        if (grad_logp is None and grad_entropy is None) or not (needs_hidden or needs_weight):
-            return None, None, None, None, None, None
-        grad_h, grad_w = chunked_backward(hidden, weight, targets, lse, mean_z, grad_logp, grad_entropy, ctx.inv_t,
-                                          ctx.chunk, ctx.ops, needs_hidden, needs_weight)
-        return grad_h, grad_w, None, None, None, None
+        return *chunked_backward_saved(ctx, grad_logp, grad_entropy), None, None, None, None
 
 
 def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float,
