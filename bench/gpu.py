@@ -4,7 +4,7 @@
     python bench/gpu.py --budget-s 600 --parts rollout,sampler
     python bench/gpu.py --smoke                 # every part at tiny shapes on CPU, < 60 s (CI runs it)
 
-Parts (issue 10's table, then the figures later issues add):
+Parts (the H200 run's table, then the figures added since):
     rollout          Qwen2.5-1.5B shape, 256 sequences x 256 tokens: ours with CUDA graphs, eager, and
                      transformers `generate` on the same weights (tokens/s)
     paged_attention  decode attention, 28 q / 4 kv heads, D 128, block 16, context 8k, B 1 / 32 / 256:

@@ -1,4 +1,4 @@
-"""One error convention for every command (issue 15): a user's mistake exits with status 2 and ONE line
+"""One error convention for every command: a user's mistake exits with status 2 and ONE line
 on stderr, `error: <what> (<file>:<line>)` plus a hint where one helps; --debug / CIR_DEBUG=1 shows the
 traceback; a bug keeps its traceback. Each command is run once as a subprocess (the real entry point);
 the other cases call the same `run_main(main, argv)` in-process, so no case loads the real model."""

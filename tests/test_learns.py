@@ -7,7 +7,7 @@ the operands into `print(a*b)`, and the interpreter's output into \\boxed{}. The
 three quarters that answer directly) leaves a policy that reaches for the tool now and then. The
 real trainer (engine rollouts, real sandbox calls, rewards, REINFORCE++ updates on the same weights,
 no-signal groups filtered) must then push tool use and accuracy well above where they started; the
-assertion is on the metric curve (as issue 11 states it for `python train.py`), not on a step count.
+assertion is on the metric curve, not on a step count.
 """
 import json
 import random

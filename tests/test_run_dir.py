@@ -1,4 +1,4 @@
-"""A run directory belongs to one run (issue 15, scenario 1), checkpoint rotation keeps the checkpoint
+"""A run directory belongs to one run, checkpoint rotation keeps the checkpoint
 just written, and samples.jsonl says which rollouts were right. Tiny model + byte tokenizer, no tools."""
 import json
 import os
