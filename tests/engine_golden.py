@@ -19,11 +19,10 @@ import sys
 
 import torch
 # tests/ is on sys.path: the folder of a script run as a script, and pytest puts it there too
-from engine_utils import ByteTokenizer, ScriptedModel, tiny_model
-from test_engine_stress import EchoExecutor, random_case
+from engine_utils import ByteTokenizer, tiny_model
+from test_engine_stress import stress_rollout
 
-from cir.engine import Engine, EngineConfig, SamplingParams, ToolConfig
-from cir.engine.cuda_graphs import DecodeGraphs
+from cir.engine import Engine, EngineConfig, SamplingParams
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "engine_golden.json")
 TOK = ByteTokenizer()
@@ -67,15 +66,8 @@ def random_model_case(seed: int, exact: bool = False, autocast: bool = False):
 
 def tools_case(seed: int, padded_graphs: bool = False):
     """The scripted model with tool calls under a random schedule (tests/test_engine_stress.py), sampled."""
-    scripts, prompts, _, config, n, max_tokens = random_case(seed)
-    engine = Engine(ScriptedModel(scripts, TOK.eos_token_id), TOK, config)
-    if padded_graphs:
-        max_blocks = -(-engine.max_model_len // config.block_size)
-        engine.runner.graphs = DecodeGraphs(engine.model, engine.kv_cache, config.max_num_seqs, max_blocks,
-                                            capture=False)
-    trajs = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=max_tokens), n=n,
-                            tools=ToolConfig(executor=EchoExecutor(), max_calls=2))
-    return trajs, engine.stats
+    trajs, stats, _ = stress_rollout(seed, 1.0, padded_graphs)
+    return trajs, stats
 
 
 def fixed_case(name: str):

@@ -73,15 +73,22 @@ def step_cap(monkeypatch):
     monkeypatch.setattr(scheduler_module.Scheduler, "schedule", capped)
 
 
-def run_and_check(seed: int, padded_graphs: bool = False) -> None:
-    scripts, prompts, expected, config, n, max_tokens = random_case(seed)
+def stress_rollout(seed: int, temperature: float, padded_graphs: bool = False):
+    """Case `seed`'s scripted rollout with tools: (trajectories, engine stats, the case from random_case).
+    `padded_graphs`: decode steps through the CUDA-graph feed's padded buffers (run eagerly on CPU)."""
+    case = scripts, prompts, expected, config, n, max_tokens = random_case(seed)
     engine = Engine(ScriptedModel(scripts, TOK.eos_token_id), TOK, config)
     if padded_graphs:
         max_blocks = -(-engine.max_model_len // config.block_size)
         engine.runner.graphs = DecodeGraphs(engine.model, engine.kv_cache, config.max_num_seqs, max_blocks,
                                             capture=False)
-    trajs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), n=n,
+    trajs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=max_tokens), n=n,
                             tools=ToolConfig(executor=EchoExecutor(), max_calls=2))
+    return trajs, engine.stats, case
+
+
+def run_and_check(seed: int, padded_graphs: bool = False) -> None:
+    trajs, _, (_, _, expected, config, n, max_tokens) = stress_rollout(seed, 0.0, padded_graphs)
     for traj in trajs:
         ids, mask = expected[traj.prompt_index]
         assert traj.response_ids == ids[:max_tokens], f"seed {seed}, {config}, n={n}"
